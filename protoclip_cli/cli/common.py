@@ -1,0 +1,36 @@
+"""Options shared by every command, and the not-yet-built placeholder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from protoclip_cli.workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
+
+WorkspaceOption = typer.Option(
+    None,
+    "--workspace",
+    "-w",
+    envvar=WORKSPACE_ENV,
+    help=f"Workspace folder holding datasets/ and runs/ [default: ./{DEFAULT_WORKSPACE}].",
+    show_default=False,
+)
+
+SetOption = typer.Option(
+    None,
+    "--set",
+    help="Override a recipe field, e.g. --set optim.lr=1e-4 (repeatable).",
+)
+
+
+def workspace(path: Optional[Path]) -> Workspace:
+    return Workspace.at(path)
+
+
+def not_built(stage: str) -> None:
+    from protoclip_cli.console import console
+
+    console.print(f"[red]error:[/red] `protoclip {stage}` is not built yet in this version.")
+    raise typer.Exit(2)

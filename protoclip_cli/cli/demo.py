@@ -1,0 +1,10 @@
+"""`protoclip demo`."""
+
+from __future__ import annotations
+
+from protoclip_cli.cli.common import not_built
+
+
+def command() -> None:
+    """Not built yet."""
+    not_built("demo")

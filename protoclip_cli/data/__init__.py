@@ -1,0 +1,1 @@
+"""Data: the embedded synthetic data set, shard reading and the training pipeline."""

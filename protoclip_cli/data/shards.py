@@ -1,0 +1,53 @@
+"""Reading img2dataset's webdataset shards: one :class:`Sample` per record, joined on its integer key.
+
+img2dataset writes each sample as ``<key>.jpg``, ``<key>.txt`` (caption) and ``<key>.json``
+(metadata, including any extra columns of the URL list); the key is the shard number followed by
+the zero-padded index in the shard, which we read as an int.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from protoclip_cli.errors import ProtoclipError
+
+
+@dataclass
+class Sample:
+    key: int
+    caption: str
+    image: bytes | None = None  # encoded JPEG bytes (None when images were not requested)
+    meta: dict = field(default_factory=dict)
+
+
+def _wds(shards: Iterable[str | Path]):
+    import webdataset as wds
+
+    urls = [str(p) for p in shards]
+    if not urls:
+        raise ProtoclipError("No shards to read; the data set's manifest lists none.")
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise ProtoclipError(f"Shard {missing[0]} is missing; rerun `protoclip download` for this data set.")
+    return wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+
+
+def iter_samples(shards: Iterable[str | Path], images: bool = True, meta: bool = True) -> Iterator[Sample]:
+    """Stream the samples of ``shards`` in order (shard order, then position in the shard)."""
+    for record in _wds(shards):
+        caption = record.get("txt", b"").decode("utf-8")
+        yield Sample(
+            key=int(record["__key__"]),
+            caption=caption,
+            image=record.get("jpg") if images else None,
+            meta=json.loads(record["json"]) if meta and "json" in record else {},
+        )
+
+
+def iter_captions(shards: Iterable[str | Path]) -> Iterator[tuple[int, str]]:
+    """(key, caption) pairs without decoding images."""
+    for sample in iter_samples(shards, images=False, meta=False):
+        yield sample.key, sample.caption

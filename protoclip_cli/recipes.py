@@ -1,0 +1,110 @@
+"""The training recipe: one frozen dataclass per concern, mapped one to one onto TOML tables.
+
+``recipes/*.toml`` are instances of :class:`TrainConfig`. A plain CLIP baseline is the same
+recipe with ``proto.enabled = false``, ``model.heads = false`` and ``data.episode_size = 0``.
+Field help texts are the documentation of each key (``protoclip train --explain`` prints them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from protoclip_cli.config import option
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = option("synthetic", "Data set name under <workspace>/datasets (made by `protoclip download`).")
+    split: str = option("train", "Split of the data set to train on.")
+    episode_size: int = option(
+        1024, "Samples per episode (rounded to whole shards). 0: one episode is the whole data set (CLIP baseline)."
+    )
+    batch_size: int = option(64, "Batch size per process (the global batch is this times the world size).")
+    workers: int = option(2, "Data-loader worker processes per training process.")
+    shuffle_buffer: int = option(1000, "Samples in the training shuffle buffer.")
+    augmentation: Literal["none", "rrc", "light"] = option(
+        "light",
+        "Train transforms: 'rrc' = RandomResizedCrop(scale 0.9-1) (reference CLIP); 'light' = RRC(0.5-1), "
+        "h-flip, colour jitter, grayscale, blur (reference ProtoCLIP); 'none' = resize and centre crop.",
+    )
+    extract_batch_size: int = option(256, "Batch size of the per-episode feature extraction pass.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = option("protoclip-tiny", "OpenCLIP architecture name (RN50, ViT-B-32, ...) or a tiny config of this package.")
+    pretrained: str = option("", "Optional OpenCLIP checkpoint file to initialise the towers from.")
+    heads: bool = option(True, "Projection heads for the prototype losses (false for the CLIP baseline).")
+    projection_dim: int = option(128, "Output size of the projection heads.")
+    projection_hidden_dim: int = option(2048, "Hidden size of the projection heads.")
+    projection_n_layers: int = option(1, "Hidden Linear-BatchNorm-ReLU blocks per head (0: one Linear).")
+    compile: bool = option(False, "torch.compile the model (CUDA only).")
+    channels_last: bool = option(True, "channels_last memory format for convolutional image towers on CUDA.")
+
+
+@dataclass(frozen=True)
+class ProtoConfig:
+    enabled: bool = option(True, "Cluster every episode and train with the prototype losses (false: plain CLIP).")
+    k: int = option(20000, "Prototypes (k-means clusters) per modality per episode.")
+    iterations: int = option(20, "k-means iterations.")
+    restarts: int = option(3, "k-means restarts; the lowest objective is kept.")
+    backend: Literal["auto", "torch", "faiss"] = option("auto", "k-means backend; auto: torch on CUDA, else faiss.")
+    teacher: str = option(
+        "", "External teacher: model slug of datasets/<dataset>/teacher/<slug>.h5 ('' = no external teacher)."
+    )
+    teacher_k: int = option(0, "Clusters of the teacher features (0 = same as k).")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    w_clip: float = option(1.0, "Weight of the InfoNCE (CLIP) loss.")
+    w_proto: float = option(1.0, "Weight of the prototype loss.")
+    w_ext: float = option(1.0, "Weight of the external-teacher loss.")
+    target_temperature: float = option(0.01, "Soft-target temperature tau; 0 gives one-hot targets.")
+    pbt: bool = option(True, "Prototypical Back Translation: targets built in the student's own space.")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = option(5e-5, "Peak learning rate (after warm-up).")
+    weight_decay: float = option(0.5, "AdamW weight decay (not on gains, biases, norms, temperatures, heads).")
+    beta1: float = option(0.9, "AdamW beta1.")
+    beta2: float = option(0.999, "AdamW beta2.")
+    eps: float = option(1e-8, "AdamW epsilon.")
+    grad_clip: float = option(10.0, "Gradient-norm clipping (0 = off).")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    episodes: int = option(100, "Episodes to train.")
+    warmup_steps: int = option(2000, "Linear learning-rate warm-up steps.")
+    infonce_warmup_episodes: int = option(1, "First episodes trained with the CLIP loss only.")
+    lit_start_episode: int = option(
+        -1,
+        "Episode (0-based) from which the image tower is locked (lr 0) and only the CLIP loss is used. "
+        "-1: the last episode; a value >= episodes turns the LiT finish off.",
+    )
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_every_steps: int = option(10, "Steps between metrics.jsonl lines and progress updates.")
+    checkpoint_every_steps: int = option(500, "Steps between mid-episode checkpoints (0 = only after episodes).")
+    keep_checkpoints: int = option(2, "Checkpoints kept on disk (newest first).")
+    tensorboard: bool = option(False, "Also write TensorBoard event files to runs/<run>/tensorboard.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = option("synthetic-protoclip", "Run name: outputs go to <workspace>/runs/<name>.")
+    seed: int = option(0, "Random seed (data order, k-means, initialisation).")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto: bf16 autocast on CUDA, fp32 on CPU.")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model"})
+    proto: ProtoConfig = field(default_factory=ProtoConfig, metadata={"help": "Prototypes"})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "Losses"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimisation"})
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "Schedule"})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Logging"})

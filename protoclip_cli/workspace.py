@@ -1,0 +1,122 @@
+"""The workspace layout (see docs/architecture.md) and name resolution.
+
+```
+<workspace>/datasets/<name>/manifest.json             download's record: source, counts, splits
+<workspace>/datasets/<name>/shards/000000.tar ...      webdataset shards of the train split
+<workspace>/datasets/<name>/<split>/000000.tar ...     other splits (the embedded set has 'heldout')
+<workspace>/datasets/<name>/teacher/<slug>.h5          teacher-embed's caption features
+<workspace>/runs/<run>/...                             train, cluster, evaluate outputs
+```
+Where a data set or run is not named, commands take the workspace's only or latest one and say
+which they took.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from protoclip_cli.artifacts import MANIFEST, read_manifest
+from protoclip_cli.errors import MissingInputError, ProtoclipError
+
+DEFAULT_WORKSPACE = "protoclip-workspace"
+WORKSPACE_ENV = "PROTOCLIP_WORKSPACE"
+
+
+def default_workspace() -> Path:
+    return Path(os.environ.get(WORKSPACE_ENV, DEFAULT_WORKSPACE))
+
+
+def slugify(name: str) -> str:
+    """A file-name-safe slug: 'sentence-transformers/all-MiniLM-L6-v2' -> 'all-MiniLM-L6-v2'."""
+    base = name.rstrip("/").split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-") or "model"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path | None = None) -> "Workspace":
+        return cls(Path(root) if root is not None else default_workspace())
+
+    # -- data sets -----------------------------------------------------------------------------
+    @property
+    def datasets_dir(self) -> Path:
+        return self.root / "datasets"
+
+    def dataset_dir(self, name: str) -> Path:
+        return self.datasets_dir / name
+
+    def split_dir(self, name: str, split: str = "train") -> Path:
+        return self.dataset_dir(name) / ("shards" if split == "train" else split)
+
+    def teacher_dir(self, dataset: str) -> Path:
+        return self.dataset_dir(dataset) / "teacher"
+
+    def teacher_file(self, dataset: str, model: str) -> Path:
+        return self.teacher_dir(dataset) / f"{slugify(model)}.h5"
+
+    def dataset_manifest(self, name: str) -> dict:
+        return read_manifest(
+            self.dataset_dir(name), what=f"data set '{name}'", command=f"protoclip download {name}"
+        )
+
+    def shards(self, name: str, split: str = "train") -> list[Path]:
+        """The shard files of a downloaded split, in order, as the manifest lists them."""
+        manifest = self.dataset_manifest(name)
+        splits = manifest.get("splits", {})
+        if split not in splits:
+            raise ProtoclipError(
+                f"Data set '{name}' has no split '{split}' (it has: {', '.join(splits) or 'none'})."
+            )
+        folder = self.split_dir(name, split)
+        return [folder / shard for shard in splits[split]["shards"]]
+
+    def datasets(self) -> list[str]:
+        """Downloaded data sets (those with a manifest), oldest first."""
+        return _complete_children(self.datasets_dir)
+
+    def resolve_dataset(self, name: str | None) -> str:
+        """``name`` if given, else the only or latest downloaded data set (and say which)."""
+        return _resolve(name, self.datasets(), "data set", self.datasets_dir, "protoclip download synthetic")
+
+    # -- runs ----------------------------------------------------------------------------------
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def run_dir(self, name: str) -> Path:
+        return self.runs_dir / name
+
+    def runs(self) -> list[str]:
+        """Training runs (folders with a config.toml), oldest first."""
+        if not self.runs_dir.is_dir():
+            return []
+        runs = [p for p in self.runs_dir.iterdir() if (p / "config.toml").is_file()]
+        return [p.name for p in sorted(runs, key=lambda p: (p / "config.toml").stat().st_mtime)]
+
+    def resolve_run(self, name: str | None) -> str:
+        return _resolve(name, self.runs(), "run", self.runs_dir, "protoclip train recipes/synthetic.toml")
+
+
+def _complete_children(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    children = [p for p in folder.iterdir() if (p / MANIFEST).is_file()]
+    return [p.name for p in sorted(children, key=lambda p: (p / MANIFEST).stat().st_mtime)]
+
+
+def _resolve(name: str | None, existing: list[str], what: str, folder: Path, command: str) -> str:
+    if name:
+        return name
+    if not existing:
+        raise MissingInputError(f"No {what} in {folder}. Run `{command}` first, or name one.")
+    chosen = existing[-1]
+    from protoclip_cli.console import info
+
+    info(f"Using {what} '{chosen}' ({'the only one' if len(existing) == 1 else 'the latest'} in {folder}).")
+    return chosen
