@@ -1,0 +1,1 @@
+"""The numerical library: model, losses, k-means, PBT, optimisation. No CLI in here."""
