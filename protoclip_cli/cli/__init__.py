@@ -1,16 +1,15 @@
 """The ``protoclip`` command line: one module per command, heavy imports inside the commands.
 
-Every command turns a :class:`~protoclip_cli.errors.ProtoclipError` into one red sentence on
-stderr and exit status 1.
+Every command is wrapped by :func:`~protoclip_cli.cli.common.handle_errors`, which turns a
+:class:`~protoclip_cli.errors.ProtoclipError` into one red sentence on stderr and exit status 1.
 """
 
 from __future__ import annotations
 
-import sys
-
 import typer
 
 from protoclip_cli import __version__
+from protoclip_cli.cli.common import handle_errors
 from protoclip_cli.cli import cluster, demo, download, evaluate, export, teacher, train
 
 app = typer.Typer(
@@ -26,13 +25,13 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-app.command("download")(download.command)
-app.command("teacher-embed")(teacher.command)
-app.command("train")(train.command)
-app.command("cluster")(cluster.command)
-app.command("evaluate")(evaluate.command)
-app.command("export")(export.command)
-app.command("demo")(demo.command)
+app.command("download")(handle_errors(download.command))
+app.command("teacher-embed")(handle_errors(teacher.command))
+app.command("train")(handle_errors(train.command))
+app.command("cluster")(handle_errors(cluster.command))
+app.command("evaluate")(handle_errors(evaluate.command))
+app.command("export")(handle_errors(export.command))
+app.command("demo")(handle_errors(demo.command))
 
 
 def _version(value: bool) -> None:
@@ -49,24 +48,4 @@ def _root(
 
 
 def main() -> None:
-    from protoclip_cli.errors import ProtoclipError
-
-    try:
-        rc = app(standalone_mode=False)
-    except ProtoclipError as exc:
-        from protoclip_cli.console import console
-
-        console.print(f"[red]error:[/red] {exc}")
-        sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
-    sys.exit(rc if isinstance(rc, int) else 0)
+    app()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
+from rich.markup import escape
 
 from protoclip_cli.workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
 
@@ -27,6 +29,24 @@ SetOption = typer.Option(
 
 def workspace(path: Optional[Path]) -> Workspace:
     return Workspace.at(path)
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Turn a ProtoclipError into one red sentence on stderr and exit status 1 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from protoclip_cli.errors import ProtoclipError
+
+        try:
+            return command(*args, **kwargs)
+        except ProtoclipError as exc:
+            from protoclip_cli.console import console
+
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
 
 
 def not_built(stage: str) -> None:
