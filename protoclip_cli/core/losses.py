@@ -1,0 +1,250 @@
+"""ProtoCLIP's losses. Each is a module returning a dict of named scalar tensors.
+
+Every loss is computed over the *global* batch: features are gathered from all ranks with
+:func:`~protoclip_cli.core.distributed.gather_with_grad` (only the local part keeps its autograd
+history) and labels with ``all_gather_cat``, so every rank returns the same values, and the gradient
+on a rank's own features is exactly the gradient of the global-batch loss. DDP's gradient averaging
+then scales every term by the same ``1 / world_size``, which keeps the terms' relative weights as in
+the reference implementation. Ranks must therefore pass batches of equal size.
+
+Losses run in float32 with autocast off: logits reach ``100 * cos`` and soft targets use
+``/ 0.01``, too coarse for bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from protoclip_cli.core.distributed import all_gather_cat, gather_with_grad
+from protoclip_cli.errors import ProtoclipError
+
+
+@dataclass
+class Prototypes:
+    """One episode's prototypes; all centroid matrices are (k, d) in the space named.
+
+    ``img_centroids`` (C_img) and ``txt_centroids`` (C_txt) live in their own modality's space;
+    ``img_in_txt`` (P_img->txt) are image clusters back-translated into text space and
+    ``txt_in_img`` (P_txt->img) text clusters in image space. The external teacher's clusters exist
+    only through their back-translations ``ext_in_img`` / ``ext_in_txt`` (its own centroids, in the
+    teacher's space, are kept for inspection).
+    """
+
+    img_centroids: torch.Tensor
+    txt_centroids: torch.Tensor
+    img_in_txt: torch.Tensor
+    txt_in_img: torch.Tensor
+    ext_centroids: torch.Tensor | None = None
+    ext_in_img: torch.Tensor | None = None
+    ext_in_txt: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "Prototypes":
+        """A copy with every tensor on ``device``."""
+        moved = {
+            f.name: (value.to(device) if value is not None else None)
+            for f in fields(self)
+            for value in [getattr(self, f.name)]
+        }
+        return replace(self, **moved)
+
+
+def _fp32_region(tensor: torch.Tensor):
+    if torch.is_autocast_enabled(tensor.device.type):
+        return torch.autocast(tensor.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _global(features: torch.Tensor) -> torch.Tensor:
+    return gather_with_grad(features.float())
+
+
+def _accuracy(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (scores.detach().argmax(dim=1) == labels).float().mean()
+
+
+def prototype_targets(centroids: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft targets ``softmax(C[labels] @ C^T / temperature)``; ``temperature <= 0`` gives the labels."""
+    if temperature <= 0:
+        return labels
+    return torch.softmax(centroids[labels] @ centroids.T / temperature, dim=1)
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE over the gathered batch: ``(CE(s I T^T, y) + CE(s T I^T, y)) / 2``.
+
+    The global logits are N x N (N = world size x local batch); a rank's own rows have the labels
+    ``rank * n + arange(n)``.
+    """
+
+    def forward(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        with _fp32_region(image_features):
+            images = _global(image_features)
+            texts = _global(text_features)
+            logits = logit_scale.float() * images @ texts.T
+            labels = torch.arange(logits.shape[0], device=logits.device)
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return {"clip": loss}
+
+
+class ProtoLoss(nn.Module):
+    """Prototype-level discrimination: each modality classifies its samples into the other's clusters.
+
+    ``L_i2t = CE(s * i @ T_img^T, target_txt)`` with ``T_img = P_txt->img`` under PBT, else ``C_txt``;
+    ``target_txt`` is ``softmax(C_txt[lbl_txt] @ C_txt^T / tau)`` for ``tau > 0``, else one-hot
+    ``lbl_txt``. ``L_t2i`` is symmetric and ``proto = (L_i2t + L_t2i) / 2``. The accuracies count
+    samples whose highest student score is their teacher label.
+    """
+
+    def __init__(self, target_temperature: float = 0.01, pbt: bool = True) -> None:
+        super().__init__()
+        self.target_temperature = float(target_temperature)
+        self.pbt = bool(pbt)
+
+    def forward(
+        self,
+        image_proj: torch.Tensor,
+        text_proj: torch.Tensor,
+        logit_scale_proto: torch.Tensor,
+        img_labels: torch.Tensor,
+        txt_labels: torch.Tensor,
+        protos: Prototypes,
+    ) -> dict[str, torch.Tensor]:
+        with _fp32_region(image_proj):
+            images, texts = _global(image_proj), _global(text_proj)
+            img_labels, txt_labels = all_gather_cat(img_labels.long()), all_gather_cat(txt_labels.long())
+            scale = logit_scale_proto.float()
+            img_centroids, txt_centroids = protos.img_centroids.float(), protos.txt_centroids.float()
+            image_students = protos.txt_in_img.float() if self.pbt else txt_centroids
+            text_students = protos.img_in_txt.float() if self.pbt else img_centroids
+            image_scores = scale * images @ image_students.T
+            text_scores = scale * texts @ text_students.T
+            with torch.no_grad():
+                txt_targets = prototype_targets(txt_centroids, txt_labels, self.target_temperature)
+                img_targets = prototype_targets(img_centroids, img_labels, self.target_temperature)
+            img2txt = F.cross_entropy(image_scores, txt_targets)
+            txt2img = F.cross_entropy(text_scores, img_targets)
+        return {
+            "proto": (img2txt + txt2img) / 2,
+            "proto_img2txt": img2txt,
+            "proto_txt2img": txt2img,
+            "acc_img2txt": _accuracy(image_scores, txt_labels),
+            "acc_txt2img": _accuracy(text_scores, img_labels),
+        }
+
+
+class ExternalTeacherLoss(nn.Module):
+    """``ext = (CE(s * i @ P_ext->img^T, lbl_ext) + CE(s * t @ P_ext->txt^T, lbl_ext)) / 2``, one-hot."""
+
+    def forward(
+        self,
+        image_proj: torch.Tensor,
+        text_proj: torch.Tensor,
+        logit_scale_proto: torch.Tensor,
+        ext_labels: torch.Tensor,
+        protos: Prototypes,
+    ) -> dict[str, torch.Tensor]:
+        if protos.ext_in_img is None or protos.ext_in_txt is None:
+            raise ValueError("ExternalTeacherLoss needs Prototypes.ext_in_img and ext_in_txt.")
+        with _fp32_region(image_proj):
+            images, texts = _global(image_proj), _global(text_proj)
+            labels = all_gather_cat(ext_labels.long())
+            scale = logit_scale_proto.float()
+            image_scores = scale * images @ protos.ext_in_img.float().T
+            text_scores = scale * texts @ protos.ext_in_txt.float().T
+            img2ext = F.cross_entropy(image_scores, labels)
+            txt2ext = F.cross_entropy(text_scores, labels)
+        return {
+            "ext": (img2ext + txt2ext) / 2,
+            "ext_img": img2ext,
+            "ext_txt": txt2ext,
+            "acc_img2ext": _accuracy(image_scores, labels),
+            "acc_txt2ext": _accuracy(text_scores, labels),
+        }
+
+
+class ProtoCLIPLoss(nn.Module):
+    """``total = w_clip * clip + w_proto * proto + w_ext * ext`` plus per-step diagnostics.
+
+    ``clip``, ``proto`` and ``ext`` are always present (0 for a term not in use); the sub-terms and
+    accuracies of a term appear when it is used. Diagnostics (no gradient): ``modality_gap``
+    (``||mean(img) - mean(txt)||`` of this rank's normalised tower features), ``feature_std_image`` /
+    ``feature_std_text`` (per-dimension std, averaged), ``temperature`` and ``temperature_proto``
+    (``1 / scale``).
+    """
+
+    def __init__(
+        self,
+        w_clip: float = 1.0,
+        w_proto: float = 1.0,
+        w_ext: float = 1.0,
+        target_temperature: float = 0.01,
+        pbt: bool = True,
+    ) -> None:
+        super().__init__()
+        self.w_clip, self.w_proto, self.w_ext = float(w_clip), float(w_proto), float(w_ext)
+        self.pbt = bool(pbt)
+        self.clip_loss = ClipLoss()
+        self.proto_loss = ProtoLoss(target_temperature, pbt)
+        self.ext_loss = ExternalTeacherLoss()
+
+    def forward(
+        self,
+        outputs: dict[str, torch.Tensor | None],
+        labels: dict[str, torch.Tensor] | None = None,
+        protos: Prototypes | None = None,
+        use_proto: bool = False,
+        use_ext: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        if (use_proto or use_ext) and (protos is None or labels is None or outputs.get("image_proj") is None):
+            raise ValueError("Prototype losses need projection heads, the batch's labels and the prototypes.")
+        if use_ext and not self.pbt:
+            raise ProtoclipError(
+                "The external-teacher loss compares features with back-translated teacher clusters and "
+                "needs PBT; set loss.pbt = true or train without a teacher (proto.teacher = '')."
+            )
+        terms = self.clip_loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"])
+        zero = terms["clip"].new_zeros(())
+        terms["proto"] = terms["ext"] = zero
+        total = self.w_clip * terms["clip"]
+        if use_proto:
+            terms.update(
+                self.proto_loss(
+                    outputs["image_proj"], outputs["text_proj"], outputs["logit_scale_proto"],
+                    labels["img"], labels["txt"], protos,
+                )
+            )
+            total = total + self.w_proto * terms["proto"]
+        if use_ext:
+            if "ext" not in labels:
+                raise ValueError("use_ext needs labels['ext'], the batch's teacher-cluster labels.")
+            terms.update(
+                self.ext_loss(
+                    outputs["image_proj"], outputs["text_proj"], outputs["logit_scale_proto"], labels["ext"], protos
+                )
+            )
+            total = total + self.w_ext * terms["ext"]
+        terms["total"] = total
+        terms.update(self._diagnostics(outputs))
+        return terms
+
+    @staticmethod
+    @torch.no_grad()
+    def _diagnostics(outputs: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        images = outputs["image_features"].detach().float()
+        texts = outputs["text_features"].detach().float()
+        found = {
+            "modality_gap": torch.linalg.vector_norm(images.mean(0) - texts.mean(0)),
+            "feature_std_image": images.std(dim=0).mean(),
+            "feature_std_text": texts.std(dim=0).mean(),
+            "temperature": 1 / outputs["logit_scale"].detach().float(),
+        }
+        if outputs.get("logit_scale_proto") is not None:
+            found["temperature_proto"] = 1 / outputs["logit_scale_proto"].detach().float()
+        return found
