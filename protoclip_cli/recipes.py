@@ -49,6 +49,9 @@ class ProtoConfig:
     k: int = option(20000, "Prototypes (k-means clusters) per modality per episode.")
     iterations: int = option(20, "k-means iterations.")
     restarts: int = option(3, "k-means restarts; the lowest objective is kept.")
+    init: Literal["random", "kmeans++"] = option(
+        "random", "k-means initialisation: random points (reference) or k-means++ (better for small k, k sequential steps)."
+    )
     backend: Literal["auto", "torch", "faiss"] = option("auto", "k-means backend; auto: torch on CUDA, else faiss.")
     teacher: str = option(
         "", "External teacher: model slug of datasets/<dataset>/teacher/<slug>.h5 ('' = no external teacher)."
