@@ -2,8 +2,8 @@
 
 ```
 <workspace>/datasets/<name>/manifest.json             download's record: source, counts, splits
-<workspace>/datasets/<name>/shards/000000.tar ...      webdataset shards of the train split
-<workspace>/datasets/<name>/<split>/000000.tar ...     other splits (the embedded set has 'heldout')
+<workspace>/datasets/<name>/shards/00000.tar ...      webdataset shards of the train split
+<workspace>/datasets/<name>/<split>/00000.tar ...     other splits (the embedded set has 'heldout')
 <workspace>/datasets/<name>/teacher/<slug>.h5          teacher-embed's caption features
 <workspace>/runs/<run>/...                             train, cluster, evaluate outputs
 ```

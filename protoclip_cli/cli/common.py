@@ -16,7 +16,7 @@ WorkspaceOption = typer.Option(
     "--workspace",
     "-w",
     envvar=WORKSPACE_ENV,
-    help=f"Workspace folder holding datasets/ and runs/ [default: ./{DEFAULT_WORKSPACE}].",
+    help=f"Workspace folder holding datasets/ and runs/ (default: ./{DEFAULT_WORKSPACE}).",
     show_default=False,
 )
 
