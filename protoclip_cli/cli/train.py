@@ -1,10 +1,69 @@
-"""`protoclip train`."""
+"""`protoclip train`: episodic ProtoCLIP or the CLIP baseline from a TOML recipe."""
 
 from __future__ import annotations
 
-from protoclip_cli.cli.common import not_built
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from protoclip_cli.cli.common import SetOption, WorkspaceOption, workspace
 
 
-def command() -> None:
-    """Not built yet."""
-    not_built("train")
+def command(
+    recipe: Optional[Path] = typer.Argument(
+        None, help="TOML recipe, e.g. recipes/synthetic.toml (see `protoclip train --explain`).", show_default=False
+    ),
+    overrides: Optional[List[str]] = SetOption,
+    resume: Optional[bool] = typer.Option(
+        None,
+        "--resume/--no-resume",
+        help="Continue from the run's latest checkpoint / start over [default: resume when a checkpoint of this recipe exists].",
+        show_default=False,
+    ),
+    explain: bool = typer.Option(False, "--explain", help="Print every recipe field (resolved value, help) and exit."),
+    workspace_path: Optional[Path] = WorkspaceOption,
+) -> None:
+    """Train a model; launch with `torchrun --nproc_per_node N -m protoclip_cli train RECIPE` for N processes."""
+    from protoclip_cli import config as config_io
+    from protoclip_cli.console import console, out
+    from protoclip_cli.errors import ProtoclipError
+    from protoclip_cli.recipes import TrainConfig
+
+    if recipe is None and not explain:
+        raise ProtoclipError("Name a recipe, e.g. `protoclip train recipes/synthetic.toml` (fields: `protoclip train --explain`).")
+    config = (
+        config_io.load(TrainConfig, recipe, overrides or [])
+        if recipe is not None
+        else config_io.from_dict(TrainConfig, config_io.apply_overrides({}, overrides or []), "--set")
+    )
+    if explain:
+        _print_explain(config)
+        return
+
+    from protoclip_cli.console import is_main_process
+    from protoclip_cli.stages.train import run
+
+    manifest = run(config, workspace(workspace_path), resume=resume)
+    if is_main_process():
+        console.print(f"[green]done:[/green] run '{config.name}' finished at step {manifest.get('global_step')}.")
+        out.print(manifest.get("final_checkpoint", ""), soft_wrap=True)
+
+
+def _print_explain(config) -> None:
+    from rich.table import Table
+
+    from protoclip_cli import config as config_io
+    from protoclip_cli.console import out
+    from protoclip_cli.recipes import TrainConfig
+
+    values = config_io.to_dict(config)
+    table = Table(title="Recipe fields (protoclip_cli.recipes.TrainConfig)")
+    for column in ("key", "type", "value", "default", "help"):
+        table.add_column(column, overflow="fold")
+    for key, type_name, default, help_text in config_io.explain(TrainConfig):
+        node = values
+        for part in key.split("."):
+            node = node.get(part, "") if isinstance(node, dict) else ""
+        table.add_row(key, type_name, repr(node), default, help_text)
+    out.print(table)

@@ -1,0 +1,232 @@
+"""`protoclip train`: episodic ProtoCLIP (and the CLIP baseline, a recipe of the same trainer).
+
+``run(config, workspace)`` checks every input before any heavy work (the data set's manifest and
+shards, the teacher file and its coverage of the data, the recipe's consistency), prepares
+``runs/<name>/`` (resolved ``config.toml``, ``manifest.json``, the episode plan) and trains,
+resuming from the latest checkpoint of the same configuration. Under torchrun (``WORLD_SIZE`` > 1)
+it joins the process group itself: NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protoclip_cli import config as config_io
+from protoclip_cli.artifacts import write_manifest, write_text
+from protoclip_cli.console import info, warn
+from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.recipes import TrainConfig
+from protoclip_cli.workspace import Workspace
+
+# Fields that may change between a run and its resumption: they do not change what is computed.
+RESUMABLE_CHANGES = ("device", "model.compile", "data.extract_batch_size", "logging.")
+
+
+@dataclass
+class TrainInputs:
+    dataset_dir: Path
+    shard_paths: dict[str, Path]  # shard file name -> path
+    counts: dict[str, int]  # shard file name -> samples
+    teacher_path: Path | None
+
+
+def use_teacher(config: TrainConfig) -> bool:
+    """The external teacher is used when the recipe names one, prototypes are on and PBT is on."""
+    return bool(config.proto.enabled and config.proto.teacher and config.loss.pbt)
+
+
+def check_recipe(config: TrainConfig) -> None:
+    """Consistency checks no type check catches; each error names the field to change."""
+    def fail(message: str) -> None:
+        raise ProtoclipError(message)
+
+    if config.schedule.episodes < 1:
+        fail(f"schedule.episodes is {config.schedule.episodes}; train at least one episode (--set schedule.episodes=1).")
+    if config.data.batch_size < 1 or config.data.extract_batch_size < 1:
+        fail("data.batch_size and data.extract_batch_size must be at least 1.")
+    if config.data.workers < 0:
+        fail(f"data.workers is {config.data.workers}; use 0 (load in the training process) or more.")
+    if config.proto.enabled and not config.model.heads:
+        fail("proto.enabled needs projection heads; set model.heads = true, or proto.enabled = false for plain CLIP.")
+    if config.logging.log_every_steps < 1 or config.logging.keep_checkpoints < 1:
+        fail("logging.log_every_steps and logging.keep_checkpoints must be at least 1.")
+    if config.proto.teacher and config.proto.enabled and not config.loss.pbt:
+        warn("proto.teacher is set but loss.pbt = false: the external-teacher loss needs PBT and is skipped.")
+
+
+def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
+    """The data set, its shards and the teacher file, checked before anything heavy is built."""
+    from protoclip_cli.training.episodes import shard_keys, shard_sample_count
+
+    check_recipe(config)
+    name = config.data.dataset
+    shards = workspace.shards(name, config.data.split)  # raises, naming `protoclip download`
+    if not shards:
+        raise ProtoclipError(f"Data set '{name}' lists no shards for split '{config.data.split}'; rerun `protoclip download {name}`.")
+    missing = [p for p in shards if not p.is_file()]
+    if missing:
+        raise MissingInputError(f"Shard {missing[0]} of data set '{name}' is missing; rerun `protoclip download {name}`.")
+    counts = {p.name: shard_sample_count(p) for p in shards}
+    teacher_path = None
+    if use_teacher(config):
+        from protoclip_cli.stages.teacher_embed import check_teacher_covers
+
+        teacher_path = workspace.teacher_file(name, config.proto.teacher)
+        if not teacher_path.is_file():
+            raise MissingInputError(
+                f"No teacher features at {teacher_path}; run `protoclip teacher-embed {name} --model "
+                f"{config.proto.teacher}` first, or set proto.teacher = '' to train without a teacher."
+            )
+        keys = [key for p in shards for key in shard_keys(p)]
+        check_teacher_covers(teacher_path, keys, workspace.dataset_dir(name) / "manifest.json")
+    return TrainInputs(workspace.dataset_dir(name), {p.name: p for p in shards}, counts, teacher_path)
+
+
+def check_plan(config: TrainConfig, plan, world_size: int) -> None:
+    """Every episode must give each rank a shard and a full batch, and hold at least k samples."""
+    from protoclip_cli.training.loop import episode_phase, run_layout
+
+    layout = run_layout(config, plan, world_size)
+    for episode, shards in enumerate(plan.episodes):
+        if len(shards) < world_size:
+            raise ProtoclipError(
+                f"Episode {episode} has {len(shards)} shard(s) for {world_size} processes; raise data.episode_size "
+                "or launch fewer processes."
+            )
+        if layout.steps[episode] < 1:
+            raise ProtoclipError(
+                f"Episode {episode} ({plan.samples(episode)} samples) gives no full batch of {config.data.batch_size} "
+                f"per data worker; lower data.batch_size or data.workers, or raise data.episode_size."
+            )
+        phase = episode_phase(config, episode, use_teacher(config))
+        k_needed = max(config.proto.k, config.proto.teacher_k if phase.use_ext else 0)
+        if phase.use_proto and plan.samples(episode) < k_needed:
+            raise ProtoclipError(
+                f"proto.k = {k_needed} exceeds the {plan.samples(episode)} samples of episode {episode}; lower "
+                "proto.k (and proto.teacher_k) or raise data.episode_size."
+            )
+
+
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    found = []
+    for key in keys:
+        path = prefix + key
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _config_differences(a, b, path + ".")
+        elif a != b and not any(path == f or (f.endswith(".") and path.startswith(f)) for f in RESUMABLE_CHANGES):
+            found.append(path)
+    return found
+
+
+def prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool | None) -> Path | None:
+    """Check the run folder against ``config``; return the checkpoint to resume from, if any.
+
+    A folder of another configuration is refused; ``resume=False`` clears this configuration's
+    checkpoints, episodes and metrics; ``resume=None`` resumes when a checkpoint exists.
+    """
+    from protoclip_cli.training.checkpoint import latest_checkpoint
+
+    config_path = run_dir / "config.toml"
+    if config_path.is_file():
+        old = config_io.to_dict(config_io.load(TrainConfig, config_path))
+        differences = _config_differences(old, config_io.to_dict(config))
+        if differences:
+            raise ProtoclipError(
+                f"Run folder {run_dir} holds a run with another configuration (differs in {', '.join(differences[:4])}); "
+                f"pick another run name with --set name=NEW_NAME, or delete the folder."
+            )
+    checkpoint = latest_checkpoint(run_dir)
+    if resume is False or checkpoint is None:
+        for stale in ("checkpoints", "episodes", "tensorboard"):
+            shutil.rmtree(run_dir / stale, ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        return None
+    return checkpoint
+
+
+def _init_distributed(device: str) -> bool:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1; True if this call made it."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return True
+
+
+def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -> dict[str, Any]:
+    """Train the recipe ``config`` in ``workspace``; returns the run's manifest."""
+    import torch
+
+    from protoclip_cli.core import distributed as dist_utils
+    from protoclip_cli.training.episodes import EpisodePlan, plan_episodes
+    from protoclip_cli.training.loop import Trainer
+
+    inputs = check_inputs(config, workspace)
+    if resume is True and not (workspace.run_dir(config.name) / "config.toml").is_file():
+        info(f"Nothing to resume in {workspace.run_dir(config.name)}; starting the run.")
+    created_group = _init_distributed(config.device)
+    try:
+        rank, world_size = dist_utils.rank(), dist_utils.world_size()
+        run_dir = workspace.run_dir(config.name)
+        plan_path = run_dir / "episodes" / "plan.json"
+        decision: list[Any] = [None, None]
+        if rank == 0:
+            try:
+                resume_from = prepare_run_dir(config, run_dir, resume)
+                if resume_from is not None and plan_path.is_file():
+                    plan = EpisodePlan.load(plan_path)
+                else:
+                    plan = plan_episodes(inputs.counts, config.schedule.episodes, config.data.episode_size, config.seed)
+                check_plan(config, plan, world_size)
+                write_text(run_dir / "config.toml", config_io.dumps(config))
+                plan.save(plan_path)
+                _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
+                decision = [str(resume_from) if resume_from else None, None]
+            except ProtoclipError as exc:
+                decision = [None, str(exc)]
+        decision = dist_utils.broadcast_object(decision)
+        if decision[1] is not None:
+            raise ProtoclipError(decision[1])
+        resume_from = Path(decision[0]) if decision[0] else None
+        plan = EpisodePlan.load(plan_path)
+        if config.device == "cpu" or not torch.cuda.is_available():
+            torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+        trainer = Trainer(config, run_dir, plan, inputs.shard_paths, inputs.teacher_path, resume_from)
+        info(
+            f"Training run '{config.name}': {config.schedule.episodes} episodes, {trainer.layout.total_steps} steps, "
+            f"{world_size} process(es) on {trainer.device}, global batch {config.data.batch_size * world_size}."
+        )
+        summary = trainer.fit()
+        summary["broken_samples"] = trainer.stats.get("broken", 0)
+        manifest = {}
+        if rank == 0:
+            from protoclip_cli.training.checkpoint import latest_checkpoint
+
+            summary["final_checkpoint"] = str(latest_checkpoint(run_dir))
+            manifest = _write_run_manifest(config, run_dir, inputs, world_size, "complete", summary)
+        return dist_utils.broadcast_object(manifest)
+    finally:
+        if created_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _write_run_manifest(config: TrainConfig, run_dir: Path, inputs: TrainInputs, world_size: int, status: str, summary: dict) -> dict:
+    # The teacher file is recorded by path: hashing a multi-gigabyte HDF5 on every start costs too much.
+    return write_manifest(
+        run_dir, "train", config=config_io.to_dict(config), inputs={"dataset": inputs.dataset_dir},
+        teacher_file=str(inputs.teacher_path) if inputs.teacher_path else None, status=status, world_size=world_size, command=" ".join(sys.argv), **summary,
+    )

@@ -1,0 +1,1 @@
+"""The episodic trainer: episode planning, feature extraction, prototypes, checkpoints, the loop."""

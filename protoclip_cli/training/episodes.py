@@ -1,0 +1,151 @@
+"""Episodes over shards: which shards each episode reads, and how many steps that makes.
+
+Webdataset shards are read sequentially, so an episode is a random subset of whole shards totalling
+about ``episode_size`` samples. Shards are drawn from a seeded permutation so every shard is used
+once before any is reused; ``episode_size = 0`` makes every episode the whole data set (the CLIP
+baseline's epochs). The plan is saved in the run folder, so a resumed run reads the same shards.
+
+Steps per episode follow from the per-shard sample counts: shards are split over ranks
+(``shards[rank::world]``) and then over data-loader workers, each worker drops its last partial
+batch (so every rank's batches have the same size for the all-gathers), and every rank runs the
+same number of steps (the smallest rank's).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from protoclip_cli.artifacts import write_json
+
+
+def shard_sample_count(shard: Path) -> int:
+    """Samples in a shard: img2dataset's ``<shard>_stats.json`` ``successes``, else counted in the tar."""
+    stats = shard.with_name(shard.name.removesuffix(".tar") + "_stats.json")
+    if stats.is_file():
+        data = json.loads(stats.read_text())
+        if "successes" in data:
+            return int(data["successes"])
+    return len(shard_keys(shard))
+
+
+def shard_keys(shard: Path) -> list[int]:
+    """The sample keys of a shard in file order (tar headers only, no image is read)."""
+    keys: list[int] = []
+    seen: set[str] = set()
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            stem = member.name.rsplit("/", 1)[-1].split(".", 1)[0]
+            if member.isfile() and stem not in seen and stem.isdigit():
+                seen.add(stem)
+                keys.append(int(stem))
+    return keys
+
+
+@dataclass(frozen=True)
+class EpisodePlan:
+    """Shard names of every episode (in reading order) and the per-shard sample counts."""
+
+    episodes: list[list[str]]
+    counts: dict[str, int]
+    seed: int
+    episode_size: int
+
+    def samples(self, episode: int) -> int:
+        return sum(self.counts[s] for s in self.episodes[episode])
+
+    def to_json(self) -> dict:
+        return {"seed": self.seed, "episode_size": self.episode_size, "counts": self.counts, "episodes": self.episodes}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "EpisodePlan":
+        return cls(data["episodes"], {k: int(v) for k, v in data["counts"].items()}, data["seed"], data["episode_size"])
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> "EpisodePlan":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def plan_episodes(counts: dict[str, int], episodes: int, episode_size: int, seed: int) -> EpisodePlan:
+    """Draw ``episodes`` shard subsets of about ``episode_size`` samples each.
+
+    A shard is added while that brings the episode's total closer to ``episode_size`` (at least one
+    shard per episode). Shards come from a queue refilled with a fresh seeded permutation when empty;
+    shards already in the current episode go to the back of the new permutation, so an episode never
+    reads a shard twice.
+    """
+    names = sorted(counts)
+    rng = np.random.default_rng(seed)
+    total = sum(counts.values())
+    plan: list[list[str]] = []
+    queue: list[str] = []
+    for _ in range(episodes):
+        if episode_size <= 0 or episode_size >= total:
+            plan.append([names[i] for i in rng.permutation(len(names))])
+            continue
+        chosen: list[str] = []
+        size = 0
+        while len(chosen) < len(names):
+            if not queue:
+                fresh = [names[i] for i in rng.permutation(len(names))]
+                queue = [s for s in fresh if s not in chosen] + [s for s in fresh if s in chosen]
+            candidate = queue[0]
+            if candidate in chosen:
+                break
+            if chosen and abs(size + counts[candidate] - episode_size) >= abs(size - episode_size):
+                break
+            chosen.append(queue.pop(0))
+            size += counts[candidate]
+        plan.append(chosen)
+    return EpisodePlan(plan, dict(counts), seed, episode_size)
+
+
+def split_for_rank(shards: list[str], rank: int, world_size: int) -> list[str]:
+    return shards[rank::world_size]
+
+
+def split_for_worker(shards: list[str], worker: int, workers: int) -> list[str]:
+    return shards[worker::max(1, workers)]
+
+
+def worker_batches(counts: dict[str, int], rank_shards: list[str], workers: int, batch_size: int) -> list[int]:
+    """Full batches each data-loader worker of a rank yields (partial batches are dropped)."""
+    return [
+        sum(counts[s] for s in split_for_worker(rank_shards, w, workers)) // batch_size for w in range(max(1, workers))
+    ]
+
+
+def steps_in_episode(plan: EpisodePlan, episode: int, world_size: int, workers: int, batch_size: int) -> int:
+    """Training steps of an episode: the fewest full batches any rank has."""
+    shards = plan.episodes[episode]
+    return min(
+        sum(worker_batches(plan.counts, split_for_rank(shards, r, world_size), workers, batch_size))
+        for r in range(world_size)
+    )
+
+
+def batches_to_skip(per_worker: list[int], done: int) -> list[int]:
+    """How many of its own batches each worker skips so the loader resumes after ``done`` batches.
+
+    A DataLoader over an IterableDataset takes one batch from each worker in turn and leaves out
+    workers that are exhausted; replaying that order tells which worker produced each batch.
+    """
+    skip = [0] * len(per_worker)
+    remaining = done
+    round_index = 0
+    while remaining > 0 and round_index < max(per_worker, default=0):
+        for worker, available in enumerate(per_worker):
+            if remaining == 0:
+                break
+            if round_index < available:
+                skip[worker] += 1
+                remaining -= 1
+        round_index += 1
+    return skip
