@@ -1,0 +1,135 @@
+"""The evaluation tasks: each takes a model and its data, and returns a dict of metrics (in %
+for accuracies and recalls) plus counts, ready to be written as JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.evaluation.datasets import ImageSet
+from protoclip_cli.evaluation.features import image_features, text_features
+from protoclip_cli.evaluation.models import EvalModel
+
+OPENAI_DEFAULT_TEMPLATES = "openai-imagenet-80"
+
+
+def _percent(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(100.0 * v, 4) for k, v in metrics.items()}
+
+
+def _require_labels(data: ImageSet, task: str) -> np.ndarray:
+    if data.labels is None or data.classnames is None:
+        raise ProtoclipError(f"Data set {data.name} has no class labels; {task} needs a labelled data set.")
+    return data.labels
+
+
+def zeroshot(
+    model: EvalModel, data: ImageSet, templates: Sequence | None, cache_dir: Path | None, batch_size: int, workers: int
+) -> dict:
+    """Top-1/top-5 accuracy of classifying ``data`` by its class names put into ``templates``."""
+    from protoclip_cli.evaluation import imagenet
+    from protoclip_cli.evaluation.zeroshot import class_embeddings, prompts_for, zeroshot_scores
+
+    labels = _require_labels(data, "zero-shot classification")
+    templates = list(templates or data.templates or imagenet.templates())
+    prompts = [p for per_class in prompts_for(data.classnames, templates) for p in per_class]
+    images = image_features(model, data, cache_dir, batch_size, workers)
+    prompt_features = text_features(model, prompts, f"{data.name}-prompts", cache_dir)
+    classes = class_embeddings(lambda texts: prompt_features, data.classnames, templates)
+    metrics = _percent(zeroshot_scores(images, classes, torch.from_numpy(labels), ks=(1, 5)))
+    return {
+        "metrics": metrics,
+        "images": data.size,
+        "classes": len(data.classnames),
+        "templates": len(templates),
+        "chance_top1": round(100.0 / len(data.classnames), 4),
+    }
+
+
+def linear_probe(
+    model: EvalModel,
+    train: ImageSet,
+    test: ImageSet,
+    cache_dir: Path | None,
+    batch_size: int,
+    workers: int,
+    method: str,
+    weight_decays: Sequence[float],
+    seed: int,
+) -> dict:
+    """Top-1 of logistic regression on frozen image features, weight decay chosen on a train split."""
+    from protoclip_cli.evaluation.linear_probe import linear_probe as fit_and_score
+
+    train_y = torch.from_numpy(_require_labels(train, "the linear probe"))
+    test_y = torch.from_numpy(_require_labels(test, "the linear probe"))
+    if len(train.classnames) != len(test.classnames):
+        raise ProtoclipError(
+            f"Train ({train.name}) has {len(train.classnames)} classes but test ({test.name}) has "
+            f"{len(test.classnames)}; both splits need the same class folders."
+        )
+    train_x = image_features(model, train, cache_dir, batch_size, workers).to(model.device)
+    test_x = image_features(model, test, cache_dir, batch_size, workers).to(model.device)
+    result = fit_and_score(train_x, train_y, test_x, test_y, weight_decays=weight_decays, method=method, seed=seed)
+    return {
+        "metrics": {"top1": round(100.0 * result.top1, 4)},
+        "weight_decay": result.weight_decay,
+        "validation_top1": {str(wd): round(100.0 * v, 4) for wd, v in result.validation_top1.items()},
+        "train_images": result.train_size,
+        "test_images": result.test_size,
+        "classes": len(train.classnames),
+        "method": method,
+        "chance_top1": round(100.0 / len(train.classnames), 4),
+    }
+
+
+def _pairs(model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size: int, workers: int):
+    texts, owners = data.caption_owners()
+    images = image_features(model, data, cache_dir, batch_size, workers)
+    captions = text_features(model, texts, f"{data.name}-captions", cache_dir)
+    return images, captions, owners
+
+
+def retrieval(model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size: int, workers: int) -> dict:
+    """Image-text recall@1/5/10 both ways and their mean."""
+    from protoclip_cli.evaluation.retrieval import retrieval_recall
+
+    images, captions, owners = _pairs(model, data, cache_dir, batch_size, workers)
+    return {
+        "metrics": _percent(retrieval_recall(images, captions, owners, ks=(1, 5, 10))),
+        "images": data.size,
+        "captions": int(owners.numel()),
+    }
+
+
+def modality_gap(model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size: int, workers: int) -> dict:
+    """Distance between the modality means, and the mean cosine of matching pairs."""
+    from protoclip_cli.evaluation.modality import modality_gap as gap
+
+    images, captions, owners = _pairs(model, data, cache_dir, batch_size, workers)
+    return {"metrics": gap(images, captions, owners), "images": data.size, "captions": int(owners.numel())}
+
+
+def clustering(
+    model: EvalModel, data: ImageSet, k: int, cache_dir: Path | None, batch_size: int, workers: int, seed: int
+) -> dict:
+    """k-means of the image features against the ground-truth classes: ARI, AMI, purity."""
+    from protoclip_cli.core.kmeans import kmeans
+    from protoclip_cli.evaluation.clustering import agreement
+
+    labels = _require_labels(data, "clustering evaluation")
+    k = k or len(data.classnames)
+    if k > data.size:
+        raise ProtoclipError(f"Cannot make {k} clusters of {data.size} images; pass a smaller --clusters.")
+    features = image_features(model, data, cache_dir, batch_size, workers)
+    result = kmeans(features.to(model.device), k, iterations=50, restarts=3, seed=seed, distributed=False)
+    scores = agreement(result.labels.cpu().numpy(), labels)
+    return {
+        "metrics": {"ari": scores["ari"], "ami": scores["ami"], "purity": round(100.0 * scores["purity"], 4)},
+        "images": data.size,
+        "k": k,
+        "classes": len(data.classnames),
+    }

@@ -1,0 +1,195 @@
+"""`cluster`: a report on a run's episode prototypes, or k-means of any stored features.
+
+Report mode writes ``runs/<run>/cluster/episode-<n>/``: ``report.json`` (cluster sizes and empty
+clusters per modality, AMI/ARI between the image, text and teacher clusterings, purity/ARI/AMI
+against the ground truth when the data set has labels), ``grid-image.png`` / ``grid-text.png``
+(sample images with captions of the largest clusters) and ``tsne.png`` (t-SNE of the projected
+image features of a sample of the episode, recomputed with the run's latest checkpoint).
+
+Features mode (``features`` set) clusters the ``embeddings`` of an HDF5 file (e.g. a teacher file)
+and writes ``keys`` (when present), ``labels`` and ``centroids`` to ``<file>.kmeans-<k>.h5``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protoclip_cli.artifacts import atomic_dir, atomic_path, write_json
+from protoclip_cli.config import option
+from protoclip_cli.console import info
+from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    run: str = option("", "Run name or folder ('' = the workspace's latest run).")
+    episode: str = option("last", "Episode to report on: 'last' or its number.")
+    grid_clusters: int = option(6, "Clusters shown in each image grid (the largest ones).")
+    grid_samples: int = option(8, "Samples per cluster in the grids.")
+    tsne_points: int = option(1000, "Samples of the episode in the t-SNE map (0 = no map).")
+    device: str = option("auto", "Device for recomputing the t-SNE features.")
+    features: str = option("", "Cluster this HDF5 file's `embeddings` instead of reporting on a run.")
+    k: int = option(0, "Clusters for --features.")
+    backend: str = option("auto", "k-means backend for --features: auto, torch or faiss.")
+    iterations: int = option(20, "k-means iterations for --features.")
+    restarts: int = option(1, "k-means restarts for --features (the lowest objective is kept).")
+    seed: int = option(0, "Seed of k-means, sampling and t-SNE.")
+    out: str = option("", "Output: the report folder, or the labels/centroids HDF5 for --features.")
+
+
+def run(config: ClusterConfig, workspace: Workspace) -> dict[str, Any]:
+    """Report on an episode's prototypes, or cluster a feature file (``config.features``)."""
+    if config.features:
+        return cluster_feature_file(config)
+    return report_episode(config, workspace)
+
+
+# -- features mode ---------------------------------------------------------------------------------
+
+
+def cluster_feature_file(config: ClusterConfig) -> dict[str, Any]:
+    import h5py
+    import torch
+
+    from protoclip_cli.core.kmeans import BACKENDS, kmeans
+    from protoclip_cli.evaluation.clustering import size_summary
+
+    source = Path(config.features)
+    if not source.is_file():
+        raise MissingInputError(f"Feature file {source} does not exist; pass an HDF5 file with an `embeddings` dataset.")
+    if config.k < 1:
+        raise ProtoclipError("--features needs --k, the number of clusters (e.g. --k 1000).")
+    if config.backend not in BACKENDS:
+        raise ProtoclipError(f"--backend {config.backend} is not one of {', '.join(BACKENDS)}.")
+    with h5py.File(source, "r") as f:
+        if "embeddings" not in f:
+            raise ProtoclipError(f"{source} has no `embeddings` dataset (it has: {', '.join(f) or 'nothing'}).")
+        embeddings = f["embeddings"][:].astype(np.float32)
+        keys = f["keys"][:].astype(np.int64) if "keys" in f else None
+    if config.k > len(embeddings):
+        raise ProtoclipError(f"Cannot make {config.k} clusters of {len(embeddings)} rows; pass a smaller --k.")
+    result = kmeans(torch.from_numpy(embeddings), config.k, iterations=config.iterations, restarts=config.restarts,
+                    seed=config.seed, backend=config.backend, distributed=False)
+    labels = result.labels.cpu().numpy().astype(np.int64)
+    out = Path(config.out) if config.out else source.with_name(f"{source.stem}.kmeans-{config.k}.h5")
+    with atomic_path(out) as tmp:
+        with h5py.File(tmp, "w") as f:
+            if keys is not None:
+                f.create_dataset("keys", data=keys)
+            f.create_dataset("labels", data=labels)
+            f.create_dataset("centroids", data=result.centroids.cpu().numpy().astype(np.float32))
+            f.attrs.update({"k": config.k, "objective": result.objective, "source": str(source),
+                            "backend": config.backend, "iterations": config.iterations,
+                            "restarts": config.restarts, "seed": config.seed})
+    summary = {key: value for key, value in size_summary(labels, config.k).items() if key != "sizes"}
+    return {"stage": "cluster", "mode": "features", "source": str(source), "out": str(out),
+            "objective": result.objective, "sizes": summary, "files": [str(out)]}
+
+
+# -- report mode -----------------------------------------------------------------------------------
+
+
+def _run_dir(config: ClusterConfig, workspace: Workspace) -> Path:
+    if config.run and Path(config.run).is_dir():
+        return Path(config.run)
+    run_dir = workspace.run_dir(workspace.resolve_run(config.run or None))
+    if not (run_dir / "config.toml").is_file():
+        raise MissingInputError(f"No training run at {run_dir}; run `protoclip train recipes/synthetic.toml` first.")
+    return run_dir
+
+
+def report_episode(config: ClusterConfig, workspace: Workspace) -> dict[str, Any]:
+    from protoclip_cli.data.shards import iter_samples
+    from protoclip_cli.evaluation import prototype_report as pr
+    from protoclip_cli.evaluation.clustering import agreement, size_histogram, size_summary
+    from protoclip_cli.runs import load_run_config
+
+    run_dir = _run_dir(config, workspace)
+    train_config = load_run_config(run_dir)
+    number, h5_path = pr.pick_episode(run_dir, config.episode)
+    episode = pr.read_episode(h5_path)
+    dataset = train_config.data.dataset
+    shards = workspace.shards(dataset, train_config.data.split)
+    has_truth = "ground_truth" in workspace.dataset_manifest(dataset)
+    truth, samples = pr.ground_truth_of(iter_samples(shards, images=False, meta=True), episode.keys)
+    info(f"Episode {number} of {run_dir.name}: {len(episode.keys)} samples, clusterings: {', '.join(episode.labels)}.")
+
+    report: dict[str, Any] = {"run": run_dir.name, "episode": number, "samples": int(len(episode.keys)),
+                              "source": str(h5_path), "modalities": {}, "agreement": {}, "ground_truth": {}}
+    for modality, labels in episode.labels.items():
+        summary = size_summary(labels, episode.k[modality])
+        report["modalities"][modality] = {**summary, "histogram": size_histogram(np.asarray(summary["sizes"])),
+                                          "objective": episode.objectives[modality]}
+    names = list(episode.labels)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            scores = agreement(episode.labels[first], episode.labels[second])
+            report["agreement"][f"{first}-{second}"] = {"ami": scores["ami"], "ari": scores["ari"]}
+    if has_truth and (truth >= 0).all():
+        for modality, labels in episode.labels.items():
+            report["ground_truth"][modality] = agreement(labels, truth)
+
+    out_dir = Path(config.out) if config.out else run_dir / "cluster" / f"episode-{number}"
+    with atomic_dir(out_dir) as tmp:
+        files = _figures(config, workspace, run_dir, episode, shards, samples, truth if has_truth else None, tmp)
+        report["files"] = [str(out_dir / name) for name in [*files, "report.json"]]
+        write_json(tmp / "report.json", report)
+    return {"stage": "cluster", "mode": "report", "out": str(out_dir), **report}
+
+
+def _figures(config, workspace, run_dir, episode, shards, samples, truth, folder: Path) -> list[str]:
+    """Grids of the largest image and text clusters, and the t-SNE map; returns the file names."""
+    import torch
+
+    from protoclip_cli.data.shards import iter_samples
+    from protoclip_cli.data.transforms import decode_image, eval_transform
+    from protoclip_cli.evaluation import prototype_report as pr
+    from protoclip_cli.evaluation.models import resolve_device
+    from protoclip_cli.runs import load_run_model
+
+    rng = np.random.default_rng(config.seed)
+    shown: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for modality in ("image", "text"):
+        if modality not in episode.labels or config.grid_clusters < 1:
+            continue
+        labels = episode.labels[modality]
+        sizes = np.bincount(labels, minlength=episode.k[modality])
+        shown[modality] = [(int(c), rng.permutation(np.flatnonzero(labels == c))[: config.grid_samples])
+                           for c in np.argsort(-sizes, kind="stable")[: config.grid_clusters] if sizes[c] > 0]
+    tsne_rows = rng.permutation(len(episode.keys))[: config.tsne_points] if config.tsne_points > 1 else np.array([], int)
+    wanted = {int(episode.keys[r]) for rows in shown.values() for _, members in rows for r in members}
+    wanted |= {int(episode.keys[r]) for r in tsne_rows}
+
+    model, train_config, checkpoint = (None, None, None)
+    if len(tsne_rows) > 1:
+        device = resolve_device(config.device)
+        model, train_config, checkpoint = load_run_model(run_dir, device=str(device))
+    transform = eval_transform(model.image_size if model is not None else 64)
+    images: dict[int, torch.Tensor] = {}
+    for sample in iter_samples(shards, images=True, meta=False):
+        if sample.key in wanted and sample.image is not None:
+            images[sample.key] = decode_image(sample.image)
+    files = []
+    for modality, rows in shown.items():
+        clusters = [(c, [(images[int(episode.keys[r])], samples[int(episode.keys[r])]["caption"]) for r in members])
+                    for c, members in rows]
+        name = f"grid-{modality}.png"
+        pr.grid_png(folder / name, clusters, f"{run_dir.name} episode {episode.episode}: largest {modality} clusters")
+        files.append(name)
+    if model is not None:
+        keys = [int(episode.keys[r]) for r in tsne_rows]
+        features = pr.projected_features(model, [transform(images[k]) for k in keys], device)
+        colourings = {"image cluster": episode.labels["image"][tsne_rows]}
+        if truth is not None:
+            colourings["ground-truth class"] = truth[tsne_rows]
+        elif "text" in episode.labels:
+            colourings["text cluster"] = episode.labels["text"][tsne_rows]
+        pr.tsne_png(folder / "tsne.png", features, colourings, config.seed,
+                    f"t-SNE of projected image features ({Path(checkpoint['path']).name})")
+        files.append("tsne.png")
+    return files

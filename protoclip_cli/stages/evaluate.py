@@ -1,0 +1,226 @@
+"""`evaluate`: zero-shot, linear probe, retrieval, clustering and modality gap of a CLIP model.
+
+The model is a run of this project (its latest or a named checkpoint) or an OpenCLIP checkpoint.
+Results go to ``runs/<run>/eval/<name>.json`` (``<workspace>/eval/<model>/`` for OpenCLIP
+checkpoints), one file per task, and ``eval/manifest.json`` lists them all. ``<name>`` is the task
+as given (``zeroshot``, ``imagenet-zeroshot``), with ``-<dataset>`` added when ``--dataset`` names
+another data set than the default one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protoclip_cli import __version__
+from protoclip_cli.artifacts import MANIFEST, write_json, write_manifest
+from protoclip_cli.config import option, to_dict
+from protoclip_cli.console import info
+from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.workspace import Workspace, slugify
+
+BASE_TASKS = ("zeroshot", "linear-probe", "retrieval", "clustering", "modality-gap")
+TASKS = BASE_TASKS + ("all",)
+# Data sets a preset task name may start with ("imagenet-zeroshot"); "synthetic" = the default one.
+PRESET_DATASETS = ("imagenet", "cifar10", "cifar100", "stl10", "coco", "flickr30k", "synthetic")
+EXTERNAL = ("imagenet", "cifar10", "cifar100", "stl10", "coco", "flickr30k", "folder", "webdataset")
+LABELLED = ("imagenet", "cifar10", "cifar100", "stl10", "folder")
+PAIRED = ("coco", "flickr30k", "webdataset")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    task: str = option("all", f"Task: {', '.join(TASKS)}, or a preset such as imagenet-zeroshot or synthetic-zeroshot.")
+    model: str = option("", "Run name, run folder or checkpoint file of this project ('' = the workspace's latest run).")
+    checkpoint: str = option("", "Checkpoint of the run to evaluate ('' = its latest).")
+    open_clip: str = option("", "Evaluate an OpenCLIP architecture instead of a run (with `pretrained`).")
+    pretrained: str = option("", "OpenCLIP checkpoint file for `open_clip`.")
+    dataset: str = option(
+        "", "Data: imagenet, cifar10, cifar100, stl10, coco, flickr30k, folder, webdataset, or a workspace data set "
+        "('' = the run's training data set, evaluated on its held-out split)."
+    )
+    root: str = option("", "Folder of the data set (a glob of .tar shards for webdataset).")
+    classnames: str = option("", "Class-names file for an ImageFolder: one name per line in sorted folder order.")
+    templates: str = option("", "Prompt templates file, one per line with '{}' ('' = the data set's own or OpenAI's 80).")
+    captions: str = option("", "COCO captions JSON or the Flickr30k Karpathy split file.")
+    split: str = option("test", "Flickr30k Karpathy split to evaluate.")
+    heldout_split: str = option("heldout", "Split of a workspace data set used as the test set.")
+    out: str = option("", "Result file (a folder with task 'all'); '' = <run>/eval/.")
+    batch_size: int = option(256, "Images per extraction batch.")
+    workers: int = option(2, "Data-loader worker processes for image decoding.")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    cache: bool = option(True, "Reuse and store extracted features under <run>/eval/cache.")
+    clusters: int = option(0, "k of the clustering task (0 = the number of classes).")
+    probe_method: str = option("lbfgs", "Linear-probe optimiser: lbfgs (full batch) or adam (mini-batch).")
+    probe_weight_decays: tuple[float, ...] = option(
+        (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), "Weight decays tried on the linear probe's validation split."
+    )
+    seed: int = option(0, "Seed of the validation split and of k-means.")
+
+
+def parse_task(task: str, dataset: str) -> tuple[list[str], str, str]:
+    """(base tasks to run, data set, result-name prefix) for a task name and ``--dataset``."""
+    if task in TASKS:
+        tasks = list(BASE_TASKS) if task == "all" else [task]
+        return tasks, dataset, ""
+    prefix, _, base = task.partition("-")
+    if prefix in PRESET_DATASETS and base in BASE_TASKS:
+        if dataset and dataset != prefix and not (prefix == "synthetic"):
+            raise ProtoclipError(f"Task {task} already names its data set; drop --dataset {dataset}.")
+        return [base], ("" if prefix == "synthetic" else prefix), task
+    raise ProtoclipError(
+        f"Unknown task '{task}'; choose one of {', '.join(TASKS)}, or a preset <dataset>-<task> such as "
+        "imagenet-zeroshot, cifar10-zeroshot, coco-retrieval or synthetic-zeroshot."
+    )
+
+
+def _supports(dataset: str, task: str) -> bool:
+    if dataset in LABELLED:
+        return task in ("zeroshot", "linear-probe", "clustering")
+    if dataset in PAIRED:
+        return task in ("retrieval", "modality-gap")
+    return True  # a workspace data set: labelled pairs
+
+
+class _Data:
+    """Loads each data set once per stage run (the shard metadata pass is not free)."""
+
+    def __init__(self, config: EvaluateConfig, workspace: Workspace, default_dataset: str) -> None:
+        self.config, self.workspace, self.default_dataset = config, workspace, default_dataset
+        self._sets: dict[tuple[str, str], Any] = {}
+
+    def _root(self, dataset: str) -> Path:
+        if not self.config.root:
+            raise ProtoclipError(f"Data set {dataset} needs --root: the folder that holds it (see docs/evaluation.md).")
+        return Path(self.config.root)
+
+    def _load(self, dataset: str, role: str):
+        from protoclip_cli.evaluation import datasets as ds
+
+        c = self.config
+        if dataset not in EXTERNAL:
+            split = "train" if role == "train" else c.heldout_split
+            return ds.embedded(self.workspace, dataset or self.default_dataset, split)
+        root = self._root(dataset)
+        if dataset == "imagenet":
+            return ds.imagenet(root, "train" if role == "train" else "val")
+        if dataset in ds.TORCHVISION_SETS:
+            return ds.torchvision_set(dataset, root, train=role == "train")
+        if dataset == "folder":
+            has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+            if role == "train" and not has_splits:
+                raise ProtoclipError(f"The linear probe needs {root}/train/<class>/ and {root}/test/<class>/ folders.")
+            folder = root / ("train" if role == "train" else "test") if has_splits else root
+            return ds.image_folder(folder, c.classnames or None, name=f"{root.name}-{folder.name}")
+        if dataset == "coco":
+            return ds.coco(root, c.captions or None)
+        if dataset == "flickr30k":
+            return ds.flickr30k(root, c.captions or None, c.split)
+        return ds.webdataset_pairs(c.root)
+
+    def get(self, dataset: str, role: str = "test"):
+        if (dataset, role) not in self._sets:
+            self._sets[(dataset, role)] = self._load(dataset, role)
+        return self._sets[(dataset, role)]
+
+
+def _load_model(config: EvaluateConfig, workspace: Workspace):
+    from protoclip_cli.evaluation.models import load_open_clip, load_run
+
+    if config.open_clip:
+        return load_open_clip(config.open_clip, config.pretrained, config.device)
+    if config.pretrained:
+        raise ProtoclipError("--pretrained needs --open-clip ARCH (the OpenCLIP architecture of the checkpoint).")
+    return load_run(workspace, config.model or None, config.checkpoint or None, config.device)
+
+
+def _default_dataset(model, workspace: Workspace) -> str:
+    if model.run_dir is not None:
+        from protoclip_cli.runs import load_run_config
+
+        return load_run_config(model.run_dir).data.dataset
+    return workspace.resolve_dataset(None)
+
+
+def _run_task(task: str, dataset: str, model, data: _Data, config: EvaluateConfig, cache_dir: Path | None) -> dict:
+    from protoclip_cli.evaluation import tasks
+    from protoclip_cli.evaluation.datasets import read_templates
+
+    common = dict(cache_dir=cache_dir, batch_size=config.batch_size, workers=config.workers)
+    if config.classnames and dataset != "folder":
+        raise ProtoclipError("--classnames applies to --dataset folder only; other data sets name their classes.")
+    if task == "zeroshot":
+        templates = read_templates(config.templates) if config.templates else None
+        return tasks.zeroshot(model, data.get(dataset), templates, **common)
+    if task == "linear-probe":
+        return tasks.linear_probe(
+            model, data.get(dataset, "train"), data.get(dataset), method=config.probe_method,
+            weight_decays=config.probe_weight_decays, seed=config.seed, **common,
+        )
+    if task == "retrieval":
+        return tasks.retrieval(model, data.get(dataset), **common)
+    if task == "modality-gap":
+        return tasks.modality_gap(model, data.get(dataset), **common)
+    return tasks.clustering(model, data.get(dataset), config.clusters, seed=config.seed, **common)
+
+
+def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
+    """Evaluate one model on the requested task(s); returns the eval manifest (``results`` by name)."""
+    base_tasks, dataset, preset = parse_task(config.task, config.dataset)
+    if config.probe_method not in ("lbfgs", "adam"):
+        raise ProtoclipError(f"--probe-method {config.probe_method} is not lbfgs or adam.")
+    if config.task == "all":
+        base_tasks = [t for t in base_tasks if _supports(dataset, t)]
+    elif not _supports(dataset, base_tasks[0]):
+        raise ProtoclipError(f"Data set {dataset} has no data for the {base_tasks[0]} task; see docs/evaluation.md.")
+
+    model = _load_model(config, workspace)
+    info(f"Evaluating {model.name} on {model.device}.")
+    eval_dir = model.run_dir / "eval" if model.run_dir else workspace.root / "eval" / slugify(model.name.replace("@", "-"))
+    cache_dir = eval_dir / "cache" if config.cache else None
+    default_dataset = dataset if dataset in EXTERNAL else (dataset or _default_dataset(model, workspace))
+    data = _Data(config, workspace, default_dataset)
+
+    written: dict[str, dict] = {}
+    for task in base_tasks:
+        name = preset or (task if not config.dataset else f"{task}-{slugify(config.dataset)}")
+        result = _run_task(task, dataset, model, data, config, cache_dir)
+        record = {
+            "task": task,
+            "name": name,
+            "dataset": data.get(dataset).name if task != "linear-probe" else
+            f"{data.get(dataset, 'train').name} -> {data.get(dataset).name}",
+            "model": {"name": model.name, **{k: v for k, v in model.info.items()}},
+            "protoclip_version": __version__,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **result,
+        }
+        path = _result_path(config, eval_dir, name)
+        write_json(path, record)
+        written[name] = {"path": str(path), **record}
+    return _record_manifest(eval_dir, config, model, written)
+
+
+def _result_path(config: EvaluateConfig, eval_dir: Path, name: str) -> Path:
+    if not config.out:
+        return eval_dir / f"{name}.json"
+    out = Path(config.out)
+    return out / f"{name}.json" if config.task == "all" or out.is_dir() else out
+
+
+def _record_manifest(eval_dir: Path, config: EvaluateConfig, model, written: dict[str, dict]) -> dict[str, Any]:
+    """Merge this call's results into ``eval/manifest.json`` (other tasks' results stay listed)."""
+    import json
+
+    previous = {}
+    if (eval_dir / MANIFEST).is_file():
+        previous = json.loads((eval_dir / MANIFEST).read_text()).get("results", {})
+    results = {**previous, **{n: {"path": r["path"], "metrics": r["metrics"], "dataset": r["dataset"],
+                                  "model": r["model"]["name"]} for n, r in written.items()}}
+    manifest = write_manifest(
+        eval_dir, "evaluate", config=to_dict(config), inputs={"checkpoint": model.info["path"]}, results=results
+    )
+    manifest["written"] = written
+    return manifest

@@ -1,0 +1,90 @@
+"""`export`: a run's CLIP towers as an OpenCLIP checkpoint.
+
+The file holds the ``state_dict`` of the open_clip model inside :class:`ProtoCLIP` (``.clip``),
+with open_clip's own parameter names and nothing else (no projection heads, no optimiser), so
+``open_clip.create_model_and_transforms(ARCH, pretrained=FILE)`` loads it. This package's tiny
+architectures must be registered first (``protoclip_cli.core.model.register_tiny_configs()``).
+After writing, the export is loaded back through open_clip and its embeddings compared with the
+run's on a random batch; the largest difference is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protoclip_cli.artifacts import atomic_path, file_sha256, write_manifest
+from protoclip_cli.config import option, to_dict
+from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.workspace import Workspace
+
+FORMATS = ("open_clip",)
+ROUND_TRIP_ATOL = 1e-5
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    run: str = option("", "Run name, run folder or checkpoint file ('' = the workspace's latest run).")
+    checkpoint: str = option("", "Checkpoint to export ('' = the run's latest).")
+    format: str = option("open_clip", "Export format: open_clip.")
+    out: str = option("", "Output file ('' = runs/<run>/export/<run>-<arch>.pt).")
+
+
+def run(config: ExportConfig, workspace: Workspace) -> dict[str, Any]:
+    """Write the export and its ``manifest.json``; returns the manifest."""
+    import torch
+
+    from protoclip_cli.evaluation.models import _run_dir_of
+    from protoclip_cli.runs import load_run_model
+
+    if config.format not in FORMATS:
+        raise ProtoclipError(f"Unknown export format '{config.format}'; choose one of {', '.join(FORMATS)}.")
+    if config.run and Path(config.run).exists():
+        run_dir, checkpoint = _run_dir_of(Path(config.run))
+    else:
+        run_dir, checkpoint = workspace.run_dir(workspace.resolve_run(config.run or None)), None
+    if config.checkpoint:
+        checkpoint = Path(config.checkpoint)
+    if not (run_dir / "config.toml").is_file():
+        raise MissingInputError(f"No training run at {run_dir}; run `protoclip train recipes/synthetic.toml` first.")
+    model, train_config, info = load_run_model(run_dir, checkpoint, device="cpu")
+    arch = train_config.model.arch
+    out = Path(config.out) if config.out else run_dir / "export" / f"{run_dir.name}-{arch}.pt"
+    with atomic_path(out) as tmp:
+        torch.save({name: tensor.detach().clone() for name, tensor in model.clip.state_dict().items()}, tmp)
+    difference = round_trip_difference(model, arch, out)
+    if difference > ROUND_TRIP_ATOL:
+        out.unlink()
+        raise ProtoclipError(
+            f"The export of {arch} gives embeddings {difference:.2e} away from the run's through open_clip; "
+            "this architecture's open_clip config does not match the run's model."
+        )
+    return write_manifest(
+        out.parent, "export", config=to_dict(config), inputs={"checkpoint": info["path"]},
+        file=str(out), format=config.format, arch=arch, sha256=file_sha256(out), episode=info["episode"],
+        global_step=info["global_step"], round_trip_max_abs_difference=difference,
+        load_with=f"open_clip.create_model_and_transforms({arch!r}, pretrained={str(out)!r})",
+        needs_registration=arch.startswith("protoclip-"),
+    )
+
+
+def round_trip_difference(model, arch: str, path: Path) -> float:
+    """Largest absolute difference of the normalised embeddings of a random batch (images and
+    texts) between the run's model and the export loaded through ``open_clip.create_model_and_transforms``."""
+    import open_clip
+    import torch
+
+    from protoclip_cli.core.model import get_tokenizer, register_tiny_configs
+
+    register_tiny_configs()
+    reloaded, _, _ = open_clip.create_model_and_transforms(arch, pretrained=str(path))
+    reloaded.eval()
+    model.eval()
+    size = model.image_size if isinstance(model.image_size, tuple) else (model.image_size, model.image_size)
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    tokens = get_tokenizer(arch)(["a photo of a red circle", "two blue squares on grass"])
+    with torch.no_grad():
+        ours = torch.cat([model.encode_image(images), model.encode_text(tokens)])
+        theirs = torch.cat([reloaded.encode_image(images, normalize=True), reloaded.encode_text(tokens, normalize=True)])
+    return float((ours - theirs).abs().max())

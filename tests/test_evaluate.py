@@ -1,0 +1,108 @@
+"""`evaluate` on a model trained on the embedded default data set (one small run shared by the
+evaluate, cluster and export tests through :func:`trained_run`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+RUN = "eval-fixture"
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "synthetic.toml"
+
+
+def train_shared_run(workspace, teacher_path: Path) -> Path:
+    """Train the small run once per test session (later callers find its final checkpoint)."""
+    from protoclip_cli import config as config_io
+    from protoclip_cli.recipes import TrainConfig
+    from protoclip_cli.runs import latest_checkpoint
+    from protoclip_cli.stages import train
+
+    run_dir = workspace.run_dir(RUN)
+    if latest_checkpoint(run_dir) is not None and (run_dir / "manifest.json").is_file():
+        if json.loads((run_dir / "manifest.json").read_text()).get("status") == "complete":
+            return run_dir
+    overrides = [
+        f"name={RUN}", "device=cpu", "data.workers=0", "data.episode_size=256", "data.batch_size=64",
+        "schedule.episodes=8", "schedule.warmup_steps=4", "proto.k=12", "proto.teacher_k=12", "proto.restarts=1",
+        f'proto.teacher="{teacher_path.stem}"', "optim.lr=2e-3", "logging.checkpoint_every_steps=0",
+    ]
+    train.run(config_io.load(TrainConfig, RECIPE, overrides), workspace)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_workspace, synthetic_teacher) -> Path:
+    return train_shared_run(synthetic_workspace, synthetic_teacher)
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from protoclip_cli.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_trained_run_beats_chance_on_heldout_zeroshot(trained_run, synthetic_workspace):
+    from protoclip_cli.stages.evaluate import EvaluateConfig, run
+
+    manifest = run(EvaluateConfig(task="synthetic-zeroshot", model=RUN, workers=0, device="cpu"), synthetic_workspace)
+    path = trained_run / "eval" / "synthetic-zeroshot.json"
+    assert manifest["written"]["synthetic-zeroshot"]["path"] == str(path)
+    result = json.loads(path.read_text())
+    ground_truth = synthetic_workspace.dataset_manifest("synthetic")["ground_truth"]
+    assert result["images"] == 256 and result["classes"] == len(ground_truth["classes"])
+    assert result["templates"] == len(ground_truth["templates"])
+    assert result["metrics"]["top1"] > 3 * result["chance_top1"], result
+
+    # The reported numbers follow from the cached features by the documented formula (float64).
+    cache = trained_run / "eval" / "cache"
+    images = torch.load(next(cache.glob("synthetic-heldout-image.*.pt")), weights_only=True)["features"].double()
+    prompts = torch.load(next(cache.glob("synthetic-heldout-prompts-text.*.pt")), weights_only=True)["features"].double()
+    classes = prompts.view(len(ground_truth["classes"]), len(ground_truth["templates"]), -1)
+    classes = classes / classes.norm(dim=-1, keepdim=True)
+    classes = classes.mean(dim=1)
+    classes = classes / classes.norm(dim=-1, keepdim=True)
+    scores = (images @ classes.T).numpy()
+    from protoclip_cli.evaluation.datasets import embedded
+
+    labels = embedded(synthetic_workspace, "synthetic", "heldout").labels
+    own = scores[np.arange(len(labels)), labels]
+    rank = (scores >= own[:, None]).sum(axis=1) - 1
+    assert result["metrics"]["top1"] == pytest.approx(100 * np.mean(rank < 1), abs=1e-3)
+    assert result["metrics"]["top5"] == pytest.approx(100 * np.mean(rank < 5), abs=1e-3)
+
+
+def test_all_tasks_on_the_embedded_default_share_cached_features(trained_run, synthetic_workspace):
+    cache = trained_run / "eval" / "cache"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.pt")} if cache.is_dir() else {}
+    result = _cli("evaluate", "--task", "all", "--workers", "0", "--device", "cpu",
+                  "--workspace", str(synthetic_workspace.root))
+    assert result.exit_code == 0, result.output
+    assert "Using run" in result.output  # no MODEL: the latest run, named on the console
+    eval_dir = trained_run / "eval"
+    for name in ("zeroshot", "linear-probe", "retrieval", "clustering", "modality-gap"):
+        assert name in result.stdout
+        assert json.loads((eval_dir / f"{name}.json").read_text())["task"] == name
+    probe = json.loads((eval_dir / "linear-probe.json").read_text())
+    assert (probe["train_images"], probe["test_images"]) == (512, 256)
+    assert probe["metrics"]["top1"] > 3 * probe["chance_top1"]
+    retrieval = json.loads((eval_dir / "retrieval.json").read_text())
+    assert retrieval["captions"] == 256 and len(retrieval["metrics"]) == 7
+    assert retrieval["metrics"]["text_to_image_R@10"] > 100 * 10 / 256  # above chance
+    clustering = json.loads((eval_dir / "clustering.json").read_text())
+    assert clustering["k"] == 36 and -1 <= clustering["metrics"]["ami"] <= 1
+    gap = json.loads((eval_dir / "modality-gap.json").read_text())["metrics"]
+    assert 0 <= gap["gap"] <= 2 and -1 <= gap["pair_cosine"] <= 1
+    # Features computed by the first test are reused, not recomputed.
+    after = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.pt")}
+    assert before and all(after[name] == mtime for name, mtime in before.items())
+    assert len([n for n in after if n.startswith("synthetic-heldout-image.")]) == 1
+    manifest = json.loads((eval_dir / "manifest.json").read_text())
+    assert {"synthetic-zeroshot", "zeroshot", "retrieval"} <= set(manifest["results"])
