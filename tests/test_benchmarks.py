@@ -1,0 +1,162 @@
+"""The benchmark scripts run tiny on CPU and write JSON whose numbers hang together."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def start_script(name: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / name), *args, "--threads", "1"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> dict[str, tuple[dict, str]]:
+    """Both scripts run tiny on CPU, side by side (one thread each), as a user would start them."""
+    folder = tmp_path_factory.mktemp("bench")
+    commands = {
+        "train_step": [
+            "--device", "cpu", "--arch", "protoclip-tiny", "--batch", "16", "--steps", "2", "--warmup-steps", "1",
+        ],
+        "extract_kmeans": [
+            "--device", "cpu", "--arch", "protoclip-tiny", "--n", "2000", "--k", "50", "--batch", "64",
+            "--extract-batches", "3", "--warmup-batches", "1", "--restarts", "1",
+        ],
+    }
+    running = {
+        name: start_script(f"{name}.py", *argv, "--json", str(folder / f"{name}.json"))
+        for name, argv in commands.items()
+    }
+    found = {}
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0, stderr
+        found[name] = (json.loads((folder / f"{name}.json").read_text()), stdout)
+    return found
+
+
+@pytest.fixture(scope="module")
+def train_step_record(records):
+    return records["train_step"]
+
+
+@pytest.fixture(scope="module")
+def extract_kmeans_record(records):
+    return records["extract_kmeans"]
+
+
+def test_train_step_reports_every_variant_with_consistent_throughput(train_step_record):
+    import torch
+
+    record, stdout = train_step_record
+    assert record["benchmark"] == "train_step"
+    assert record["machine"]["device"] == "cpu" and record["machine"]["device_name"]
+    assert record["machine"]["torch"] == torch.__version__
+    assert record["config"] == {
+        "arch": "protoclip-tiny", "batch": 16, "steps": 2, "warmup_steps": 1, "compile": False, "k": 20000,
+        "precision": "fp32", "channels_last": False, "tf32": False, "seed": 0,
+    }
+    results = {r["variant"]: r for r in record["results"]}
+    assert [r["variant"] for r in record["results"]] == ["openclip", "clip", "protoclip"]
+    for r in results.values():
+        assert len(r["step_ms"]) == 2 and all(positive_finite(ms) for ms in r["step_ms"])
+        assert r["step_ms_mean"] == pytest.approx(sum(r["step_ms"]) / 2)
+        assert positive_finite(r["img_per_s"])
+        assert r["img_per_s"] == pytest.approx(16 / (r["step_ms_mean"] / 1000))
+        assert r["ratio_to_openclip"] == pytest.approx(r["img_per_s"] / results["openclip"]["img_per_s"])
+        assert r["memory_kind"] == "rss_delta"
+        assert r["peak_memory_mib"] is None or math.isfinite(r["peak_memory_mib"])
+    assert results["openclip"]["ratio_to_openclip"] == 1.0
+    for name in ("openclip", "clip", "protoclip"):
+        assert name in stdout
+
+
+def test_train_step_variants_train_the_same_towers_on_the_same_batch(train_step_record):
+    record, _ = train_step_record
+    results = {r["variant"]: r for r in record["results"]}
+    # Same seed, same architecture, same first batch, fp32 on CPU: the InfoNCE terms must agree,
+    # which shows the three variants time the same model on the same inputs.
+    openclip_loss = results["openclip"]["first_step_loss"]["clip"]
+    assert results["clip"]["first_step_loss"]["clip"] == pytest.approx(openclip_loss, rel=1e-4)
+    assert results["protoclip"]["first_step_loss"]["clip"] == pytest.approx(openclip_loss, rel=1e-4)
+    assert results["clip"]["first_step_loss"]["proto"] == 0 and results["clip"]["first_step_loss"]["ext"] == 0
+    proto = results["protoclip"]["first_step_loss"]
+    assert proto["proto"] > 0 and proto["ext"] > 0
+    assert proto["total"] == pytest.approx(proto["clip"] + proto["proto"] + proto["ext"], rel=1e-5)
+    # The heads (and their temperature) are the only extra parameters.
+    assert results["clip"]["parameters"] == results["openclip"]["parameters"]
+    assert results["protoclip"]["parameters"] > results["clip"]["parameters"]
+
+
+def test_extract_kmeans_reports_extraction_kmeans_pbt_and_episode(extract_kmeans_record):
+    record, stdout = extract_kmeans_record
+    n, k = 2000, 50
+    assert record["benchmark"] == "extract_kmeans"
+    assert record["config"]["n"] == n and record["config"]["k"] == k and record["config"]["iterations"] == 20
+    extraction = record["extraction"]
+    assert extraction["samples"] == 64 * 3
+    assert positive_finite(extraction["samples_per_s"])
+    assert extraction["samples_per_s"] == pytest.approx(64 / (extraction["batch_ms_mean"] / 1000))
+
+    rows = {row["backend"]: row for row in record["kmeans"]}
+    assert set(rows) == {"torch", "faiss"}
+    for row in rows.values():
+        assert row["runs_on"] == "cpu"
+        assert positive_finite(row["seconds"])
+        assert row["ms_per_iteration"] == pytest.approx(1000 * row["seconds"] / 20)
+        # Unit vectors: a cluster of m points has sum ||x - mean||^2 = m (1 - ||mean||^2) < m.
+        assert 0 < row["objective"] < n
+        assert row["empty_clusters"] == 0
+    assert rows["torch"]["objective"] == pytest.approx(rows["faiss"]["objective"], rel=0.05)
+
+    assert positive_finite(record["pbt"]["seconds"])
+    assert record["pbt"]["nonzero_means"] == k
+    episode = record["episode"]
+    assert (episode["clusterings"], episode["restarts"], episode["pbt_means"]) == (3, 1, 4)
+    assert episode["backend"] == "faiss"
+    assert episode["extraction_seconds"] == pytest.approx(n / extraction["samples_per_s"])
+    assert episode["overhead_seconds"] == pytest.approx(episode["extraction_seconds"] + episode["seconds"])
+    assert "k-means torch" in stdout and "episode overhead" in stdout
+
+
+def load_benchmark(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("train_step", ["--variants", "openclip,fast"], "unknown variant(s) fast"),
+        ("train_step", ["--batch", "0"], "--batch must be at least 1"),
+        ("extract_kmeans", ["--n", "10", "--k", "20"], "--k 20 is larger than --n 10"),
+        ("extract_kmeans", ["--backends", "sklearn"], "unknown k-means backend(s) sklearn"),
+    ],
+)
+def test_bad_options_are_refused_with_a_reason(script, argv, message, capsys):
+    module = load_benchmark(script)
+    with pytest.raises(SystemExit) as exited:
+        module.parse_args(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
