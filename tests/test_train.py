@@ -29,7 +29,7 @@ SMALL = [
     "data.shuffle_buffer=64", "data.extract_batch_size=128",
     "model.projection_dim=32", "model.projection_hidden_dim=64",
     "proto.k=8", "proto.teacher_k=6", "proto.iterations=5", "proto.restarts=1",
-    "optim.lr=5e-4", "schedule.episodes=3", "schedule.warmup_steps=4",
+    "optim.lr=1e-3", "schedule.episodes=3", "schedule.warmup_steps=4",
     "logging.log_every_steps=1", "logging.checkpoint_every_steps=0", "logging.keep_checkpoints=2",
 ]
 

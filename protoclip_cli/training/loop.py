@@ -290,6 +290,13 @@ class Trainer:
         bar.remove_task(task)
         return prototypes, {"extract": extract_seconds, "cluster": time.perf_counter() - start}
 
+    def _undo_world_size_on_temperatures(self) -> None:
+        # A temperature scales the logits of the whole global batch on every rank, so each rank's
+        # gradient for it is already the global one: only the features needed the world-size factor.
+        for scale in (self.model.logit_scale, self.model.logit_scale_proto):
+            if scale is not None and scale.grad is not None:
+                scale.grad.div_(self.world_size)
+
     def _lock_visual(self, locked: bool) -> None:
         self.train_model.train()
         if locked:
@@ -327,6 +334,8 @@ class Trainer:
             # DDP averages over ranks: scaling by the world size makes the update that of one process
             # seeing the whole global batch.
             (terms["total"] * self.world_size).backward()
+            if self.world_size > 1:
+                self._undo_world_size_on_temperatures()
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             self.optimizer.step()
