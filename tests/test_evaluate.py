@@ -29,8 +29,8 @@ def train_shared_run(workspace, teacher_path: Path) -> Path:
             return run_dir
     overrides = [
         f"name={RUN}", "device=cpu", "data.workers=0", "data.episode_size=256", "data.batch_size=64",
-        "schedule.episodes=12", "schedule.warmup_steps=8", "proto.k=12", "proto.teacher_k=12", "proto.restarts=1",
-        f'proto.teacher="{teacher_path.stem}"', "optim.lr=1e-3", "logging.checkpoint_every_steps=0",
+        "schedule.episodes=16", "schedule.warmup_steps=8", "proto.k=12", "proto.teacher_k=12", "proto.restarts=1",
+        f'proto.teacher="{teacher_path.stem}"', "optim.lr=2e-3", "logging.checkpoint_every_steps=0",
     ]
     train.run(config_io.load(TrainConfig, RECIPE, overrides), workspace)
     return run_dir

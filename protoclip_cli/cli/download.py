@@ -41,7 +41,7 @@ def command(
         None, "--processes", help="img2dataset processes (synthetic 2, lists CPU count)."
     ),
     threads: Optional[int] = typer.Option(
-        None, "--threads", help="Download threads per process (synthetic 8, lists 64)."
+        None, "--threads", help="Download threads per process (synthetic 1, for a deterministic sample order; lists 64)."
     ),
     samples_per_shard: Optional[int] = typer.Option(
         None, "--samples-per-shard", help="Samples per shard (synthetic 256, lists 10000)."

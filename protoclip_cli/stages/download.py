@@ -85,7 +85,9 @@ class DownloadConfig:
     )
     # Two processes: img2dataset restarts a worker every 5 shards, and each start costs seconds.
     processes: int = option(2, "img2dataset worker processes.")
-    threads: int = option(8, "Download threads per process.")
+    # One thread for the embedded set: img2dataset writes a shard in the order downloads finish, so
+    # a single thread keeps the shards' contents in a deterministic order (reproducible runs).
+    threads: int = option(1, "Download threads per process.")
     samples_per_shard: int = option(256, "Samples per webdataset shard.")
     timeout: int = option(10, "Seconds before a URL request gives up.")
     retries: int = option(0, "Extra tries for a URL that failed.")

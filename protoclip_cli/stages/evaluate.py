@@ -84,6 +84,12 @@ def _supports(dataset: str, task: str) -> bool:
     return True  # a workspace data set: labelled pairs
 
 
+def _require_root(config: EvaluateConfig, dataset: str) -> None:
+    if not config.root:
+        flag = "--imagenet-root" if dataset == "imagenet" else "--root"
+        raise ProtoclipError(f"Data set {dataset} needs {flag}: the folder that holds it (see docs/evaluation.md).")
+
+
 class _Data:
     """Loads each data set once per stage run (the shard metadata pass is not free)."""
 
@@ -92,8 +98,7 @@ class _Data:
         self._sets: dict[tuple[str, str], Any] = {}
 
     def _root(self, dataset: str) -> Path:
-        if not self.config.root:
-            raise ProtoclipError(f"Data set {dataset} needs --root: the folder that holds it (see docs/evaluation.md).")
+        _require_root(self.config, dataset)
         return Path(self.config.root)
 
     def _load(self, dataset: str, role: str):
@@ -176,6 +181,8 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
     elif not _supports(dataset, base_tasks[0]):
         raise ProtoclipError(f"Data set {dataset} has no data for the {base_tasks[0]} task; see docs/evaluation.md.")
 
+    if dataset in EXTERNAL:  # before the model is loaded
+        _require_root(config, dataset)
     model = _load_model(config, workspace)
     info(f"Evaluating {model.name} on {model.device}.")
     eval_dir = model.run_dir / "eval" if model.run_dir else workspace.root / "eval" / slugify(model.name.replace("@", "-"))
