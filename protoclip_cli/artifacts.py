@@ -116,10 +116,3 @@ def read_manifest(folder: str | Path, *, what: str = "artifact", command: str | 
     except json.JSONDecodeError as exc:
         raise ProtoclipError(f"{path} is not valid JSON ({exc}); remove the folder and rerun its stage.") from exc
 
-
-def require_file(path: str | Path, what: str, command: str) -> Path:
-    """Return ``path`` if it exists, else raise an error naming the command that makes it."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(f"No {what} at {path}. Run `{command}` first.")
-    return path

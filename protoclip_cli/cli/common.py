@@ -1,4 +1,4 @@
-"""Options shared by every command, and the not-yet-built placeholder."""
+"""Options shared by every command, and the error handling every command is wrapped in."""
 
 from __future__ import annotations
 
@@ -48,9 +48,3 @@ def handle_errors(command: Callable) -> Callable:
 
     return wrapper
 
-
-def not_built(stage: str) -> None:
-    from protoclip_cli.console import console
-
-    console.print(f"[red]error:[/red] `protoclip {stage}` is not built yet in this version.")
-    raise typer.Exit(2)

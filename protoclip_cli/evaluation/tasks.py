@@ -14,9 +14,6 @@ from protoclip_cli.evaluation.datasets import ImageSet
 from protoclip_cli.evaluation.features import image_features, text_features
 from protoclip_cli.evaluation.models import EvalModel
 
-OPENAI_DEFAULT_TEMPLATES = "openai-imagenet-80"
-
-
 def _percent(metrics: dict[str, float]) -> dict[str, float]:
     return {k: round(100.0 * v, 4) for k, v in metrics.items()}
 

@@ -42,8 +42,6 @@ from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.workspace import Workspace
 
 Source = Literal["synthetic", "cc3m", "cc12m", "url_list"]
-KNOWN_DATASETS: tuple[str, ...] = ("synthetic", "cc3m", "cc12m")
-
 # Column order of the header-less Conceptual Captions TSV files.
 HEADERLESS_COLUMNS: dict[str, tuple[str, str]] = {
     "cc3m": ("caption", "url"),

@@ -32,7 +32,7 @@ from protoclip_cli.artifacts import MANIFEST, atomic_path, file_sha256
 from protoclip_cli.config import option
 from protoclip_cli.console import info, progress
 from protoclip_cli.errors import MissingInputError, ProtoclipError
-from protoclip_cli.workspace import Workspace, slugify
+from protoclip_cli.workspace import Workspace
 
 if TYPE_CHECKING:
     import numpy as np

@@ -87,9 +87,3 @@ class MetricsLog:
             self._writer.close()
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every line of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
