@@ -4,14 +4,12 @@ served by a loopback HTTP server (good images and every kind of failure), and ba
 from __future__ import annotations
 
 import io
-import json
 import math
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -258,3 +258,16 @@ def test_inconsistent_recipes_fail_before_training(synthetic_workspace):
     with pytest.raises(ProtoclipError, match="gives no full batch of 512"):
         run(small_config("name='t-batch'", "data.batch_size=512"), synthetic_workspace)
     assert not any(synthetic_workspace.run_dir(n).joinpath("checkpoints").exists() for n in ("t-k", "t-heads", "t-batch"))
+
+
+def test_teacher_of_this_download_skips_the_shard_key_scan(synthetic_workspace, synthetic_teacher, tmp_path):
+    """Coverage is proven by the manifest hash and the row count; anything else falls back to the scan."""
+    from protoclip_cli.stages.train import _teacher_made_from
+
+    manifest = synthetic_workspace.dataset_dir("synthetic") / "manifest.json"
+    assert _teacher_made_from(Path(synthetic_teacher), manifest, "train", 512)
+    assert not _teacher_made_from(Path(synthetic_teacher), manifest, "train", 513)
+    assert not _teacher_made_from(Path(synthetic_teacher), manifest, "heldout", 512)
+    other = tmp_path / "manifest.json"
+    other.write_text(manifest.read_text().replace("}", ', "x": 1}', 1))
+    assert not _teacher_made_from(Path(synthetic_teacher), other, "train", 512)
