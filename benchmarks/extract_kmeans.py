@@ -40,8 +40,8 @@ from train_step import (
     is_convolutional,
     machine_info,
     make_inputs,
+    prepare_device,
     release_memory,
-    resolve_device,
     synchronize,
 )
 
@@ -275,15 +275,10 @@ def print_table(record: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = prepare_device(args)
     from protoclip_cli.artifacts import write_json
     from protoclip_cli.console import info
 
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
     info(f"timing extraction: {args.warmup_batches} warm-up + {args.extract_batches} timed batches of {args.batch}")
     extraction = time_extraction(args, device)
     features = random_features(args.n, args.d, device, seed=args.seed)

@@ -430,20 +430,26 @@ def print_table(record: dict) -> None:
     out.print(f"peak memory: {kind}; timed {config['steps']} steps after {config['warmup_steps']} warm-up steps")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def prepare_device(args: argparse.Namespace) -> torch.device:
+    """Threads and device as the trainer sets them: on CUDA, TF32 matmuls and cuDNN autotuning
+    (open_clip_train's settings too), for every variant of the process alike."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    from protoclip_cli.artifacts import write_json
-    from protoclip_cli.console import info
-
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # open_clip_train's settings; they hold for every variant of the process alike.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    return device
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = prepare_device(args)
+    from protoclip_cli.artifacts import write_json
+    from protoclip_cli.console import info
+
     inputs = make_inputs(args.arch, args.batch, args.k, device, args.seed)
     results = []
     for name in args.variants.split(","):
