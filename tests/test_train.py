@@ -271,3 +271,13 @@ def test_teacher_of_this_download_skips_the_shard_key_scan(synthetic_workspace, 
     other = tmp_path / "manifest.json"
     other.write_text(manifest.read_text().replace("}", ', "x": 1}', 1))
     assert not _teacher_made_from(Path(synthetic_teacher), other, "train", 512)
+
+
+def test_a_diverging_run_stops_with_advice_and_saves_no_checkpoint(synthetic_workspace):
+    from protoclip_cli.stages.train import run
+
+    config = small_config("name='t-nan'", "optim.lr=1e12", "schedule.warmup_steps=1", "optim.grad_clip=0.0")
+    with pytest.raises(ProtoclipError, match="non-finite at step .*lower optim.lr"):
+        run(config, synthetic_workspace)
+    checkpoints = synthetic_workspace.run_dir("t-nan") / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.glob("step-*.pt"))

@@ -289,6 +289,13 @@ class Trainer:
         bar.remove_task(task)
         return prototypes, {"extract": extract_seconds, "cluster": time.perf_counter() - start}
 
+    def _check_finite(self, total: torch.Tensor) -> None:
+        # The total is the weighted sum of every term: finite exactly when all of them are.
+        if not math.isfinite(float(total.detach())):
+            raise ProtoclipError(
+                f"The loss became non-finite at step {self.global_step}; lower optim.lr or raise schedule.warmup_steps."
+            )
+
     def _undo_world_size_on_temperatures(self) -> None:
         # A temperature scales the logits of the whole global batch on every rank, so each rank's
         # gradient for it is already the global one: only the features needed the world-size factor.
@@ -342,11 +349,14 @@ class Trainer:
             self.global_step += 1
             done += 1
             window_samples += global_batch
-            if not all(math.isfinite(float(v.detach())) for k, v in terms.items() if k in ("total", "clip", "proto", "ext")):
-                raise ProtoclipError(
-                    f"The loss became non-finite at step {self.global_step}; lower optim.lr or raise schedule.warmup_steps."
-                )
-            if done % cfg.logging.log_every_steps == 0 or done == steps:
+            log_now = done % cfg.logging.log_every_steps == 0 or done == steps
+            every = cfg.logging.checkpoint_every_steps
+            save_now = every > 0 and self.global_step % every == 0 and done < steps
+            if log_now or save_now:
+                # Reading the loss waits for the device, so it is checked only where it is read
+                # anyway and before any checkpoint (which must never hold non-finite weights).
+                self._check_finite(terms["total"])
+            if log_now:
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples / max(elapsed, 1e-9)
                 record = {"kind": "step", "step": self.global_step, "episode": episode, "phase": phase.name,
@@ -360,8 +370,7 @@ class Trainer:
                 window_start, window_samples = time.perf_counter(), 0
             else:
                 bar.update(task, completed=done)
-            every = cfg.logging.checkpoint_every_steps
-            if every > 0 and self.global_step % every == 0 and done < steps:
+            if save_now:
                 self._save(episode, done)
             if done >= steps:
                 break
