@@ -57,6 +57,12 @@ class ProtoConfig:
         "", "External teacher: model slug of datasets/<dataset>/teacher/<slug>.h5 ('' = no external teacher)."
     )
     teacher_k: int = option(0, "Clusters of the teacher features (0 = same as k).")
+    single_pass: bool = option(
+        False,
+        "Single-pass mode: no extraction pass; an episode's prototypes are clustered from the features its "
+        "previous training pass recorded, and samples are labelled online with their nearest prototypes "
+        "(false: the reference's extraction pass; see docs/training.md).",
+    )
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import torch
 from protoclip_cli import config as config_io
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.recipes import TrainConfig
-from protoclip_cli.training.episodes import batches_to_skip, plan_episodes, steps_in_episode
+from protoclip_cli.data.pipeline import batches_to_skip, canonical_order
+from protoclip_cli.training.episodes import plan_episodes, steps_in_episode
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "synthetic.toml"
@@ -71,11 +72,12 @@ class _Batches(torch.utils.data.IterableDataset):
         return iter([(worker, i) for i in range(self.per_worker[worker])])
 
 
-def test_batches_to_skip_replays_the_data_loader_order():
+def test_canonical_order_is_the_data_loader_order_and_batches_to_skip_replays_it():
     per_worker = [5, 2, 4]
     loader = torch.utils.data.DataLoader(_Batches(per_worker), batch_size=None, num_workers=3)
     order = [tuple(int(v) for v in b) for b in loader]
     assert len(order) == 11
+    assert [w for w, _ in order] == list(canonical_order(per_worker))
     for done in range(12):
         skip = batches_to_skip(per_worker, done)
         assert skip == [sum(1 for w, _ in order[:done] if w == worker) for worker in range(3)]

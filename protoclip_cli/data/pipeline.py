@@ -1,52 +1,114 @@
-"""Webdataset loaders for training and for the per-episode extraction pass.
+"""One rank's data loader for every pass of a run: webdataset shards to uint8 batches.
 
-The shards of an episode are split by rank and then by data-loader worker (``shards[rank::world]``,
-then ``[worker::workers]``), so the assignment is deterministic and a resumed or distributed run
-reads the same samples in the same order. Inside a worker:
+A run alternates passes over its episodes (an extraction pass and a training pass per prototype
+episode, a training pass otherwise). :class:`EpisodeStream` serves them all from ONE DataLoader
+with persistent workers: starting a pass writes what to read into a small shared-memory tensor and
+restarts the workers' iteration, so workers (and their tokenizer, open shards' page cache) survive
+from pass to pass, and a pass's first batches are prefetched while the trainer still does other
+work (clustering, a checkpoint) once its iterator exists.
+
+Which worker reads what is a pure function of the plan. The shards of an episode are split by rank
+and then by data-loader worker (``shards[rank::world]``, then ``[worker::workers]``). Inside a worker:
 
 1. records stream from the worker's shards (webdataset), raw bytes only;
-2. training shuffles them with a seeded buffer (seed, episode, rank, worker);
-3. a resumed run skips the records of batches already trained on, before any decoding;
-4. JPEGs are decoded to uint8 (``torchvision.io.decode_jpeg``) and transformed with v2 transforms on
-   uint8; the random augmentation of a sample is seeded by (seed, episode, key), so it does not
-   depend on which rank or worker reads it;
-5. captions are tokenised with the model's tokenizer and samples are batched.
+2. training shuffles them with a seeded buffer (seed, episode, rank, worker, round);
+3. JPEGs are decoded to uint8 (``torchvision.io.decode_jpeg``) and cropped/resized with v2
+   transforms on uint8; the random crop (and, for ``light``, the per-sample photometric parameters
+   applied later on the device, :mod:`protoclip_cli.data.augment`) are seeded by (seed, episode,
+   key), so they do not depend on which rank or worker reads a sample;
+4. captions are tokenised with the model's tokenizer and samples are batched.
 
-Batches are dicts ``images`` (B, 3, H, W) uint8, ``tokens`` (B, L) int64, ``keys`` (B,) int64 and
-``broken`` (samples this worker skipped since its previous batch because they failed to decode).
-Float conversion and normalisation happen on the device (:func:`protoclip_cli.data.transforms.normalize`).
+Broken samples (undecodable images, unreadable captions, damaged tar records) are skipped and
+counted. A training pass owes each worker's planned number of full batches (its samples // batch
+size): a worker short of them because of broken samples tops up by reading its shards again (a new
+shuffle round), so the planned steps still run. Each training batch carries its worker and the
+position of that worker's record stream after it; a checkpoint stores the positions, and a resumed
+pass skips that many records per worker before decoding anything. The trainer consumes training
+batches in a canonical order (:func:`canonical_order`: one batch per worker in turn, skipping
+workers that are done), reordered from the loader's where they differ (after a resume), so a
+resumed run trains on the same batches in the same order as an uninterrupted one.
+
+Batches are dicts: ``images`` (B, 3, H, W) uint8, ``tokens`` (B, L) int64, ``keys`` (B,) int64,
+``broken`` (samples this worker skipped since its previous batch), ``worker``, ``position``
+(training), and ``augment`` (B, P) float32 where part of the augmentation runs on the device.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from protoclip_cli.training.episodes import split_for_worker
-
 _SEED_MIX = 1_000_003
+# Shared control block: [episode, train, then per worker: records to skip, batches already given].
+_EPISODE, _TRAIN, _WORKERS_AT = 0, 1, 2
 
 
-@dataclass
-class LoaderSpec:
-    """What one rank's loader reads and how it turns samples into batches."""
+# -- the split of an episode's shards, and the canonical batch order ------------------------------
 
-    shards: list[Path]  # this rank's shards of the episode, in order
-    batch_size: int
-    image_size: int
-    tokenizer_arch: str
-    train: bool  # train: shuffle, augmentation, full batches only; else eval transforms, every sample
-    augmentation: str = "none"
-    seed: int = 0
-    episode: int = 0
-    rank: int = 0
-    shuffle_buffer: int = 0
-    skip_batches: list[int] = field(default_factory=list)  # per worker, batches already done
+
+def split_for_rank(shards: list, rank: int, world_size: int) -> list:
+    return shards[rank::world_size]
+
+
+def split_for_worker(shards: list, worker: int, workers: int) -> list:
+    return shards[worker::max(1, workers)]
+
+
+def worker_batches(counts: dict[str, int], rank_shards: list[str], workers: int, batch_size: int) -> list[int]:
+    """Full batches each data-loader worker of a rank owes a training pass (partial batches are dropped)."""
+    return [
+        sum(counts[s] for s in split_for_worker(rank_shards, w, workers)) // batch_size for w in range(max(1, workers))
+    ]
+
+
+def canonical_order(per_worker: list[int]) -> Iterator[int]:
+    """The worker of each batch of a training pass: one from each worker in turn, skipping the done.
+
+    This is the order a DataLoader over an IterableDataset delivers when every worker yields its
+    batches; the trainer enforces it (:func:`in_canonical_order`) so it holds after a resume too.
+    """
+    remaining = list(per_worker)
+    while any(remaining):
+        for worker, left in enumerate(remaining):
+            if left:
+                remaining[worker] -= 1
+                yield worker
+
+
+def batches_to_skip(per_worker: list[int], done: int) -> list[int]:
+    """How many of its batches each worker has given after ``done`` batches in canonical order."""
+    given = [0] * len(per_worker)
+    for index, worker in enumerate(canonical_order(per_worker)):
+        if index >= done:
+            break
+        given[worker] += 1
+    return given
+
+
+def in_canonical_order(batches: Iterable[dict], per_worker: list[int], done: int) -> Iterator[dict]:
+    """Yield ``batches`` (each naming its ``worker``) in canonical order, from the ``done``-th on.
+
+    Batches that arrive early wait in a buffer (at most one per worker in practice). A worker that
+    stops short of its planned batches ends the pass (the caller sees fewer batches than planned).
+    """
+    waiting: dict[int, list[dict]] = {}
+    source = iter(batches)
+    order = list(canonical_order(per_worker))[done:]
+    for worker in order:
+        while not waiting.get(worker):
+            batch = next(source, None)
+            if batch is None:
+                return
+            waiting.setdefault(int(batch["worker"]), []).append(batch)
+        yield waiting[worker].pop(0)
+
+
+# -- records --------------------------------------------------------------------------------------
 
 
 def _records(urls: list[str]) -> Iterator[dict]:
@@ -73,90 +135,244 @@ def shuffled(records: Iterator[dict], buffer_size: int, rng: random.Random) -> I
     yield from buffer
 
 
-class EpisodeDataset(IterableDataset):
-    """The batches of one rank over its shards of an episode (see the module docstring)."""
+@dataclass(frozen=True)
+class StreamConfig:
+    """What one rank's loader reads over a run, and how it turns samples into batches."""
 
-    def __init__(self, spec: LoaderSpec):
+    episodes: list[list[Path]]  # this rank's shards of every episode, in reading order
+    counts: dict[str, int]  # shard file name -> samples
+    batch_size: int
+    extract_batch_size: int
+    image_size: int | tuple[int, int]
+    tokenizer_arch: str
+    augmentation: str = "none"
+    seed: int = 0
+    rank: int = 0
+    shuffle_buffer: int = 0
+    workers: int = 0  # data-loader worker processes (0: read in the training process)
+    teacher_path: str = ""  # a teacher HDF5: training batches also carry each sample's teacher features
+
+    def owed(self, episode: int) -> list[int]:
+        """Full batches each worker gives in the episode's training pass."""
+        names = [p.name for p in self.episodes[episode]]
+        return worker_batches(self.counts, names, self.workers, self.batch_size)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where each worker of a training pass stands: records read and batches given."""
+
+    records: tuple[int, ...]
+    batches: tuple[int, ...]
+
+    @classmethod
+    def start(cls, workers: int) -> "Position":
+        return cls((0,) * max(1, workers), (0,) * max(1, workers))
+
+    def advanced(self, batch: dict) -> "Position":
+        worker = int(batch["worker"])
+        records, batches = list(self.records), list(self.batches)
+        records[worker] = int(batch["position"])
+        batches[worker] += 1
+        return Position(tuple(records), tuple(batches))
+
+    def to_json(self) -> dict:
+        return {"records": list(self.records), "batches": list(self.batches)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Position":
+        return cls(tuple(int(v) for v in data["records"]), tuple(int(v) for v in data["batches"]))
+
+
+class EpisodeDataset(IterableDataset):
+    """The batches of one worker for the pass the shared ``control`` block names."""
+
+    def __init__(self, config: StreamConfig, control: torch.Tensor):
         super().__init__()
-        self.spec = spec
-        self._transform: Callable | None = None
-        self._tokenizer: Callable | None = None
+        self.config = config
+        self.control = control
+        self._ready = False
 
     def _setup(self) -> None:
         from protoclip_cli.core.model import get_tokenizer
-        from protoclip_cli.data.transforms import eval_transform, train_transform
+        from protoclip_cli.data.transforms import crop_transform, device_augmentation, eval_transform
 
-        spec = self.spec
-        if spec.train:
-            self._transform = train_transform(spec.augmentation, spec.image_size)
-        else:
-            self._transform = eval_transform(spec.image_size)
-        self._tokenizer = get_tokenizer(spec.tokenizer_arch)
-
-    def _transform_sample(self, image: torch.Tensor, key: int) -> torch.Tensor:
-        if not self.spec.train:
-            return self._transform(image)
-        # The augmentation of a sample is a function of (seed, episode, key) only.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.spec.seed * _SEED_MIX + self.spec.episode) * _SEED_MIX + key)
-            return self._transform(image)
+        cfg = self.config
+        self._crop = crop_transform(cfg.augmentation, cfg.image_size)
+        self._eval = eval_transform(cfg.image_size)
+        self._device_augmentation = device_augmentation(cfg.augmentation, cfg.image_size)
+        self._tokenizer = get_tokenizer(cfg.tokenizer_arch)
+        self._teacher = _TeacherLookup(cfg.teacher_path) if cfg.teacher_path else None
+        self._ready = True
 
     def __iter__(self) -> Iterator[dict]:
+        if not self._ready:
+            self._setup()
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        control = self.control.tolist()
+        episode, train = control[_EPISODE], bool(control[_TRAIN])
+        skip_records = control[_WORKERS_AT + 2 * worker]
+        given = control[_WORKERS_AT + 2 * worker + 1]
+        cfg = self.config
+        urls = [str(p) for p in split_for_worker(cfg.episodes[episode], worker, cfg.workers)]
+        if not urls:
+            return iter(())
+        if train:
+            return self._training(episode, worker, urls, skip_records, given)
+        return self._extraction(worker, urls)
+
+    # -- passes ------------------------------------------------------------------------------------
+    def _extraction(self, worker: int, urls: list[str]) -> Iterator[dict]:
+        batcher = _Batcher(self, self.config.extract_batch_size, worker)
+        for record in _records(urls):
+            sample = self._sample(record, lambda image, key: (self._eval(image), None))
+            if (batch := batcher.add(sample, None)) is not None:
+                yield batch
+        if (batch := batcher.flush()) is not None:
+            yield batch
+
+    def _training(self, episode: int, worker: int, urls: list[str], skip_records: int, given: int) -> Iterator[dict]:
+        cfg = self.config
+        owed = cfg.owed(episode)[worker]
+        batcher = _Batcher(self, cfg.batch_size, worker, teacher=self._teacher)
+        position = 0
+        round_index = 0
+        while given < owed:
+            good_in_round = 0
+            rng = random.Random(((cfg.seed * _SEED_MIX + episode) * _SEED_MIX + cfg.rank * 1000 + worker) * _SEED_MIX + round_index)
+            for record in shuffled(_records(urls), cfg.shuffle_buffer, rng):
+                position += 1
+                if position <= skip_records:
+                    good_in_round += 1  # read before the resume: assume it was good (it was counted then)
+                    continue
+                sample = self._sample(record, lambda image, key: self._augment(image, key, episode))
+                good_in_round += sample is not None
+                if (batch := batcher.add(sample, position)) is not None:
+                    yield batch
+                    given += 1
+                    if given >= owed:
+                        return
+            if good_in_round == 0:
+                return  # nothing decodes in these shards: the trainer reports the shortfall
+            round_index += 1
+
+    # -- samples -----------------------------------------------------------------------------------
+    def _sample(self, record: dict, transform: Callable) -> tuple | None:
+        """(image, params, caption, key) of a record, or None when anything in it is broken."""
         from protoclip_cli.data.transforms import decode_image
 
-        if self._transform is None:
-            self._setup()
-        spec = self.spec
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        urls = [str(p) for p in split_for_worker(list(spec.shards), worker, workers)]
-        if not urls:
-            return
-        records: Iterator[dict] = _records(urls)
-        if spec.train:
-            rng = random.Random((spec.seed * _SEED_MIX + spec.episode) * _SEED_MIX + spec.rank * 1000 + worker)
-            records = shuffled(records, spec.shuffle_buffer, rng)
-        skip = spec.skip_batches[worker] * spec.batch_size if worker < len(spec.skip_batches) else 0
-        images: list[torch.Tensor] = []
-        captions: list[str] = []
-        keys: list[int] = []
-        broken = 0
-        for record in records:
-            if skip > 0:
-                skip -= 1
-                continue
-            try:
-                key = int(record["__key__"].rsplit("/", 1)[-1])
-                caption = record["txt"].decode("utf-8")
-                image = self._transform_sample(decode_image(record["jpg"]), key)
-            except Exception:  # a broken sample is skipped and counted, never fatal
-                broken += 1
-                continue
-            images.append(image)
-            captions.append(caption)
-            keys.append(key)
-            if len(images) == spec.batch_size:
-                yield self._batch(images, captions, keys, broken)
-                images, captions, keys, broken = [], [], [], 0
-        if images and not spec.train:
-            yield self._batch(images, captions, keys, broken)
+        try:
+            key = int(record["__key__"].rsplit("/", 1)[-1])
+            caption = record["txt"].decode("utf-8")
+            image, params = transform(decode_image(record["jpg"]), key)
+        except Exception:  # a broken sample is skipped and counted, never fatal
+            return None
+        return image, params, caption, key
 
-    def _batch(self, images: list[torch.Tensor], captions: list[str], keys: list[int], broken: int) -> dict:
-        return {
+    def _augment(self, image: torch.Tensor, key: int, episode: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The augmentation of a sample is a function of (seed, episode, key) only.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.config.seed * _SEED_MIX + episode) * _SEED_MIX + key)
+            image = self._crop(image)
+            params = self._device_augmentation.draw() if self._device_augmentation is not None else None
+        return image, params
+
+
+class _Batcher:
+    """Collects samples of one worker into batches; counts the broken ones in between."""
+
+    def __init__(self, dataset: EpisodeDataset, batch_size: int, worker: int, teacher: "_TeacherLookup | None" = None):
+        self.dataset, self.batch_size, self.worker, self.teacher = dataset, batch_size, worker, teacher
+        self.samples: list[tuple] = []
+        self.broken = 0
+
+    def add(self, sample: tuple | None, position: int | None) -> dict | None:
+        if sample is None:
+            self.broken += 1
+            return None
+        self.samples.append(sample)
+        if len(self.samples) < self.batch_size:
+            return None
+        return self._batch(position)
+
+    def flush(self) -> dict | None:
+        return self._batch(None) if self.samples else None
+
+    def _batch(self, position: int | None) -> dict:
+        images, params, captions, keys = zip(*self.samples)
+        batch = {
             "images": torch.stack(images),
-            "tokens": self._tokenizer(captions),
+            "tokens": self.dataset._tokenizer(list(captions)),
             "keys": torch.tensor(keys, dtype=torch.int64),
-            "broken": broken,
+            "broken": self.broken,
+            "worker": self.worker,
         }
+        if position is not None:
+            batch["position"] = position
+        if params[0] is not None:
+            batch["augment"] = torch.stack(params)
+        if self.teacher is not None:
+            batch["teacher"] = self.teacher.rows(batch["keys"])
+        self.samples, self.broken = [], 0
+        return batch
 
 
-def make_loader(spec: LoaderSpec, workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over :class:`EpisodeDataset`; batches are formed inside the workers."""
-    return DataLoader(
-        EpisodeDataset(spec),
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-    )
+class _TeacherLookup:
+    """Rows of a teacher HDF5 (sorted int64 ``keys``, ``embeddings``) by sample key, opened once per worker."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = None
+        self._keys = None
+
+    def rows(self, keys: torch.Tensor) -> torch.Tensor:
+        import h5py
+        import numpy as np
+
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+            self._keys = self._file["keys"][:]
+        wanted = keys.numpy()
+        rows = np.clip(np.searchsorted(self._keys, wanted), 0, len(self._keys) - 1)
+        if not np.array_equal(self._keys[rows], wanted):
+            missing = wanted[self._keys[rows] != wanted][0]
+            raise KeyError(f"Teacher file {self.path} has no row for sample {missing}.")
+        # h5py reads strictly increasing rows; a topped-up batch may hold a sample twice.
+        unique_rows, inverse = np.unique(rows, return_inverse=True)
+        picked = self._file["embeddings"][unique_rows]
+        return torch.from_numpy(np.asarray(picked[inverse], dtype=np.float32))
+
+
+class EpisodeStream:
+    """One rank's passes over a run's episodes, served by one DataLoader with persistent workers."""
+
+    def __init__(self, config: StreamConfig, pin_memory: bool = False):
+        self.config = config
+        self.control = torch.zeros(_WORKERS_AT + 2 * max(1, config.workers), dtype=torch.int64).share_memory_()
+        self.loader = DataLoader(
+            EpisodeDataset(config, self.control),
+            batch_size=None,
+            num_workers=config.workers,
+            pin_memory=pin_memory,
+            persistent_workers=config.workers > 0,
+            prefetch_factor=4 if config.workers > 0 else None,
+        )
+
+    def _start(self, episode: int, train: bool, position: Position | None) -> Iterator[dict]:
+        position = position or Position.start(self.config.workers)
+        values = [episode, int(train)]
+        for records, given in zip(position.records, position.batches):
+            values += [records, given]
+        self.control.copy_(torch.tensor(values, dtype=torch.int64))
+        return iter(self.loader)  # workers start reading (and prefetching) now
+
+    def extraction(self, episode: int) -> Iterator[dict]:
+        """Every decodable sample of this rank's share of ``episode`` (eval transforms), once."""
+        return self._start(episode, False, None)
+
+    def training(self, episode: int, position: Position | None = None) -> Iterator[dict]:
+        """The training batches of ``episode`` in canonical order, resuming after ``position``."""
+        position = position or Position.start(self.config.workers)
+        batches = self._start(episode, True, position)
+        return in_canonical_order(batches, self.config.owed(episode), sum(position.batches))

@@ -1,9 +1,12 @@
-"""Image decoding and augmentation on uint8 tensors; float conversion happens on the device.
+"""Image decoding, cropping and augmentation on uint8 tensors; float conversion happens on the device.
 
-Data-loader workers decode JPEGs with ``torchvision.io.decode_jpeg`` and crop/augment uint8
-tensors with ``torchvision.transforms.v2``; batches travel as uint8 (4x less to copy) and become
-normalised floats only on the training device (:func:`normalize`). Resampling is bicubic with
-antialiasing, as in the reference implementation.
+Data-loader workers decode JPEGs with ``torchvision.io.decode_jpeg`` and crop/resize uint8 tensors
+with ``torchvision.transforms.v2`` (:func:`crop_transform`); batches travel as uint8 (4x less to
+copy) and become floats only on the training device (:func:`normalize`), where the photometric
+part of the ``light`` augmentation runs batched (:mod:`protoclip_cli.data.augment`).
+:func:`train_transform` is the whole per-image torchvision pipeline of each augmentation, the
+reference the split pipeline is checked against. Resampling is bicubic with antialiasing, as in
+the reference implementation.
 """
 
 from __future__ import annotations
@@ -15,14 +18,20 @@ from torchvision.io import ImageReadMode, decode_image as _decode_any, decode_jp
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
+from protoclip_cli.data.augment import LightAugmentation, blur_kernel_size
+
+__all__ = [
+    "AUGMENTATIONS", "blur_kernel_size", "crop_transform", "decode_image", "device_augmentation", "eval_transform",
+    "normalize",
+    "to_model_input", "train_transform",
+]
+
 Augmentation = Literal["none", "rrc", "light"]
 AUGMENTATIONS: tuple[str, ...] = ("none", "rrc", "light")
 _JPEG_MAGIC = b"\xff\xd8"
 _BICUBIC = InterpolationMode.BICUBIC
-# The reference blurs 224 px images with a 21-pixel kernel and sigma in [0.1, 2]; both scale with the image.
-_REFERENCE_SIZE = 224
-_REFERENCE_BLUR_KERNEL = 21
-_REFERENCE_BLUR_SIGMA = (0.1, 2.0)
+# RandomResizedCrop scales: the reference CLIP recipe's and the reference ProtoCLIP "light" one's.
+_CROP_SCALE = {"rrc": (0.9, 1.0), "light": (0.5, 1.0)}
 
 
 def decode_image(jpeg_bytes: bytes | bytearray | memoryview) -> torch.Tensor:
@@ -44,14 +53,6 @@ def _size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def blur_kernel_size(image_size: int | Sequence[int]) -> int:
-    """The reference's 21-pixel blur kernel at 224 px, scaled to ``image_size`` (odd, at least 3)."""
-    side = min(_size_pair(image_size))
-    kernel = round(_REFERENCE_BLUR_KERNEL * side / _REFERENCE_SIZE)
-    kernel = max(3, kernel)
-    return kernel if kernel % 2 == 1 else kernel + 1
-
-
 def eval_transform(image_size: int | Sequence[int]) -> v2.Compose:
     """Resize the shorter side to the model's size, then centre-crop (uint8 in, uint8 out)."""
     size = _size_pair(image_size)
@@ -60,31 +61,51 @@ def eval_transform(image_size: int | Sequence[int]) -> v2.Compose:
     )
 
 
-def train_transform(kind: Augmentation, image_size: int | Sequence[int]) -> v2.Compose:
-    """Training augmentation on uint8 tensors.
+def _check_kind(kind: str) -> None:
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"Unknown augmentation '{kind}'; choose one of {', '.join(AUGMENTATIONS)}.")
 
-    ``none``: the eval transform; ``rrc``: RandomResizedCrop(scale 0.9-1) (reference CLIP);
-    ``light``: RRC(scale 0.5-1), horizontal flip, colour jitter (0.8, 0.8, 0.8, 0.2) with p=0.2,
-    grayscale with p=0.2 and Gaussian blur with p=0.2 (reference ProtoCLIP).
+
+def crop_transform(kind: Augmentation, image_size: int | Sequence[int]) -> v2.Compose:
+    """What data-loader workers do to a training image: uint8 in, uint8 at the model's size out.
+
+    ``none``: the eval transform; ``rrc``: RandomResizedCrop(scale 0.9-1) (reference CLIP), the whole
+    augmentation; ``light``: RandomResizedCrop(scale 0.5-1), the rest runs on the device.
     """
+    _check_kind(kind)
     size = _size_pair(image_size)
     if kind == "none":
         return eval_transform(size)
-    if kind == "rrc":
-        return v2.Compose([v2.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=_BICUBIC, antialias=True)])
-    if kind == "light":
-        scale = min(size) / _REFERENCE_SIZE
-        sigma = tuple(s * scale for s in _REFERENCE_BLUR_SIGMA)
-        return v2.Compose(
-            [
-                v2.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=_BICUBIC, antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.2),
-                v2.RandomGrayscale(p=0.2),
-                v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=sigma)], p=0.2),
-            ]
-        )
-    raise ValueError(f"Unknown augmentation '{kind}'; choose one of {', '.join(AUGMENTATIONS)}.")
+    return v2.Compose([v2.RandomResizedCrop(size, scale=_CROP_SCALE[kind], interpolation=_BICUBIC, antialias=True)])
+
+
+def device_augmentation(kind: Augmentation, image_size: int | Sequence[int]) -> LightAugmentation | None:
+    """The part of an augmentation that runs batched on the device (None: all of it runs in the workers)."""
+    _check_kind(kind)
+    return LightAugmentation.for_size(image_size) if kind == "light" else None
+
+
+def train_transform(kind: Augmentation, image_size: int | Sequence[int]) -> v2.Compose:
+    """The whole augmentation per image, as torchvision composes it (uint8 in, uint8 out).
+
+    ``light`` is the reference's: RRC(scale 0.5-1), horizontal flip, colour jitter (0.8, 0.8, 0.8,
+    0.2) with p=0.2, grayscale with p=0.2, Gaussian blur with p=0.2. Training does not call this:
+    workers run :func:`crop_transform` and the device :mod:`protoclip_cli.data.augment`, which draw
+    the same random parameters in the same order; tests and the loader benchmark compare against it.
+    """
+    crop = crop_transform(kind, image_size)
+    light = device_augmentation(kind, image_size)
+    if light is None:
+        return crop
+    return v2.Compose(
+        [
+            *crop.transforms,
+            v2.RandomHorizontalFlip(light.flip_p),
+            v2.RandomApply([v2.ColorJitter(light.brightness, light.contrast, light.saturation, light.hue)], p=light.jitter_p),
+            v2.RandomGrayscale(p=light.gray_p),
+            v2.RandomApply([v2.GaussianBlur(light.blur_kernel, sigma=light.blur_sigma)], p=light.blur_p),
+        ]
+    )
 
 
 def normalize(
@@ -103,6 +124,32 @@ def normalize(
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     # One fused multiply-add: x * (1 / (255 std)) - mean / std.
     images = torch.addcmul(-mean_t / std_t, batch.float(), 1 / (255 * std_t))
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def to_model_input(
+    batch_uint8: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str,
+    augmentation: LightAugmentation | None = None,
+    params: torch.Tensor | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """The model's input from a loader batch: :func:`normalize`, with the device augmentation first
+    when there is one (``params``: the batch's per-sample parameters, drawn by the workers)."""
+    if augmentation is None:
+        return normalize(batch_uint8, mean, std, device, channels_last)
+    if params is None:
+        raise ValueError("The device augmentation needs the batch's per-sample parameters ('augment').")
+    device = torch.device(device)
+    images = batch_uint8.to(device, non_blocking=batch_uint8.is_pinned()).float().div_(255.0)
+    images = augmentation.apply(images, params)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    images = images.sub_(mean_t).div_(std_t)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images

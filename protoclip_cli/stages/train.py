@@ -101,7 +101,7 @@ def _teacher_made_from(teacher_path: Path, manifest_path: Path, split: str, samp
 
 def check_plan(config: TrainConfig, plan, world_size: int) -> None:
     """Every episode must give each rank a shard and a full batch, and hold at least k samples."""
-    from protoclip_cli.training.loop import episode_phase, run_layout
+    from protoclip_cli.training.episodes import episode_phase, run_layout
 
     layout = run_layout(config, plan, world_size)
     for episode, shards in enumerate(plan.episodes):

@@ -6,9 +6,10 @@ once before any is reused; ``episode_size = 0`` makes every episode the whole da
 baseline's epochs). The plan is saved in the run folder, so a resumed run reads the same shards.
 
 Steps per episode follow from the per-shard sample counts: shards are split over ranks
-(``shards[rank::world]``) and then over data-loader workers, each worker drops its last partial
-batch (so every rank's batches have the same size for the all-gathers), and every rank runs the
-same number of steps (the smallest rank's).
+(``shards[rank::world]``) and then over data-loader workers (``data/pipeline.py``), each worker
+drops its last partial batch (so every rank's batches have the same size for the all-gathers), and
+every rank runs the same number of steps (the smallest rank's). The phase of each episode (warm-up,
+prototypes, plain CLIP, LiT finish) follows from the recipe alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from protoclip_cli.artifacts import write_json
+from protoclip_cli.data.pipeline import split_for_rank, worker_batches
+from protoclip_cli.recipes import TrainConfig
 
 
 def shard_sample_count(shard: Path) -> int:
@@ -107,21 +110,6 @@ def plan_episodes(counts: dict[str, int], episodes: int, episode_size: int, seed
     return EpisodePlan(plan, dict(counts), seed, episode_size)
 
 
-def split_for_rank(shards: list[str], rank: int, world_size: int) -> list[str]:
-    return shards[rank::world_size]
-
-
-def split_for_worker(shards: list[str], worker: int, workers: int) -> list[str]:
-    return shards[worker::max(1, workers)]
-
-
-def worker_batches(counts: dict[str, int], rank_shards: list[str], workers: int, batch_size: int) -> list[int]:
-    """Full batches each data-loader worker of a rank yields (partial batches are dropped)."""
-    return [
-        sum(counts[s] for s in split_for_worker(rank_shards, w, workers)) // batch_size for w in range(max(1, workers))
-    ]
-
-
 def steps_in_episode(plan: EpisodePlan, episode: int, world_size: int, workers: int, batch_size: int) -> int:
     """Training steps of an episode: the fewest full batches any rank has."""
     shards = plan.episodes[episode]
@@ -131,21 +119,57 @@ def steps_in_episode(plan: EpisodePlan, episode: int, world_size: int, workers: 
     )
 
 
-def batches_to_skip(per_worker: list[int], done: int) -> list[int]:
-    """How many of its own batches each worker skips so the loader resumes after ``done`` batches.
+# -- what each episode trains with ----------------------------------------------------------------
 
-    A DataLoader over an IterableDataset takes one batch from each worker in turn and leaves out
-    workers that are exhausted; replaying that order tells which worker produced each batch.
-    """
-    skip = [0] * len(per_worker)
-    remaining = done
-    round_index = 0
-    while remaining > 0 and round_index < max(per_worker, default=0):
-        for worker, available in enumerate(per_worker):
-            if remaining == 0:
-                break
-            if round_index < available:
-                skip[worker] += 1
-                remaining -= 1
-        round_index += 1
-    return skip
+
+@dataclass(frozen=True)
+class Phase:
+    """What an episode trains with."""
+
+    name: str  # "warmup", "proto", "clip" (no prototypes in the recipe) or "lit"
+    use_proto: bool
+    use_ext: bool
+    lock_visual: bool
+
+
+@dataclass
+class RunLayout:
+    """Steps per episode and the schedule boundaries of a run (known before the first step)."""
+
+    steps: list[int]
+    lit_start: int | None  # first LiT episode, None without a LiT finish
+
+    @property
+    def total_steps(self) -> int:
+        return int(sum(self.steps))
+
+    def first_step(self, episode: int) -> int:
+        return int(sum(self.steps[:episode]))
+
+
+def lit_start_episode(config: TrainConfig) -> int | None:
+    """The first LiT episode (``-1``: the last one), or None when the LiT finish is off."""
+    episodes = config.schedule.episodes
+    start = config.schedule.lit_start_episode
+    if start < 0:
+        start = episodes + start
+    return start if 0 <= start < episodes else None
+
+
+def episode_phase(config: TrainConfig, episode: int, use_teacher: bool) -> Phase:
+    lit = lit_start_episode(config)
+    if lit is not None and episode >= lit:
+        return Phase("lit", False, False, True)
+    if not config.proto.enabled:
+        return Phase("clip", False, False, False)
+    if episode < config.schedule.infonce_warmup_episodes:
+        return Phase("warmup", False, False, False)
+    return Phase("proto", True, use_teacher, False)
+
+
+def run_layout(config: TrainConfig, plan: EpisodePlan, world_size: int) -> RunLayout:
+    steps = [
+        steps_in_episode(plan, e, world_size, config.data.workers, config.data.batch_size)
+        for e in range(config.schedule.episodes)
+    ]
+    return RunLayout(steps, lit_start_episode(config))

@@ -4,31 +4,32 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
-from protoclip_cli.data.pipeline import LoaderSpec, make_loader
 
-
-@torch.no_grad()
 def extract_features(
     model: torch.nn.Module,
-    spec: LoaderSpec,
-    workers: int,
+    batches: Iterable[dict],
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
     channels_last: bool = False,
     on_batch: Callable[[int, float], None] | None = None,
+    forward: Callable | None = None,
+    pad_to: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Run ``model`` (eval mode, eval transforms, no grad) over this rank's episode shards.
+    """Run ``model`` (eval mode, inference mode) over ``batches`` (eval transforms, uint8 images).
 
     Returns ``(keys, {"image": (n, d), "text": (n, d)}, broken)``: L2-normalised projected features
     in float32 on ``device``, aligned with ``keys`` (int64, CPU), and the count of undecodable samples.
-    ``on_batch(samples, seconds)`` is called after each batch (progress).
+    ``forward`` replaces ``model`` for the forward pass (a compiled copy); ``pad_to`` pads a smaller
+    last batch to that size (repeating its last sample, outputs dropped) so a compiled forward sees
+    one shape. ``on_batch(samples, seconds)`` is called after each batch (progress).
     """
     from protoclip_cli.data.transforms import normalize
 
+    forward = forward or model
     was_training = model.training
     model.eval()
     keys: list[torch.Tensor] = []
@@ -36,21 +37,28 @@ def extract_features(
     texts: list[torch.Tensor] = []
     broken = 0
     try:
-        for batch in make_loader(spec, workers, pin_memory=device.type == "cuda"):
-            start = time.perf_counter()
-            pixels = normalize(batch["images"], model.image_mean, model.image_std, device, channels_last=channels_last)
-            tokens = batch["tokens"].to(device, non_blocking=True)
-            with autocast():
-                outputs = model(pixels, tokens)
-            images.append(outputs["image_proj"].float())
-            texts.append(outputs["text_proj"].float())
-            keys.append(batch["keys"])
-            broken += int(batch["broken"])
-            if on_batch is not None:
-                on_batch(len(batch["keys"]), time.perf_counter() - start)
+        with torch.inference_mode():
+            for batch in batches:
+                start = time.perf_counter()
+                count = len(batch["keys"])
+                pixels, tokens = batch["images"], batch["tokens"]
+                if pad_to is not None and count < pad_to:
+                    fill = pad_to - count
+                    pixels = torch.cat([pixels, pixels[-1:].expand(fill, *pixels.shape[1:])])
+                    tokens = torch.cat([tokens, tokens[-1:].expand(fill, *tokens.shape[1:])])
+                pixels = normalize(pixels, model.image_mean, model.image_std, device, channels_last=channels_last)
+                with autocast():
+                    outputs = forward(pixels, tokens.to(device, non_blocking=True))
+                images.append(outputs["image_proj"][:count].float())
+                texts.append(outputs["text_proj"][:count].float())
+                keys.append(batch["keys"])
+                broken += int(batch["broken"])
+                if on_batch is not None:
+                    on_batch(count, time.perf_counter() - start)
     finally:
         model.train(was_training)
     if not keys:
         empty = torch.zeros((0, 0), device=device)
         return torch.zeros(0, dtype=torch.int64), {"image": empty, "text": empty}, broken
+    # Outside inference mode: the features feed k-means and back-translation as ordinary tensors.
     return torch.cat(keys), {"image": torch.cat(images), "text": torch.cat(texts)}, broken

@@ -1,8 +1,14 @@
 """The episodic training loop (method.md section 3): per episode extract, cluster, back-translate,
 then one training pass with the labels fixed; warm-up episodes and the LiT finish use the CLIP loss
-only. Checkpoints after every episode and every ``logging.checkpoint_every_steps`` steps; a resumed
-run continues inside an episode with the same shards, the same prototypes and the batches already
-done skipped."""
+only. With ``proto.single_pass`` the prototypes come from features recorded during the previous
+training pass instead (``training/single_pass.py``). Checkpoints after every episode and every
+``logging.checkpoint_every_steps`` steps; a resumed run continues inside an episode with the same
+shards, the same prototypes and the batches already done skipped.
+
+Every pass of the run is served by one persistent data loader (``data/pipeline.py``). A pass is
+started as soon as the trainer knows it comes next, so its first batches are decoded while the
+trainer clusters or writes a checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +17,18 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from protoclip_cli import config as config_io
 from protoclip_cli.console import info, progress
 from protoclip_cli.core import distributed as dist_utils
-from protoclip_cli.data.pipeline import LoaderSpec, make_loader
+from protoclip_cli.data.pipeline import EpisodeStream, Position, StreamConfig, batches_to_skip, split_for_rank
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.training import checkpoint as ckpt
-from protoclip_cli.training.episodes import (
-    EpisodePlan,
-    batches_to_skip,
-    split_for_rank,
-    steps_in_episode,
-    worker_batches,
-)
+from protoclip_cli.training.episodes import EpisodePlan, Phase, episode_phase, run_layout
 from protoclip_cli.training.extraction import extract_features
 from protoclip_cli.training.metrics import MetricsLog, batch_diagnostics
 from protoclip_cli.training.prototypes import (
@@ -38,59 +38,7 @@ from protoclip_cli.training.prototypes import (
     save_prototypes,
     teacher_rows,
 )
-
-
-@dataclass(frozen=True)
-class Phase:
-    """What an episode trains with."""
-
-    name: str  # "warmup", "proto", "clip" (no prototypes in the recipe) or "lit"
-    use_proto: bool
-    use_ext: bool
-    lock_visual: bool
-
-
-@dataclass
-class RunLayout:
-    """Steps per episode and the schedule boundaries of a run (known before the first step)."""
-
-    steps: list[int]
-    lit_start: int | None  # first LiT episode, None without a LiT finish
-
-    @property
-    def total_steps(self) -> int:
-        return int(sum(self.steps))
-
-    def first_step(self, episode: int) -> int:
-        return int(sum(self.steps[:episode]))
-
-
-def lit_start_episode(config: TrainConfig) -> int | None:
-    """The first LiT episode (``-1``: the last one), or None when the LiT finish is off."""
-    episodes = config.schedule.episodes
-    start = config.schedule.lit_start_episode
-    if start < 0:
-        start = episodes + start
-    return start if 0 <= start < episodes else None
-
-
-def episode_phase(config: TrainConfig, episode: int, use_teacher: bool) -> Phase:
-    lit = lit_start_episode(config)
-    if lit is not None and episode >= lit:
-        return Phase("lit", False, False, True)
-    if not config.proto.enabled:
-        return Phase("clip", False, False, False)
-    if episode < config.schedule.infonce_warmup_episodes:
-        return Phase("warmup", False, False, False)
-    return Phase("proto", True, use_teacher, False)
-
-
-def run_layout(config: TrainConfig, plan: EpisodePlan, world_size: int) -> RunLayout:
-    steps = [
-        steps_in_episode(plan, e, world_size, config.data.workers, config.data.batch_size)
-        for e in range(config.schedule.episodes)
-    ]
-    return RunLayout(steps, lit_start_episode(config))
+from protoclip_cli.training.single_pass import FeatureRecorder, OnlineLabels
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,6 +82,7 @@ class Trainer:
         from protoclip_cli.core.losses import ProtoCLIPLoss
         from protoclip_cli.core.model import build_model
         from protoclip_cli.core.optim import build_optimizer, cosine_schedule, parameter_groups
+        from protoclip_cli.data.transforms import device_augmentation
 
         cfg = self.config
         self.rank = dist_utils.rank()
@@ -178,12 +127,38 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=model.has_heads,
             )
-        if cfg.model.compile and self.device.type == "cuda":
+        compiled = cfg.model.compile and self.device.type == "cuda"
+        if compiled:
             self.train_model = torch.compile(self.train_model)
+        # The extraction pass runs the bare model in eval mode; compiled for one batch shape when asked.
+        self.extract_forward = torch.compile(model, dynamic=False) if compiled else model
+        self.augmentation = device_augmentation(cfg.data.augmentation, model.image_size)
+        self.single_pass = cfg.proto.enabled and cfg.proto.single_pass
+        self.stream = EpisodeStream(
+            StreamConfig(
+                episodes=[[self.shard_paths[s] for s in self._rank_shards(e)] for e in range(cfg.schedule.episodes)],
+                counts=self.plan.counts,
+                batch_size=cfg.data.batch_size,
+                extract_batch_size=cfg.data.extract_batch_size,
+                image_size=model.image_size,
+                tokenizer_arch=cfg.model.arch,
+                augmentation=cfg.data.augmentation,
+                seed=cfg.seed,
+                rank=self.rank,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                workers=cfg.data.workers,
+                # Single-pass labels a batch's teacher cluster online, from its teacher features.
+                teacher_path=str(self.teacher_path) if (self.single_pass and self.teacher_path) else "",
+            ),
+            pin_memory=self.device.type == "cuda",
+        )
+        self.recorder = FeatureRecorder()
         self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard)
         self.global_step = 0
         self.start_episode = 0
         self.start_batches = 0
+        self.position = Position.start(cfg.data.workers)
+        self._started: tuple[int, str, Iterator[dict]] | None = None
         if self.resume_from is not None:
             self._restore(self.resume_from)
 
@@ -202,11 +177,21 @@ class Trainer:
         episode, done = int(state["episode"]), int(state["batches_done"])
         if done >= self.layout.steps[episode]:
             episode, done = episode + 1, 0
+        elif "loader" in state:
+            self.position = Position.from_json(state["loader"][self.rank])
+        else:  # a checkpoint of an older version: batches only, no record counts
+            given = batches_to_skip(self.stream.config.owed(episode), done)
+            self.position = Position(tuple(g * self.config.data.batch_size for g in given), tuple(given))
+        if "recorded" in state and done > 0:
+            self.recorder.restore(state["recorded"], self.device)
         self.start_episode, self.start_batches = episode, done
         self.metrics.truncate_after(self.global_step, episode)
         info(f"Resuming from {path.name}: episode {episode}, {done} of its batches done, step {self.global_step}.")
 
     def _save(self, episode: int, batches_done: int) -> Path | None:
+        # Collectives first: every rank takes part, rank 0 writes.
+        positions = self._all_ranks(self.position.to_json())
+        recorded = self.recorder.gathered_state() if batches_done < self.layout.steps[episode] else None
         path = None
         if self.rank == 0:
             state = {
@@ -221,43 +206,67 @@ class Trainer:
                 "workers": self.config.data.workers,
                 "config": config_io.to_dict(self.config),
                 "rng": ckpt.rng_state(),
+                "loader": positions,
             }
+            if recorded is not None:
+                state["recorded"] = recorded
             path = ckpt.save_checkpoint(self.run_dir, state, self.config.logging.keep_checkpoints)
         self._barrier()
         return path
+
+    def _all_ranks(self, value: Any) -> list[Any]:
+        if not dist_utils.is_distributed():
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(values, value)
+        return values
 
     def _barrier(self) -> None:
         if dist_utils.is_distributed():
             torch.distributed.barrier()
 
-    # -- episodes ---------------------------------------------------------------------------------
+    # -- passes -----------------------------------------------------------------------------------
     def _rank_shards(self, episode: int) -> list[str]:
         return split_for_rank(self.plan.episodes[episode], self.rank, self.world_size)
 
-    def _spec(self, episode: int, train: bool, skip: list[int] | None = None) -> LoaderSpec:
-        cfg = self.config
-        return LoaderSpec(
-            shards=[self.shard_paths[s] for s in self._rank_shards(episode)],
-            batch_size=cfg.data.batch_size if train else cfg.data.extract_batch_size,
-            image_size=self.model.image_size,
-            tokenizer_arch=cfg.model.arch,
-            train=train,
-            augmentation=cfg.data.augmentation,
-            seed=cfg.seed,
-            episode=episode,
-            rank=self.rank,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            skip_batches=skip or [],
-        )
+    def _prototype_path(self, episode: int) -> Path:
+        return self.run_dir / "episodes" / str(episode) / "prototypes.h5"
 
-    def _episode_dir(self, episode: int) -> Path:
-        return self.run_dir / "episodes" / str(episode)
+    def _first_pass(self, episode: int) -> str:
+        """'extract' when the episode clusters its own samples before training, else 'train'."""
+        phase = episode_phase(self.config, episode, self.teacher_path is not None)
+        if phase.use_proto and not self._prototype_path(episode).is_file():
+            return "extract"
+        return "train"
+
+    def _start(self, episode: int, kind: str) -> None:
+        """Start the loader on a pass now (its batches are prefetched until the trainer takes them)."""
+        if self._started is not None and self._started[:2] == (episode, kind):
+            return
+        if kind == "extract":
+            batches = self.stream.extraction(episode)
+        else:
+            position = self.position if episode == self.start_episode else None
+            batches = self.stream.training(episode, position)
+        self._started = (episode, kind, batches)
+
+    def _take(self, episode: int, kind: str) -> Iterator[dict]:
+        self._start(episode, kind)
+        batches = self._started[2]
+        self._started = None
+        return batches
+
+    def _count_broken(self, episode: int, broken: int) -> None:
+        if broken:
+            self.stats["broken"] = self.stats.get("broken", 0) + broken
+            self.stats.setdefault("broken_by_episode", {}).setdefault(episode, 0)
+            self.stats["broken_by_episode"][episode] += broken
 
     def _prototypes(self, episode: int, phase: Phase, bar) -> tuple[EpisodePrototypes, dict[str, float]]:
-        """Load the episode's prototypes (a resumed run) or extract, cluster and save them."""
-        cfg = self.config
-        path = self._episode_dir(episode) / "prototypes.h5"
+        """Load the episode's prototypes (made already) or extract, cluster and save them."""
+        path = self._prototype_path(episode)
         if path.is_file():
+            self._start(episode, "train")
             return load_prototypes(path), {"extract": 0.0, "cluster": 0.0}
         start = time.perf_counter()
         expected = sum(self.plan.counts[s] for s in self._rank_shards(episode))
@@ -267,27 +276,46 @@ class Trainer:
         def on_batch(samples: int, seconds: float) -> None:
             done[0] += samples
             done[1] += seconds
-            bar.update(task, advance=samples, rate=f"{done[0] / max(done[1], 1e-9):.0f} samples/s")
+            bar.update(task, advance=samples, rate=f"{done[0] / max(time.perf_counter() - start, 1e-9):.0f} samples/s")
 
+        compiled = self.extract_forward is not self.model
         keys, features, broken = extract_features(
-            self.model, self._spec(episode, train=False), cfg.data.workers, self.device, self.autocast,
-            channels_last=self.channels_last, on_batch=on_batch,
+            self.model, self._take(episode, "extract"), self.device, self.autocast,
+            channels_last=self.channels_last, on_batch=on_batch, forward=self.extract_forward,
+            pad_to=self.config.data.extract_batch_size if compiled else None,
         )
-        self.stats["broken"] = self.stats.get("broken", 0) + broken
-        if phase.use_ext and self.teacher_path is not None:
-            features["teacher"] = teacher_rows(self.teacher_path, keys).to(self.device)
+        self._count_broken(episode, broken)
+        # The training pass's first batches decode while this rank clusters.
+        self._start(episode, "train")
         extract_seconds = time.perf_counter() - start
         bar.update(task, description=f"episode {episode}: cluster")
         start = time.perf_counter()
+        prototypes = self._cluster(episode, keys, features, phase.use_ext)
+        bar.remove_task(task)
+        return prototypes, {"extract": extract_seconds, "cluster": time.perf_counter() - start}
+
+    def _cluster(self, episode: int, keys: torch.Tensor, features: dict[str, torch.Tensor], use_ext: bool,
+                 source_episode: int | None = None) -> EpisodePrototypes:
+        """k-means and PBT of ``features`` (this rank's rows of ``keys``), saved as the episode's prototypes."""
+        cfg = self.config
+        if use_ext and self.teacher_path is not None:
+            features = {**features, "teacher": teacher_rows(self.teacher_path, keys).to(self.device)}
         prototypes = build_prototypes(
             episode, keys, features, cfg.proto.k, cfg.proto.teacher_k or cfg.proto.k,
             cfg.proto.iterations, cfg.proto.restarts, cfg.seed, cfg.proto.backend,
         )
+        prototypes.source_episode = source_episode
         if self.rank == 0:
-            save_prototypes(path, prototypes)
+            save_prototypes(self._prototype_path(episode), prototypes)
         self._barrier()
-        bar.remove_task(task)
-        return prototypes, {"extract": extract_seconds, "cluster": time.perf_counter() - start}
+        return prototypes
+
+    def _records_for(self, episode: int) -> bool:
+        """Whether this training pass records features for the prototypes of ``episode`` (single-pass)."""
+        if not self.single_pass or episode >= self.config.schedule.episodes:
+            return False
+        phase = episode_phase(self.config, episode, self.teacher_path is not None)
+        return phase.use_proto and not self._prototype_path(episode).is_file()
 
     def _check_finite(self, total: torch.Tensor) -> None:
         # The total is the weighted sum of every term: finite exactly when all of them are.
@@ -309,43 +337,65 @@ class Trainer:
             # LiT: the image tower is frozen, BatchNorm statistics included.
             self.model.clip.visual.eval()
 
-    def _train_episode(self, episode: int, phase: Phase, prototypes: EpisodePrototypes | None, bar) -> float:
+    def _step(self, batch: dict, phase: Phase, prototypes: EpisodePrototypes | None, protos, online) -> tuple[dict, dict, dict]:
+        """One optimiser step on ``batch``; returns the loss terms, the model outputs and the learning rates."""
         from protoclip_cli.core.optim import set_learning_rates
-        from protoclip_cli.data.transforms import normalize
+        from protoclip_cli.data.transforms import to_model_input
 
+        lrs = set_learning_rates(self.optimizer, self.global_step, self.schedules)
+        images = to_model_input(
+            batch["images"], self.model.image_mean, self.model.image_std, self.device,
+            self.augmentation, batch.get("augment"), self.channels_last,
+        )
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        with self.autocast():
+            outputs = self.train_model(images, tokens)
+        labels = None
+        if protos is not None:
+            if online is not None:
+                labels = online(outputs, batch.get("teacher"))
+            else:
+                labels = prototypes.lookup(batch["keys"].to(self.device))
+        terms = self.loss_fn(outputs, labels=labels, protos=protos, use_proto=phase.use_proto, use_ext=phase.use_ext)
+        self.optimizer.zero_grad(set_to_none=True)
+        # Every term is a global-batch loss whose gradient reaches only this rank's features, and
+        # DDP averages over ranks: scaling by the world size makes the update that of one process
+        # seeing the whole global batch.
+        (terms["total"] * self.world_size).backward()
+        if self.world_size > 1:
+            self._undo_world_size_on_temperatures()
+        if self.config.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.model.clamp_temperatures()
+        return terms, outputs, lrs
+
+    def _train_episode(self, episode: int, phase: Phase, prototypes: EpisodePrototypes | None, bar) -> float:
         cfg = self.config
         steps = self.layout.steps[episode]
         done = self.start_batches if episode == self.start_episode else 0
-        per_worker = worker_batches(self.plan.counts, self._rank_shards(episode), cfg.data.workers, cfg.data.batch_size)
-        spec = self._spec(episode, train=True, skip=batches_to_skip(per_worker, done))
-        protos = prototypes.for_loss(self.device) if (prototypes is not None and phase.use_proto) else None
+        if episode != self.start_episode:
+            self.position = Position.start(cfg.data.workers)
+        use_prototypes = prototypes is not None and phase.use_proto
+        protos = prototypes.for_loss(self.device) if use_prototypes else None
+        online = OnlineLabels(prototypes, self.device) if (use_prototypes and self.single_pass) else None
+        record = self._records_for(episode + 1)
+        if done == 0 or not record:
+            self.recorder.clear()  # a resumed pass keeps what its checkpoint recorded
+        batches = self._take(episode, "train")
         self._lock_visual(phase.lock_visual)
         task = bar.add_task(f"episode {episode}: train ({phase.name})", total=steps, completed=done, rate="")
         start = time.perf_counter()
         window_start, window_samples = time.perf_counter(), 0
         global_batch = cfg.data.batch_size * self.world_size
-        for batch in make_loader(spec, cfg.data.workers, pin_memory=self.device.type == "cuda"):
+        for batch in batches:
             if done >= steps:
                 break
-            self.stats["broken"] = self.stats.get("broken", 0) + int(batch["broken"])
-            lrs = set_learning_rates(self.optimizer, self.global_step, self.schedules)
-            images = normalize(batch["images"], self.model.image_mean, self.model.image_std, self.device, self.channels_last)
-            tokens = batch["tokens"].to(self.device, non_blocking=True)
-            labels = prototypes.lookup(batch["keys"].to(self.device)) if protos is not None else None
-            with self.autocast():
-                outputs = self.train_model(images, tokens)
-            terms = self.loss_fn(outputs, labels=labels, protos=protos, use_proto=phase.use_proto, use_ext=phase.use_ext)
-            self.optimizer.zero_grad(set_to_none=True)
-            # Every term is a global-batch loss whose gradient reaches only this rank's features, and
-            # DDP averages over ranks: scaling by the world size makes the update that of one process
-            # seeing the whole global batch.
-            (terms["total"] * self.world_size).backward()
-            if self.world_size > 1:
-                self._undo_world_size_on_temperatures()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.model.clamp_temperatures()
+            self._count_broken(episode, int(batch["broken"]))
+            terms, outputs, lrs = self._step(batch, phase, prototypes, protos, online)
+            self.position = self.position.advanced(batch)
+            if record:
+                self.recorder.add(batch["keys"], outputs["image_proj"], outputs["text_proj"])
             self.global_step += 1
             done += 1
             window_samples += global_batch
@@ -359,13 +409,13 @@ class Trainer:
             if log_now:
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples / max(elapsed, 1e-9)
-                record = {"kind": "step", "step": self.global_step, "episode": episode, "phase": phase.name,
-                          "lr": lrs.get("rest", 0.0), "lr_visual": lrs.get("visual", 0.0), "samples_per_s": rate}
+                metrics = {"kind": "step", "step": self.global_step, "episode": episode, "phase": phase.name,
+                           "lr": lrs.get("rest", 0.0), "lr_visual": lrs.get("visual", 0.0), "samples_per_s": rate}
                 unused = {"proto"} if not phase.use_proto else set()
                 unused |= {"ext"} if not phase.use_ext else set()
-                record.update({k: float(v.detach()) for k, v in terms.items() if k not in unused})
-                record.update(batch_diagnostics(outputs))
-                self.metrics.write(record)
+                metrics.update({k: float(v.detach()) for k, v in terms.items() if k not in unused})
+                metrics.update(batch_diagnostics(outputs))
+                self.metrics.write(metrics)
                 bar.update(task, completed=done, rate=f"{rate:.0f} samples/s loss {float(terms['total'].detach()):.3f}")
                 window_start, window_samples = time.perf_counter(), 0
             else:
@@ -376,10 +426,20 @@ class Trainer:
                 break
         if done < steps:
             raise ProtoclipError(
-                f"Episode {episode} yielded {done} of its {steps} batches (undecodable samples?); "
-                "rerun `protoclip download` for this data set."
+                f"Episode {episode} gave {done} of its {steps} batches: some of its shards hold no decodable sample "
+                f"({self.stats.get('broken_by_episode', {}).get(episode, 0)} broken samples skipped); check the data "
+                "set's shards, or download it again."
             )
         bar.remove_task(task)
+        return time.perf_counter() - start
+
+    def _prototypes_from_recording(self, episode: int) -> float:
+        """Single-pass: cluster this pass's recording into the prototypes of ``episode`` (the next one)."""
+        start = time.perf_counter()
+        keys, features = self.recorder.tensors()
+        self.recorder.clear()
+        phase = episode_phase(self.config, episode, self.teacher_path is not None)
+        self._cluster(episode, keys, features, phase.use_ext, source_episode=episode - 1)
         return time.perf_counter() - start
 
     def fit(self) -> dict[str, Any]:
@@ -387,16 +447,25 @@ class Trainer:
         cfg = self.config
         use_teacher = self.teacher_path is not None
         with progress() as bar:
+            if self.start_episode < cfg.schedule.episodes:
+                self._start(self.start_episode, self._first_pass(self.start_episode))
             for episode in range(self.start_episode, cfg.schedule.episodes):
                 phase = episode_phase(cfg, episode, use_teacher)
                 prototypes, seconds = None, {"extract": 0.0, "cluster": 0.0}
                 if phase.use_proto:
                     prototypes, seconds = self._prototypes(episode, phase, bar)
+                recorded = self._records_for(episode + 1)
                 seconds["train"] = self._train_episode(episode, phase, prototypes, bar)
+                if episode + 1 < cfg.schedule.episodes:
+                    # The next pass decodes its first batches during the clustering and the checkpoint.
+                    self._start(episode + 1, "train" if recorded else self._first_pass(episode + 1))
+                if recorded:
+                    seconds["cluster_next"] = self._prototypes_from_recording(episode + 1)
                 record = {
                     "kind": "episode", "episode": episode, "step": self.global_step, "phase": phase.name,
                     "samples": self.plan.samples(episode), "steps": self.layout.steps[episode],
-                    "seconds": seconds, "broken": self.stats.get("broken", 0),
+                    "seconds": seconds, "broken": self.stats.get("broken_by_episode", {}).get(episode, 0),
+                    "broken_total": self.stats.get("broken", 0),
                 }
                 if prototypes is not None:
                     record["clusters"] = prototypes.cluster_stats()
@@ -404,7 +473,9 @@ class Trainer:
                 self._save(episode, self.layout.steps[episode])
                 info(
                     f"episode {episode} ({phase.name}): {self.layout.steps[episode]} steps, "
-                    f"extract {seconds['extract']:.1f}s, cluster {seconds['cluster']:.1f}s, train {seconds['train']:.1f}s"
+                    f"extract {seconds['extract']:.1f}s, cluster {seconds['cluster'] + seconds.get('cluster_next', 0.0):.1f}s, "
+                    f"train {seconds['train']:.1f}s"
+                    + (f", {record['broken']} broken samples skipped" if record["broken"] else "")
                 )
         self.metrics.close()
         return {"global_step": self.global_step, "total_steps": self.layout.total_steps, "steps_per_episode": self.layout.steps}

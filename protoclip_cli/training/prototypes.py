@@ -8,7 +8,8 @@ per-sample labels are gathered so that every rank (and ``prototypes.h5``) can lo
 groups ``image``, ``text`` and, with a teacher, ``teacher``, each with ``labels`` (n,) int64 aligned
 with ``keys`` and ``centroids`` (k, d) float32; PBT centroids ``image/in_text`` (P_img->txt),
 ``text/in_image`` (P_txt->img), ``teacher/in_image``, ``teacher/in_text``; root attributes
-``episode``, ``k``, ``teacher_k``, ``objective_image``, ``objective_text``, ``objective_teacher``.
+``episode``, ``k``, ``teacher_k``, ``objective_image``, ``objective_text``, ``objective_teacher``, and
+in single-pass mode ``source_episode`` (the previous episode, whose recorded samples ``keys`` are).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class EpisodePrototypes:
     centroids: dict[str, np.ndarray]
     pbt: dict[str, np.ndarray]
     objectives: dict[str, float] = field(default_factory=dict)
+    source_episode: int | None = None  # single-pass: the episode whose recorded samples were clustered
 
     @property
     def has_teacher(self) -> bool:
@@ -174,6 +176,8 @@ def save_prototypes(path: str | Path, prototypes: EpisodePrototypes) -> Path:
             f.attrs["teacher_k"] = len(prototypes.centroids["teacher"]) if prototypes.has_teacher else 0
             for modality in MODALITIES:
                 f.attrs[f"objective_{modality}"] = prototypes.objectives.get(modality, float("nan"))
+            if prototypes.source_episode is not None:
+                f.attrs["source_episode"] = prototypes.source_episode
     return path
 
 
@@ -190,7 +194,8 @@ def load_prototypes(path: str | Path) -> EpisodePrototypes:
         centroids = {m: f[m]["centroids"][:] for m in modalities}
         pbt = {name: f[name][:] for name, grouping, _ in PBT if grouping in modalities}
         objectives = {m: float(f.attrs[f"objective_{m}"]) for m in modalities}
-        return EpisodePrototypes(int(f.attrs["episode"]), f["keys"][:], labels, centroids, pbt, objectives)
+        source = int(f.attrs["source_episode"]) if "source_episode" in f.attrs else None
+        return EpisodePrototypes(int(f.attrs["episode"]), f["keys"][:], labels, centroids, pbt, objectives, source)
 
 
 def teacher_rows(teacher_path: str | Path, keys: torch.Tensor) -> torch.Tensor:
