@@ -130,3 +130,28 @@ def test_to_model_input_with_the_device_augmentation_normalises_after_augmenting
         to_model_input(batch, mean, std, "cpu", light, None)
     with pytest.raises(ValueError, match="shape"):
         light.apply(batch.float(), params[:3])
+
+
+def test_extraction_leaves_the_square_resize_to_the_device_with_the_eval_transform_result():
+    from protoclip_cli.data.transforms import eval_batch, eval_transform, normalize
+
+    generator = torch.Generator().manual_seed(2)
+    squares = [(torch.rand(3, 96, 96, generator=generator) * 255).to(torch.uint8) for _ in range(4)]
+    stacked = eval_batch(squares, 64)
+    assert stacked.shape == (4, 3, 96, 96)  # untouched in the worker
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    on_device = to_model_input(stacked, mean, std, "cpu", size=64)
+    reference = normalize(torch.stack([eval_transform(64)(image) for image in squares]), mean, std, "cpu")
+    assert on_device.shape == (4, 3, 64, 64)
+    # The same antialiased bicubic kernel in float32 (clamped to 0-255) ...
+    exact = torch.nn.functional.interpolate(stacked.float(), size=(64, 64), mode="bicubic", antialias=True).clamp(0, 255)
+    assert torch.allclose(on_device, normalize(torch.zeros(4, 3, 64, 64, dtype=torch.uint8), mean, std, "cpu")
+                          + exact / 255 / torch.tensor(std).view(1, 3, 1, 1), atol=1e-4)
+    # ... while torchvision's uint8 kernel rounds between its two passes: on noise, a third of a grey level on average.
+    grey_levels = ((on_device - reference) * torch.tensor(std).view(1, 3, 1, 1) * 255).abs()
+    assert grey_levels.mean() < 0.5
+    # Not all squares of one size (or smaller than the model): the worker runs the eval transform.
+    mixed = eval_batch([squares[0], (torch.rand(3, 80, 120, generator=generator) * 255).to(torch.uint8)], 64)
+    assert mixed.shape == (2, 3, 64, 64) and torch.equal(mixed[0], eval_transform(64)(squares[0]))
+    small = eval_batch([squares[0][:, :32, :32]], 64)
+    assert small.shape == (1, 3, 64, 64)

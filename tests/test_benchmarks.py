@@ -137,6 +137,62 @@ def test_extract_kmeans_reports_extraction_kmeans_pbt_and_episode(extract_kmeans
     assert "k-means torch" in stdout and "episode overhead" in stdout
 
 
+def _run(script: str, *args: str) -> str:
+    process = start_script(script, *args)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+@pytest.mark.parametrize("augmentation", ["rrc", "light"])
+def test_dataloader_reports_what_the_workers_deliver_and_the_device_share(synthetic_workspace, tmp_path, augmentation):
+    out = tmp_path / "loader.json"
+    stdout = _run("dataloader.py", "--workspace", str(synthetic_workspace.root), "--dataset", "synthetic",
+                  "--augmentation", augmentation, "--image-size", "48", "--workers", "1", "--batch", "32",
+                  "--batches", "4", "--device-batches", "2", "--json", str(out))
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "dataloader" and record["samples"] == 4 * 32
+    assert positive_finite(record["samples_per_s"]) and positive_finite(record["first_batch_seconds"])
+    assert record["samples_per_s"] == pytest.approx(record["samples"] / record["seconds"])
+    if augmentation == "light":  # flip, jitter, grayscale and blur run on the device: timed there
+        assert positive_finite(record["device_augment_ms_per_batch"]) and record["device_batches"] == 2
+        assert "device augmentation" in stdout
+    else:
+        assert "device_augment_ms_per_batch" not in record
+
+
+def test_dataloader_extract_pass_leaves_the_resize_to_the_device(synthetic_workspace, tmp_path):
+    out = tmp_path / "extract.json"
+    _run("dataloader.py", "--workspace", str(synthetic_workspace.root), "--pass", "extract", "--image-size", "48",
+         "--workers", "0", "--batch", "64", "--batches", "3", "--device-batches", "2", "--json", str(out))
+    record = json.loads(out.read_text())
+    # Stored at 64 px, square: the workers only decode; the device resizes 64 -> 48.
+    assert record["samples"] == 3 * 64 and positive_finite(record["device_augment_ms_per_batch"])
+
+
+def test_e2e_runs_the_real_trainer_for_each_recipe_on_the_same_samples(tmp_path):
+    out = tmp_path / "e2e.json"
+    stdout = _run("e2e.py", "--device", "cpu", "--arch", "protoclip-tiny", "--samples", "256", "--image-size", "64",
+                  "--batch", "32", "--extract-batch", "64", "--workers", "1", "--episodes", "2", "--processes", "1",
+                  "--no-step-benchmark", "--workspace", str(tmp_path / "ws"), "--json", str(out))
+    record = json.loads(out.read_text())
+    results = {r["variant"]: r for r in record["results"]}
+    assert list(results) == ["clip", "protoclip", "protoclip-single-pass"]
+    # The same samples seen by each recipe: 2 x 256 (two epochs, or two episodes of 256).
+    assert {r["samples_trained"] for r in results.values()} == {512}
+    assert results["clip"]["extract_seconds"] == 0 and results["clip"]["cluster_seconds"] == 0
+    # faithful: the second episode (after the warm-up) extracts; single-pass never does, it clusters its recording
+    assert results["protoclip"]["extract_seconds"] > 0 and results["protoclip"]["cluster_seconds"] > 0
+    assert results["protoclip-single-pass"]["extract_seconds"] == 0
+    assert results["protoclip-single-pass"]["cluster_seconds"] > 0
+    for r in results.values():
+        assert r["wall_ratio_to_clip"] == pytest.approx(r["wall_seconds"] / results["clip"]["wall_seconds"])
+        assert r["train_samples_per_s"] == pytest.approx(r["samples_trained"] / r["train_seconds"])
+        assert 0 < r["other_seconds"] < r["wall_seconds"]  # start-up, model build, checkpoints
+    assert results["protoclip"]["recipe"]["proto"]["k"] == 25  # episode size / 10, as the reference's 200K / 20K
+    assert "protoclip-single-pass" in stdout
+
+
 def load_benchmark(name: str):
     sys.path.insert(0, str(BENCHMARKS))
     try:
@@ -152,6 +208,8 @@ def load_benchmark(name: str):
         ("train_step", ["--batch", "0"], "--batch must be at least 1"),
         ("extract_kmeans", ["--n", "10", "--k", "20"], "--k 20 is larger than --n 10"),
         ("extract_kmeans", ["--backends", "sklearn"], "unknown k-means backend(s) sklearn"),
+        ("e2e", ["--variants", "clip,fast"], "unknown variant(s) fast"),
+        ("dataloader", ["--workspace", "w", "--batches", "0"], "--batches and --batch must be at least 1"),
     ],
 )
 def test_bad_options_are_refused_with_a_reason(script, argv, message, capsys):

@@ -28,7 +28,11 @@ batches in a canonical order (:func:`canonical_order`: one batch per worker in t
 workers that are done), reordered from the loader's where they differ (after a resume), so a
 resumed run trains on the same batches in the same order as an uninterrupted one.
 
-Batches are dicts: ``images`` (B, 3, H, W) uint8, ``tokens`` (B, L) int64, ``keys`` (B,) int64,
+The extraction pass decodes in the workers and leaves the eval transform's resize of square images
+(img2dataset's ``border``/``center_crop`` downloads) to the device, batched, which halves the
+workers' work per sample (:func:`protoclip_cli.data.transforms.eval_batch`).
+
+Batches are dicts: ``images`` (B, 3, H, W) uint8 (extraction: possibly at the stored size), ``tokens`` (B, L) int64, ``keys`` (B,) int64,
 ``broken`` (samples this worker skipped since its previous batch), ``worker``, ``position``
 (training), and ``augment`` (B, P) float32 where part of the augmentation runs on the device.
 """
@@ -111,11 +115,15 @@ def in_canonical_order(batches: Iterable[dict], per_worker: list[int], done: int
 # -- records --------------------------------------------------------------------------------------
 
 
-def _records(urls: list[str]) -> Iterator[dict]:
+def _records(urls: list[str], errors: list[int]) -> Iterator[dict]:
+    """The records of ``urls`` in order; a damaged tar record is skipped and counted in ``errors[0]``."""
     import webdataset as wds
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.warn_and_continue))
-    yield from pipeline
+    def count(exception: Exception) -> bool:
+        errors[0] += 1
+        return True  # continue with the next record (webdataset's own handlers also sleep and warn)
+
+    yield from wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=count))
 
 
 def shuffled(records: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
@@ -195,11 +203,10 @@ class EpisodeDataset(IterableDataset):
 
     def _setup(self) -> None:
         from protoclip_cli.core.model import get_tokenizer
-        from protoclip_cli.data.transforms import crop_transform, device_augmentation, eval_transform
+        from protoclip_cli.data.transforms import crop_transform, device_augmentation
 
         cfg = self.config
         self._crop = crop_transform(cfg.augmentation, cfg.image_size)
-        self._eval = eval_transform(cfg.image_size)
         self._device_augmentation = device_augmentation(cfg.augmentation, cfg.image_size)
         self._tokenizer = get_tokenizer(cfg.tokenizer_arch)
         self._teacher = _TeacherLookup(cfg.teacher_path) if cfg.teacher_path else None
@@ -224,9 +231,13 @@ class EpisodeDataset(IterableDataset):
 
     # -- passes ------------------------------------------------------------------------------------
     def _extraction(self, worker: int, urls: list[str]) -> Iterator[dict]:
-        batcher = _Batcher(self, self.config.extract_batch_size, worker)
-        for record in _records(urls):
-            sample = self._sample(record, lambda image, key: (self._eval(image), None))
+        from protoclip_cli.data.transforms import eval_batch
+
+        # Decode only: the eval resize of square images runs batched on the device (eval_batch).
+        batcher = _Batcher(self, self.config.extract_batch_size, worker,
+                           stack=lambda images: eval_batch(images, self.config.image_size))
+        for record in _records(urls, batcher.tar_errors):
+            sample = self._sample(record, lambda image, key: (image, None))
             if (batch := batcher.add(sample, None)) is not None:
                 yield batch
         if (batch := batcher.flush()) is not None:
@@ -241,7 +252,7 @@ class EpisodeDataset(IterableDataset):
         while given < owed:
             good_in_round = 0
             rng = random.Random(((cfg.seed * _SEED_MIX + episode) * _SEED_MIX + cfg.rank * 1000 + worker) * _SEED_MIX + round_index)
-            for record in shuffled(_records(urls), cfg.shuffle_buffer, rng):
+            for record in shuffled(_records(urls, batcher.tar_errors), cfg.shuffle_buffer, rng):
                 position += 1
                 if position <= skip_records:
                     good_in_round += 1  # read before the resume: assume it was good (it was counted then)
@@ -282,10 +293,12 @@ class EpisodeDataset(IterableDataset):
 class _Batcher:
     """Collects samples of one worker into batches; counts the broken ones in between."""
 
-    def __init__(self, dataset: EpisodeDataset, batch_size: int, worker: int, teacher: "_TeacherLookup | None" = None):
-        self.dataset, self.batch_size, self.worker, self.teacher = dataset, batch_size, worker, teacher
+    def __init__(self, dataset: EpisodeDataset, batch_size: int, worker: int, teacher: "_TeacherLookup | None" = None,
+                 stack: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack):
+        self.dataset, self.batch_size, self.worker, self.teacher, self.stack = dataset, batch_size, worker, teacher, stack
         self.samples: list[tuple] = []
         self.broken = 0
+        self.tar_errors = [0]  # damaged tar records, counted by the record reader
 
     def add(self, sample: tuple | None, position: int | None) -> dict | None:
         if sample is None:
@@ -302,10 +315,10 @@ class _Batcher:
     def _batch(self, position: int | None) -> dict:
         images, params, captions, keys = zip(*self.samples)
         batch = {
-            "images": torch.stack(images),
+            "images": self.stack(list(images)),
             "tokens": self.dataset._tokenizer(list(captions)),
             "keys": torch.tensor(keys, dtype=torch.int64),
-            "broken": self.broken,
+            "broken": self.broken + self.tar_errors[0],
             "worker": self.worker,
         }
         if position is not None:
@@ -314,7 +327,7 @@ class _Batcher:
             batch["augment"] = torch.stack(params)
         if self.teacher is not None:
             batch["teacher"] = self.teacher.rows(batch["keys"])
-        self.samples, self.broken = [], 0
+        self.samples, self.broken, self.tar_errors[0] = [], 0, 0
         return batch
 
 

@@ -22,7 +22,7 @@ from protoclip_cli.data.augment import LightAugmentation, blur_kernel_size
 
 __all__ = [
     "AUGMENTATIONS", "blur_kernel_size", "crop_transform", "decode_image", "device_augmentation", "eval_transform",
-    "normalize",
+    "eval_batch", "normalize", "resize_square",
     "to_model_input", "train_transform",
 ]
 
@@ -59,6 +59,18 @@ def eval_transform(image_size: int | Sequence[int]) -> v2.Compose:
     return v2.Compose(
         [v2.Resize(min(size), interpolation=_BICUBIC, antialias=True), v2.CenterCrop(size)]
     )
+
+
+def eval_batch(images: list[torch.Tensor], image_size: int | Sequence[int]) -> torch.Tensor:
+    """Decoded images of an extraction batch, stacked: as they are when all are squares of one side
+    at least the model's (img2dataset's ``border`` and ``center_crop`` downloads), for the device to
+    resize (:func:`to_model_input`); otherwise each through :func:`eval_transform` here."""
+    first = images[0].shape
+    square = first[-1] == first[-2] and first[-1] >= max(_size_pair(image_size))
+    if square and all(image.shape == first for image in images):
+        return torch.stack(images)
+    transform = eval_transform(image_size)
+    return torch.stack([transform(image) for image in images])
 
 
 def _check_kind(kind: str) -> None:
@@ -129,6 +141,15 @@ def normalize(
     return images
 
 
+def resize_square(images: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+    """Square float images (0-255 scale) to the model's size: what :func:`eval_transform` does to a
+    square image (antialiased bicubic resize, the centre crop then takes everything), batched and
+    without rounding to 8 bits; clamped to 0-255 as the uint8 path clamps."""
+    height, width = _size_pair(size)
+    resized = torch.nn.functional.interpolate(images, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return resized.clamp_(0.0, 255.0)
+
+
 def to_model_input(
     batch_uint8: torch.Tensor,
     mean: Sequence[float],
@@ -137,16 +158,24 @@ def to_model_input(
     augmentation: LightAugmentation | None = None,
     params: torch.Tensor | None = None,
     channels_last: bool = False,
+    size: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """The model's input from a loader batch: :func:`normalize`, with the device augmentation first
-    when there is one (``params``: the batch's per-sample parameters, drawn by the workers)."""
-    if augmentation is None:
+    """The model's input from a loader batch, on ``device``: :func:`normalize`, after the device
+    augmentation when there is one (``params``: the batch's per-sample parameters, drawn by the
+    workers) and after resizing square images to ``size`` when they are not at it yet (the
+    extraction pass leaves that resize to the device, :mod:`protoclip_cli.data.pipeline`)."""
+    resize = size is not None and tuple(batch_uint8.shape[-2:]) != _size_pair(size)
+    if augmentation is None and not resize:
         return normalize(batch_uint8, mean, std, device, channels_last)
-    if params is None:
+    if augmentation is not None and params is None:
         raise ValueError("The device augmentation needs the batch's per-sample parameters ('augment').")
     device = torch.device(device)
-    images = batch_uint8.to(device, non_blocking=batch_uint8.is_pinned()).float().div_(255.0)
-    images = augmentation.apply(images, params)
+    images = batch_uint8.to(device, non_blocking=batch_uint8.is_pinned()).float()
+    if resize:
+        images = resize_square(images, size)
+    images = images.div_(255.0)
+    if augmentation is not None:
+        images = augmentation.apply(images, params)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     images = images.sub_(mean_t).div_(std_t)

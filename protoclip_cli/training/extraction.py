@@ -19,7 +19,8 @@ def extract_features(
     forward: Callable | None = None,
     pad_to: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Run ``model`` (eval mode, inference mode) over ``batches`` (eval transforms, uint8 images).
+    """Run ``model`` (eval mode, inference mode) over ``batches`` (uint8 images, eval-transformed or
+    squares the device resizes to the model's size).
 
     Returns ``(keys, {"image": (n, d), "text": (n, d)}, broken)``: L2-normalised projected features
     in float32 on ``device``, aligned with ``keys`` (int64, CPU), and the count of undecodable samples.
@@ -27,7 +28,7 @@ def extract_features(
     last batch to that size (repeating its last sample, outputs dropped) so a compiled forward sees
     one shape. ``on_batch(samples, seconds)`` is called after each batch (progress).
     """
-    from protoclip_cli.data.transforms import normalize
+    from protoclip_cli.data.transforms import to_model_input
 
     forward = forward or model
     was_training = model.training
@@ -46,7 +47,8 @@ def extract_features(
                     fill = pad_to - count
                     pixels = torch.cat([pixels, pixels[-1:].expand(fill, *pixels.shape[1:])])
                     tokens = torch.cat([tokens, tokens[-1:].expand(fill, *tokens.shape[1:])])
-                pixels = normalize(pixels, model.image_mean, model.image_std, device, channels_last=channels_last)
+                pixels = to_model_input(pixels, model.image_mean, model.image_std, device, channels_last=channels_last,
+                                        size=model.image_size)
                 with autocast():
                     outputs = forward(pixels, tokens.to(device, non_blocking=True))
                 images.append(outputs["image_proj"][:count].float())
