@@ -80,19 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- machine and measurement helpers -------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; an explicit CUDA device on a machine without one is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {name}: this machine has no CUDA device; use --device cpu.")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def machine_info(device: torch.device) -> dict:
     """What the numbers were measured on."""
     import open_clip
@@ -433,9 +420,15 @@ def print_table(record: dict) -> None:
 def prepare_device(args: argparse.Namespace) -> torch.device:
     """Threads and device as the trainer sets them: on CUDA, TF32 matmuls and cuDNN autotuning
     (open_clip_train's settings too), for every variant of the process alike."""
+    from protoclip_cli.core.distributed import resolve_device
+    from protoclip_cli.errors import ProtoclipError
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ProtoclipError as error:
+        raise SystemExit(f"--device {args.device}: {error}") from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -14,17 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protoclip_cli.core.distributed import resolve_device
 from protoclip_cli.errors import MissingInputError, ProtoclipError
 from protoclip_cli.workspace import Workspace
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``: the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ProtoclipError(f"Device {device} was requested but CUDA is not available; use --device cpu.")
-    return torch.device(device)
 
 
 def file_fingerprint(path: Path) -> str:

@@ -149,7 +149,7 @@ def _figures(config, workspace, run_dir, episode, shards, samples, truth, folder
     from protoclip_cli.data.shards import iter_samples
     from protoclip_cli.data.transforms import decode_image, eval_transform
     from protoclip_cli.evaluation import prototype_report as pr
-    from protoclip_cli.evaluation.models import resolve_device
+    from protoclip_cli.core.distributed import resolve_device
     from protoclip_cli.runs import load_run_model
 
     rng = np.random.default_rng(config.seed)

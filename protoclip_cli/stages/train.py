@@ -163,20 +163,6 @@ def prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool | None) -> 
     return checkpoint
 
 
-def _init_distributed(device: str) -> bool:
-    """Join the torchrun process group when launched with WORLD_SIZE > 1; True if this call made it."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    cuda = torch.cuda.is_available() and device != "cpu"
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return True
-
-
 def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -> dict[str, Any]:
     """Train the recipe ``config`` in ``workspace``; returns the run's manifest."""
     import torch
@@ -188,7 +174,7 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
     inputs = check_inputs(config, workspace)
     if resume is True and not (workspace.run_dir(config.name) / "config.toml").is_file():
         info(f"Nothing to resume in {workspace.run_dir(config.name)}; starting the run.")
-    created_group = _init_distributed(config.device)
+    created_group = dist_utils.init_distributed(config.device)
     try:
         rank, world_size = dist_utils.rank(), dist_utils.world_size()
         run_dir = workspace.run_dir(config.name)

@@ -18,6 +18,7 @@ import torch
 from protoclip_cli import config as config_io
 from protoclip_cli.console import info, progress
 from protoclip_cli.core import distributed as dist_utils
+from protoclip_cli.core.distributed import resolve_device
 from protoclip_cli.data.pipeline import LoaderSpec, make_loader
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.recipes import TrainConfig
@@ -91,19 +92,6 @@ def run_layout(config: TrainConfig, plan: EpisodePlan, world_size: int) -> RunLa
         for e in range(config.schedule.episodes)
     ]
     return RunLayout(steps, lit_start_episode(config))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ProtoclipError(f"device = '{name}' but this machine has no CUDA device; use --set device=cpu.")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", 0)))
-    return device
 
 
 def _autocast_factory(config: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
