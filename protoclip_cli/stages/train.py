@@ -74,7 +74,7 @@ def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
     counts = {p.name: shard_sample_count(p) for p in shards}
     teacher_path = None
     if use_teacher(config):
-        from protoclip_cli.stages.teacher_embed import check_teacher_covers
+        from protoclip_cli.data import teacher_file
 
         teacher_path = workspace.teacher_file(name, config.proto.teacher)
         if not teacher_path.is_file():
@@ -83,20 +83,10 @@ def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
                 f"{config.proto.teacher}` first, or set proto.teacher = '' to train without a teacher."
             )
         manifest_path = workspace.dataset_dir(name) / "manifest.json"
-        if not _teacher_made_from(teacher_path, manifest_path, config.data.split, sum(counts.values())):
+        if not teacher_file.embedded_from(teacher_path, manifest_path, config.data.split, sum(counts.values())):
             keys = [key for p in shards for key in shard_keys(p)]  # reads every shard's tar headers
-            check_teacher_covers(teacher_path, keys, manifest_path)
+            teacher_file.check_teacher_covers(teacher_path, keys, manifest_path)
     return TrainInputs(workspace.dataset_dir(name), {p.name: p for p in shards}, counts, teacher_path)
-
-
-def _teacher_made_from(teacher_path: Path, manifest_path: Path, split: str, samples: int) -> bool:
-    """True when the teacher file was embedded from this very download of the train split and holds
-    one row per sample: then it covers the data and the shards need not be scanned for their keys."""
-    from protoclip_cli.artifacts import file_sha256
-    from protoclip_cli.stages.teacher_embed import load_teacher
-
-    keys, _, attrs = load_teacher(teacher_path, embeddings=False)
-    return split == "train" and len(keys) == samples and attrs.get("dataset_manifest_sha256") == file_sha256(manifest_path)
 
 
 def check_plan(config: TrainConfig, plan, world_size: int) -> None:

@@ -20,6 +20,7 @@ from protoclip_cli.console import info, progress
 from protoclip_cli.core import distributed as dist_utils
 from protoclip_cli.core.distributed import resolve_device
 from protoclip_cli.data.pipeline import LoaderSpec, make_loader
+from protoclip_cli.data.teacher_file import teacher_rows
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.training import checkpoint as ckpt
@@ -37,7 +38,6 @@ from protoclip_cli.training.prototypes import (
     build_prototypes,
     load_prototypes,
     save_prototypes,
-    teacher_rows,
 )
 
 
