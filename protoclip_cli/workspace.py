@@ -6,6 +6,7 @@
 <workspace>/datasets/<name>/<split>/00000.tar ...     other splits (the embedded set has 'heldout')
 <workspace>/datasets/<name>/teacher/<slug>.h5          teacher-embed's caption features
 <workspace>/runs/<run>/...                             train, cluster, evaluate outputs
+<workspace>/cache/<name>/...                           download's inputs for img2dataset (renderings, URL list)
 ```
 Where a data set or run is not named, commands take the workspace's only or latest one and say
 which they took.
@@ -59,6 +60,18 @@ class Workspace:
 
     def teacher_file(self, dataset: str, model: str) -> Path:
         return self.teacher_dir(dataset) / f"{slugify(model)}.h5"
+
+    def download_settings_file(self, name: str) -> Path:
+        """The data settings of the last download, which an incremental rerun must match."""
+        return self.dataset_dir(name) / "download-settings.json"
+
+    def download_log(self, name: str, split: str) -> Path:
+        """img2dataset's own output for one split."""
+        return self.dataset_dir(name) / "logs" / f"{split}.log"
+
+    def cache_dir(self, name: str) -> Path:
+        """Inputs prepared for img2dataset: the embedded set's renderings, a checked URL list."""
+        return self.root / "cache" / name
 
     def dataset_manifest(self, name: str) -> dict:
         return read_manifest(
