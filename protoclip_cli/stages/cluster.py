@@ -94,32 +94,24 @@ def cluster_feature_file(config: ClusterConfig) -> dict[str, Any]:
 # -- report mode -----------------------------------------------------------------------------------
 
 
-def _run_dir(config: ClusterConfig, workspace: Workspace) -> Path:
-    if config.run and Path(config.run).is_dir():
-        return Path(config.run)
-    run_dir = workspace.run_dir(workspace.resolve_run(config.run or None))
-    if not (run_dir / "config.toml").is_file():
-        raise MissingInputError(f"No training run at {run_dir}; run `protoclip train recipes/synthetic.toml` first.")
-    return run_dir
-
-
 def report_episode(config: ClusterConfig, workspace: Workspace) -> dict[str, Any]:
     from protoclip_cli.data.shards import iter_samples
     from protoclip_cli.evaluation import prototype_report as pr
     from protoclip_cli.evaluation.clustering import agreement, size_histogram, size_summary
-    from protoclip_cli.runs import load_run_config
+    from protoclip_cli.runs import resolve
 
-    run_dir = _run_dir(config, workspace)
-    train_config = load_run_config(run_dir)
-    number, h5_path = pr.pick_episode(run_dir, config.episode)
+    resolved = resolve(workspace, config.run)
+    run, workspace = resolved.run, resolved.workspace
+    train_config = run.config()
+    number, h5_path = run.pick_episode(config.episode)
     episode = pr.read_episode(h5_path)
     dataset = train_config.data.dataset
     shards = workspace.shards(dataset, train_config.data.split)
     has_truth = "ground_truth" in workspace.dataset_manifest(dataset)
     truth, samples = pr.ground_truth_of(iter_samples(shards, images=False, meta=True), episode.keys)
-    info(f"Episode {number} of {run_dir.name}: {len(episode.keys)} samples, clusterings: {', '.join(episode.labels)}.")
+    info(f"Episode {number} of {run.name}: {len(episode.keys)} samples, clusterings: {', '.join(episode.labels)}.")
 
-    report: dict[str, Any] = {"run": run_dir.name, "episode": number, "samples": int(len(episode.keys)),
+    report: dict[str, Any] = {"run": run.name, "episode": number, "samples": int(len(episode.keys)),
                               "source": str(h5_path), "modalities": {}, "agreement": {}, "ground_truth": {}}
     for modality, labels in episode.labels.items():
         summary = size_summary(labels, episode.k[modality])
@@ -134,15 +126,15 @@ def report_episode(config: ClusterConfig, workspace: Workspace) -> dict[str, Any
         for modality, labels in episode.labels.items():
             report["ground_truth"][modality] = agreement(labels, truth)
 
-    out_dir = Path(config.out) if config.out else run_dir / "cluster" / f"episode-{number}"
+    out_dir = Path(config.out) if config.out else run.cluster_dir(number)
     with atomic_dir(out_dir) as tmp:
-        files = _figures(config, workspace, run_dir, episode, shards, samples, truth if has_truth else None, tmp)
+        files = _figures(config, resolved, episode, shards, samples, truth if has_truth else None, tmp)
         report["files"] = [str(out_dir / name) for name in [*files, "report.json"]]
         write_json(tmp / "report.json", report)
     return {"stage": "cluster", "mode": "report", "out": str(out_dir), **report}
 
 
-def _figures(config, workspace, run_dir, episode, shards, samples, truth, folder: Path) -> list[str]:
+def _figures(config, resolved, episode, shards, samples, truth, folder: Path) -> list[str]:
     """Grids of the largest image and text clusters, and the t-SNE map; returns the file names."""
     import torch
 
@@ -150,7 +142,6 @@ def _figures(config, workspace, run_dir, episode, shards, samples, truth, folder
     from protoclip_cli.data.transforms import decode_image, eval_transform
     from protoclip_cli.evaluation import prototype_report as pr
     from protoclip_cli.core.distributed import resolve_device
-    from protoclip_cli.runs import load_run_model
 
     rng = np.random.default_rng(config.seed)
     shown: dict[str, list[tuple[int, np.ndarray]]] = {}
@@ -168,7 +159,7 @@ def _figures(config, workspace, run_dir, episode, shards, samples, truth, folder
     model, train_config, checkpoint = (None, None, None)
     if len(tsne_rows) > 1:
         device = resolve_device(config.device)
-        model, train_config, checkpoint = load_run_model(run_dir, device=str(device))
+        model, train_config, checkpoint = resolved.run.load_model(resolved.checkpoint, device=str(device))
     transform = eval_transform(model.image_size if model is not None else 64)
     images: dict[int, torch.Tensor] = {}
     for sample in iter_samples(shards, images=True, meta=False):
@@ -179,7 +170,7 @@ def _figures(config, workspace, run_dir, episode, shards, samples, truth, folder
         clusters = [(c, [(images[int(episode.keys[r])], samples[int(episode.keys[r])]["caption"]) for r in members])
                     for c, members in rows]
         name = f"grid-{modality}.png"
-        pr.grid_png(folder / name, clusters, f"{run_dir.name} episode {episode.episode}: largest {modality} clusters")
+        pr.grid_png(folder / name, clusters, f"{resolved.run.name} episode {episode.episode}: largest {modality} clusters")
         files.append(name)
     if model is not None:
         keys = [int(episode.keys[r]) for r in tsne_rows]

@@ -132,20 +132,24 @@ class _Data:
 
 
 def _load_model(config: EvaluateConfig, workspace: Workspace):
-    from protoclip_cli.evaluation.models import load_open_clip, load_run
+    """(model, the workspace whose data sets the default evaluation reads)."""
+    from protoclip_cli.evaluation import models
 
     if config.open_clip:
-        return load_open_clip(config.open_clip, config.pretrained, config.device)
+        return models.load_open_clip(config.open_clip, config.pretrained, config.device), workspace
     if config.pretrained:
         raise ProtoclipError("--pretrained needs --open-clip ARCH (the OpenCLIP architecture of the checkpoint).")
-    return load_run(workspace, config.model or None, config.checkpoint or None, config.device)
+    from protoclip_cli.runs import resolve
+
+    resolved = resolve(workspace, config.model, config.checkpoint)
+    return models.from_run(resolved.run, resolved.checkpoint, config.device), resolved.workspace
 
 
 def _default_dataset(model, workspace: Workspace) -> str:
     if model.run_dir is not None:
-        from protoclip_cli.runs import load_run_config
+        from protoclip_cli.runs import RunDir
 
-        return load_run_config(model.run_dir).data.dataset
+        return RunDir(model.run_dir).config().data.dataset
     return workspace.resolve_dataset(None)
 
 
@@ -173,6 +177,8 @@ def _run_task(task: str, dataset: str, model, data: _Data, config: EvaluateConfi
 
 def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
     """Evaluate one model on the requested task(s); returns the eval manifest (``results`` by name)."""
+    from protoclip_cli.runs import RunDir
+
     base_tasks, dataset, preset = parse_task(config.task, config.dataset)
     if config.probe_method not in ("lbfgs", "adam"):
         raise ProtoclipError(f"--probe-method {config.probe_method} is not lbfgs or adam.")
@@ -183,9 +189,9 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
 
     if dataset in EXTERNAL:  # before the model is loaded
         _require_root(config, dataset)
-    model = _load_model(config, workspace)
+    model, workspace = _load_model(config, workspace)
     info(f"Evaluating {model.name} on {model.device}.")
-    eval_dir = model.run_dir / "eval" if model.run_dir else workspace.root / "eval" / slugify(model.name.replace("@", "-"))
+    eval_dir = RunDir(model.run_dir).eval_dir if model.run_dir else workspace.eval_dir(model.name.replace("@", "-"))
     cache_dir = eval_dir / "cache" if config.cache else None
     default_dataset = dataset if dataset in EXTERNAL else (dataset or _default_dataset(model, workspace))
     data = _Data(config, workspace, default_dataset)
