@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 
 from protoclip_cli.artifacts import atomic_dir, atomic_path, write_json
-from protoclip_cli.config import option
+from protoclip_cli.config import check_choices, option, require
 from protoclip_cli.console import info
 from protoclip_cli.errors import MissingInputError, ProtoclipError
 from protoclip_cli.workspace import Workspace
@@ -27,7 +26,7 @@ from protoclip_cli.workspace import Workspace
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    run: str = option("", "Run name or folder ('' = the workspace's latest run).")
+    run: str = option("", "Run name, run folder or checkpoint file ('' = the workspace's latest run).")
     episode: str = option("last", "Episode to report on: 'last' or its number.")
     grid_clusters: int = option(6, "Clusters shown in each image grid (the largest ones).")
     grid_samples: int = option(8, "Samples per cluster in the grids.")
@@ -35,11 +34,24 @@ class ClusterConfig:
     device: str = option("auto", "Device for recomputing the t-SNE features.")
     features: str = option("", "Cluster this HDF5 file's `embeddings` instead of reporting on a run.")
     k: int = option(0, "Clusters for --features.")
-    backend: str = option("auto", "k-means backend for --features: auto, torch or faiss.")
+    backend: Literal["auto", "torch", "faiss"] = option("auto", "k-means backend for --features.")
     iterations: int = option(20, "k-means iterations for --features.")
     restarts: int = option(1, "k-means restarts for --features (the lowest objective is kept).")
     seed: int = option(0, "Seed of k-means, sampling and t-SNE.")
     out: str = option("", "Output: the report folder, or the labels/centroids HDF5 for --features.")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require(
+            self.episode == "last" or self.episode.isdigit(), f"--episode {self.episode} is neither 'last' nor a number."
+        )
+        require(not self.features or self.k >= 1, "--features needs --k, the number of clusters (e.g. --k 1000).")
+        for name in ("iterations", "restarts", "grid_samples"):
+            value = getattr(self, name)
+            require(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+        for name in ("grid_clusters", "tsne_points"):
+            value = getattr(self, name)
+            require(value >= 0, f"--{name.replace('_', '-')} must be 0 (none) or more, got {value}.")
 
 
 def run(config: ClusterConfig, workspace: Workspace) -> dict[str, Any]:
@@ -54,18 +66,15 @@ def run(config: ClusterConfig, workspace: Workspace) -> dict[str, Any]:
 
 def cluster_feature_file(config: ClusterConfig) -> dict[str, Any]:
     import h5py
+    import numpy as np
     import torch
 
-    from protoclip_cli.core.kmeans import BACKENDS, kmeans
+    from protoclip_cli.core.kmeans import kmeans
     from protoclip_cli.evaluation.clustering import size_summary
 
     source = Path(config.features)
     if not source.is_file():
         raise MissingInputError(f"Feature file {source} does not exist; pass an HDF5 file with an `embeddings` dataset.")
-    if config.k < 1:
-        raise ProtoclipError("--features needs --k, the number of clusters (e.g. --k 1000).")
-    if config.backend not in BACKENDS:
-        raise ProtoclipError(f"--backend {config.backend} is not one of {', '.join(BACKENDS)}.")
     with h5py.File(source, "r") as f:
         if "embeddings" not in f:
             raise ProtoclipError(f"{source} has no `embeddings` dataset (it has: {', '.join(f) or 'nothing'}).")
@@ -95,6 +104,8 @@ def cluster_feature_file(config: ClusterConfig) -> dict[str, Any]:
 
 
 def report_episode(config: ClusterConfig, workspace: Workspace) -> dict[str, Any]:
+    import numpy as np
+
     from protoclip_cli.data.shards import iter_samples
     from protoclip_cli.evaluation import prototype_report as pr
     from protoclip_cli.evaluation.clustering import agreement, size_histogram, size_summary
@@ -136,15 +147,16 @@ def report_episode(config: ClusterConfig, workspace: Workspace) -> dict[str, Any
 
 def _figures(config, resolved, episode, shards, samples, truth, folder: Path) -> list[str]:
     """Grids of the largest image and text clusters, and the t-SNE map; returns the file names."""
+    import numpy as np
     import torch
 
+    from protoclip_cli.core.distributed import resolve_device
     from protoclip_cli.data.shards import iter_samples
     from protoclip_cli.data.transforms import decode_image, eval_transform
     from protoclip_cli.evaluation import prototype_report as pr
-    from protoclip_cli.core.distributed import resolve_device
 
     rng = np.random.default_rng(config.seed)
-    shown: dict[str, list[tuple[int, np.ndarray]]] = {}
+    shown: dict[str, list[tuple[int, "np.ndarray"]]] = {}
     for modality in ("image", "text"):
         if modality not in episode.labels or config.grid_clusters < 1:
             continue

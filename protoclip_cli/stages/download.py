@@ -22,14 +22,14 @@ import dataclasses
 import json
 import os
 import shutil
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from protoclip_cli.artifacts import MANIFEST, write_json, write_manifest
-from protoclip_cli.config import option
+from protoclip_cli.config import check_choices, option, require
 from protoclip_cli.console import info
+from protoclip_cli.data.url_lists import RESERVED_COLUMNS
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.workspace import Workspace
 
@@ -75,6 +75,22 @@ class DownloadConfig:
     synthetic_heldout_size: int = option(1024, "Embedded set: held-out samples (evaluation).")
     seed: int = option(0, "Embedded set: generator seed (the held-out split uses its own streams).")
 
+    def __post_init__(self) -> None:
+        check_choices(self)
+        for name in ("image_size", "processes", "threads", "samples_per_shard", "timeout"):
+            value = getattr(self, name)
+            require(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+        require(
+            self.source != "synthetic" or min(self.synthetic_train_size, self.synthetic_heldout_size) >= 1,
+            "The embedded data set needs at least 1 training and 1 held-out sample.",
+        )
+        require(
+            self.source == "synthetic" or bool(self.url_list),
+            f"Source '{self.source}' needs a URL list file; pass --url-list FILE (or --tsv FILE).",
+        )
+        reserved = sorted(RESERVED_COLUMNS.intersection(self.extra_cols))
+        require(not reserved, f"Extra column '{reserved[0] if reserved else ''}' clashes with img2dataset's own metadata; rename it.")
+
 
 def defaults_for(source: Source) -> dict[str, Any]:
     """Settings that suit a source, to fill in what the user did not set.
@@ -106,7 +122,7 @@ def make_config(name: str, source: Source, **settings: Any) -> DownloadConfig:
 
 def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
     """Download ``config``'s data set into ``workspace``; return the written manifest."""
-    _check_config(config)
+    _check_environment(config)
     _check_settings(config, workspace)
     from protoclip_cli.data import downloader
 
@@ -155,27 +171,7 @@ def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
     return write_manifest(dataset_dir, "download", dataclasses.asdict(config), **fields)
 
 
-def _check_config(config: DownloadConfig) -> None:
-    hints = typing.get_type_hints(DownloadConfig)
-    for field in dataclasses.fields(DownloadConfig):
-        allowed = typing.get_args(hints[field.name]) if typing.get_origin(hints[field.name]) is Literal else ()
-        if allowed and getattr(config, field.name) not in allowed:
-            raise ProtoclipError(
-                f"{field.name} {getattr(config, field.name)!r} is not one of {', '.join(allowed)}."
-            )
-    positive = ("image_size", "processes", "threads", "samples_per_shard", "timeout")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ProtoclipError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
-    if config.source == "synthetic" and min(config.synthetic_train_size, config.synthetic_heldout_size) < 1:
-        raise ProtoclipError("The embedded data set needs at least 1 training and 1 held-out sample.")
-    if config.source != "synthetic" and not config.url_list:
-        raise ProtoclipError(f"Source '{config.source}' needs a URL list file; pass --url-list FILE (or --tsv FILE).")
-    from protoclip_cli.data.url_lists import RESERVED_COLUMNS
-
-    reserved = sorted(RESERVED_COLUMNS.intersection(config.extra_cols))
-    if reserved:
-        raise ProtoclipError(f"Extra column '{reserved[0]}' clashes with img2dataset's own metadata; rename it.")
+def _check_environment(config: DownloadConfig) -> None:
     if config.distributor == "pyspark":
         import importlib.util
 

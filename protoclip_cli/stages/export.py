@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from protoclip_cli.artifacts import atomic_path, file_sha256, write_manifest
-from protoclip_cli.config import option, to_dict
+from protoclip_cli.config import option, require, to_dict
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.workspace import Workspace
 
@@ -30,6 +30,9 @@ class ExportConfig:
     format: str = option("open_clip", "Export format: open_clip.")
     out: str = option("", "Output file ('' = runs/<run>/export/<run>-<arch>.pt).")
 
+    def __post_init__(self) -> None:
+        require(self.format in FORMATS, f"Unknown export format '{self.format}'; choose one of {', '.join(FORMATS)}.")
+
 
 def run(config: ExportConfig, workspace: Workspace) -> dict[str, Any]:
     """Write the export and its ``manifest.json``; returns the manifest."""
@@ -37,8 +40,6 @@ def run(config: ExportConfig, workspace: Workspace) -> dict[str, Any]:
 
     from protoclip_cli.runs import resolve
 
-    if config.format not in FORMATS:
-        raise ProtoclipError(f"Unknown export format '{config.format}'; choose one of {', '.join(FORMATS)}.")
     resolved = resolve(workspace, config.run, config.checkpoint)
     model, train_config, info = resolved.run.load_model(resolved.checkpoint, device="cpu")
     arch = train_config.model.arch

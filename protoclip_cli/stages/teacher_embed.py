@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from protoclip_cli import __version__
 from protoclip_cli.artifacts import MANIFEST, file_sha256
-from protoclip_cli.config import option
+from protoclip_cli.config import option, require
 from protoclip_cli.console import info, progress
 from protoclip_cli.data import teacher_file
 from protoclip_cli.errors import ProtoclipError
@@ -52,6 +52,12 @@ class TeacherConfig:
     )
     chunk_size: int = option(16384, "Captions committed to the partial file at a time (the resume granularity).")
     force: bool = option(False, "Recompute even when a finished teacher file exists.")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "chunk_size"):
+            value = getattr(self, name)
+            require(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}.")
+        require(self.pca_dim >= 0, f"--pca-dim must be 0 (no reduction) or positive, got {self.pca_dim}.")
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,6 @@ def run(config: TeacherConfig, workspace: Workspace, *, on_chunk: ChunkHook | No
     ``on_chunk(rows_done, rows_encoded)`` is called after each chunk is committed to the partial
     file (a hook for progress reporting and for tests that interrupt a run). Returns the manifest.
     """
-    _validate(config)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ProtoclipError(
             "teacher-embed runs as a single process; start it without torchrun and list the GPUs with "
@@ -243,14 +248,6 @@ def _stage_manifest(
         "seconds": round(seconds, 3),
         "captions_per_s": round(encoded_rows / seconds, 1) if seconds > 0 else None,
     }
-
-
-def _validate(config: TeacherConfig) -> None:
-    for name in ("batch_size", "chunk_size"):
-        if getattr(config, name) <= 0:
-            raise ProtoclipError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}.")
-    if config.pca_dim < 0:
-        raise ProtoclipError(f"--pca-dim must be 0 (no reduction) or positive, got {config.pca_dim}.")
 
 
 def _reuse(target: Path, identity: dict[str, Any], pca_dim: int) -> dict[str, Any]:

@@ -41,21 +41,8 @@ def use_teacher(config: TrainConfig) -> bool:
     return bool(config.proto.enabled and config.proto.teacher and config.loss.pbt)
 
 
-def check_recipe(config: TrainConfig) -> None:
-    """Consistency checks no type check catches; each error names the field to change."""
-    def fail(message: str) -> None:
-        raise ProtoclipError(message)
-
-    if config.schedule.episodes < 1:
-        fail(f"schedule.episodes is {config.schedule.episodes}; train at least one episode (--set schedule.episodes=1).")
-    if config.data.batch_size < 1 or config.data.extract_batch_size < 1:
-        fail("data.batch_size and data.extract_batch_size must be at least 1.")
-    if config.data.workers < 0:
-        fail(f"data.workers is {config.data.workers}; use 0 (load in the training process) or more.")
-    if config.proto.enabled and not config.model.heads:
-        fail("proto.enabled needs projection heads; set model.heads = true, or proto.enabled = false for plain CLIP.")
-    if config.logging.log_every_steps < 1 or config.logging.keep_checkpoints < 1:
-        fail("logging.log_every_steps and logging.keep_checkpoints must be at least 1.")
+def warn_about_recipe(config: TrainConfig) -> None:
+    """Settings that are valid (TrainConfig checks itself) but do less than they seem to."""
     if config.proto.teacher and config.proto.enabled and not config.loss.pbt:
         warn("proto.teacher is set but loss.pbt = false: the external-teacher loss needs PBT and is skipped.")
 
@@ -64,7 +51,7 @@ def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
     """The data set, its shards and the teacher file, checked before anything heavy is built."""
     from protoclip_cli.training.episodes import shard_keys, shard_sample_count
 
-    check_recipe(config)
+    warn_about_recipe(config)
     name = config.data.dataset
     shards = workspace.shards(name, config.data.split)  # raises, naming `protoclip download`
     if not shards:
