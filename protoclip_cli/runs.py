@@ -249,7 +249,7 @@ def resolve(workspace: "Workspace", target: str | Path | None, checkpoint: str |
     return ResolvedRun(run, chosen, owner)
 
 
-# -- the functions other code has called since before RunDir --------------------------------------
+# -- the same for a folder path ----------------------------------------------------------------------
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

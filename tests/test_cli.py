@@ -135,7 +135,7 @@ def test_set_reaches_any_config_field(feature_file, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--k", "4", "--set", "k=5"], "--k and --set k=... both set k; pass it once."),
+        (["--k", "4", "--set", "k=5"], "k is given both as an option and with --set; pass it once."),
         (["--k", "4", "--set", "clusters=5"], "--set: unknown key 'clusters'; allowed in the top level: run, episode"),
         (["--set", "k=four"], "--set: k: expected int, got str 'four'"),
         (["--k", "4", "--backend", "sklearn"], "--backend 'sklearn' is not one of auto, torch, faiss"),

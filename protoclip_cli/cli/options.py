@@ -149,7 +149,5 @@ def build_config(cls: type, values: dict[str, Any], overrides: list[str], base: 
     from_set = config_io.check_values(cls, config_io.apply_overrides({}, overrides), "--set")
     twice = sorted(set(given) & set(from_set))
     if twice:
-        raise config_io.ConfigError(
-            f"{flag_name(twice[0])} and --set {twice[0]}=... both set {twice[0]}; pass it once."
-        )
+        raise config_io.ConfigError(f"{twice[0]} is given both as an option and with --set; pass it once.")
     return cls(**{**(base or {}), **given, **from_set})

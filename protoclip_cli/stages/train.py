@@ -115,23 +115,23 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def prepare_run_dir(config: TrainConfig, run: RunDir, resume: bool | None) -> Path | None:
+def prepare_run_dir(config: TrainConfig, run_dir: RunDir, resume: bool | None) -> Path | None:
     """Check the run folder against ``config``; return the checkpoint to resume from, if any.
 
     A folder of another configuration is refused; ``resume=False`` clears this configuration's
     checkpoints, episodes and metrics; ``resume=None`` resumes when a checkpoint exists.
     """
-    if run.exists():
-        old = config_io.to_dict(run.config())
+    if run_dir.exists():
+        old = config_io.to_dict(run_dir.config())
         differences = _config_differences(old, config_io.to_dict(config))
         if differences:
             raise ProtoclipError(
-                f"Run folder {run.path} holds a run with another configuration (differs in {', '.join(differences[:4])}); "
+                f"Run folder {run_dir.path} holds a run with another configuration (differs in {', '.join(differences[:4])}); "
                 f"pick another run name with --set name=NEW_NAME, or delete the folder."
             )
-    checkpoint = run.latest_checkpoint()
+    checkpoint = run_dir.latest_checkpoint()
     if resume is False or checkpoint is None:
-        for stale in run.training_state():
+        for stale in run_dir.training_state():
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
@@ -149,24 +149,24 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
     from protoclip_cli.training.loop import Trainer
 
     inputs = check_inputs(config, workspace)
-    run = RunDir(workspace.run_dir(config.name))
-    if resume is True and not run.exists():
-        info(f"Nothing to resume in {run.path}; starting the run.")
+    run_dir = RunDir(workspace.run_dir(config.name))
+    if resume is True and not run_dir.exists():
+        info(f"Nothing to resume in {run_dir.path}; starting the run.")
     created_group = dist_utils.init_distributed(config.device)
     try:
         rank, world_size = dist_utils.rank(), dist_utils.world_size()
         decision: list[Any] = [None, None]
         if rank == 0:
             try:
-                resume_from = prepare_run_dir(config, run, resume)
-                if resume_from is not None and run.plan_file.is_file():
-                    plan = EpisodePlan.load(run.plan_file)
+                resume_from = prepare_run_dir(config, run_dir, resume)
+                if resume_from is not None and run_dir.plan_file.is_file():
+                    plan = EpisodePlan.load(run_dir.plan_file)
                 else:
                     plan = plan_episodes(inputs.counts, config.schedule.episodes, config.data.episode_size, config.seed)
                 check_plan(config, plan, world_size)
-                write_text(run.config_file, config_io.dumps(config))
-                plan.save(run.plan_file)
-                _write_run_manifest(config, run, inputs, world_size, "running", {})
+                write_text(run_dir.config_file, config_io.dumps(config))
+                plan.save(run_dir.plan_file)
+                _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
                 decision = [str(resume_from) if resume_from else None, None]
             except ProtoclipError as exc:
                 decision = [None, str(exc)]
@@ -174,10 +174,10 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
         if decision[1] is not None:
             raise ProtoclipError(decision[1])
         resume_from = Path(decision[0]) if decision[0] else None
-        plan = EpisodePlan.load(run.plan_file)
+        plan = EpisodePlan.load(run_dir.plan_file)
         if config.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
-        trainer = Trainer(config, run.path, plan, inputs.shard_paths, inputs.teacher_path, resume_from)
+        trainer = Trainer(config, run_dir.path, plan, inputs.shard_paths, inputs.teacher_path, resume_from)
         info(
             f"Training run '{config.name}': {config.schedule.episodes} episodes, {trainer.layout.total_steps} steps, "
             f"{world_size} process(es) on {trainer.device}, global batch {config.data.batch_size * world_size}."
@@ -186,8 +186,8 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
         summary["broken_samples"] = trainer.stats.get("broken", 0)
         manifest = {}
         if rank == 0:
-            summary["final_checkpoint"] = str(run.latest_checkpoint())
-            manifest = _write_run_manifest(config, run, inputs, world_size, "complete", summary)
+            summary["final_checkpoint"] = str(run_dir.latest_checkpoint())
+            manifest = _write_run_manifest(config, run_dir, inputs, world_size, "complete", summary)
         return dist_utils.broadcast_object(manifest)
     finally:
         if created_group:
@@ -196,9 +196,9 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
             dist.destroy_process_group()
 
 
-def _write_run_manifest(config: TrainConfig, run: RunDir, inputs: TrainInputs, world_size: int, status: str, summary: dict) -> dict:
+def _write_run_manifest(config: TrainConfig, run_dir: RunDir, inputs: TrainInputs, world_size: int, status: str, summary: dict) -> dict:
     # The teacher file is recorded by path: hashing a multi-gigabyte HDF5 on every start costs too much.
     return write_manifest(
-        run.path, "train", config=config_io.to_dict(config), inputs={"dataset": inputs.dataset_dir},
+        run_dir.path, "train", config=config_io.to_dict(config), inputs={"dataset": inputs.dataset_dir},
         teacher_file=str(inputs.teacher_path) if inputs.teacher_path else None, status=status, world_size=world_size, command=" ".join(sys.argv), **summary,
     )
