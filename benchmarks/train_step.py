@@ -20,6 +20,10 @@ calls after ``--warmup-steps`` untimed steps.
     .venv/bin/python benchmarks/train_step.py --device cpu --arch protoclip-tiny --batch 16 --steps 2 --warmup-steps 1
 
 Prints a table and writes JSON (default ``benchmarks/results/train_step-<device>.json``).
+
+The script is longer than this project's modules usually are, on purpose: it is run as a file and
+read next to the numbers it produced, so the three variants, their inputs and the timing stay in
+one place where their differences can be compared line by line.
 """
 
 from __future__ import annotations
@@ -78,19 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- machine and measurement helpers -------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; an explicit CUDA device on a machine without one is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {name}: this machine has no CUDA device; use --device cpu.")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def machine_info(device: torch.device) -> dict:
@@ -433,9 +424,15 @@ def print_table(record: dict) -> None:
 def prepare_device(args: argparse.Namespace) -> torch.device:
     """Threads and device as the trainer sets them: on CUDA, TF32 matmuls and cuDNN autotuning
     (open_clip_train's settings too), for every variant of the process alike."""
+    from protoclip_cli.core.distributed import resolve_device
+    from protoclip_cli.errors import ProtoclipError
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ProtoclipError as error:
+        raise SystemExit(f"--device {args.device}: {error}") from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

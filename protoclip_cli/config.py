@@ -1,9 +1,11 @@
 """Typed, frozen configs loaded from TOML recipes.
 
 A recipe is a TOML file whose tables map one to one onto nested frozen dataclasses. Every field is
-declared with :func:`option`, whose ``help`` text documents the recipe key (``protoclip recipe
-explain`` prints it). Unknown keys and wrong types are errors naming the file, the key and the
-allowed names. ``--set section.key=value`` overrides any field, the value parsed as TOML
+declared with :func:`option`, whose ``help`` text documents the recipe key (``protoclip train
+--explain`` prints it) and, for a stage's config, the command-line option generated from it.
+Unknown keys and wrong types are errors naming the file, the key and the allowed names; values a
+type cannot rule out are checked by each config's ``__post_init__`` with :func:`require` and
+:func:`check_choices`, so no invalid config can be built. ``--set section.key=value`` overrides any field, the value parsed as TOML
 (``--set optim.lr=1e-4``, ``--set data.dataset=cc3m``; a bare word is taken as a string).
 """
 
@@ -14,7 +16,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -89,6 +91,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
+    return cls(**check_values(cls, data, where))
+
+
+def check_values(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``data``'s values for fields of ``cls``, type-checked and coerced (nested tables built);
+    an unknown key or a wrong type is a :class:`ConfigError` naming ``where`` and the key."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     prefix = where.split(": ", 1)
@@ -99,8 +107,27 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
             f"{source}: unknown key '{path}{unknown[0]}'; allowed in "
             f"{'[' + path.rstrip('.') + ']' if path else 'the top level'}: {', '.join(fields)}."
         )
-    kwargs = {k: _coerce(v, hints[k], f"{source}: {path}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    return {k: _coerce(v, hints[k], f"{source}: {path}{k}") for k, v in data.items()}
+
+
+# -- validation: every config checks itself in __post_init__ with these ---------------------------
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a :class:`ConfigError` with ``message`` (one sentence naming the setting) unless ``condition``."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_choices(config: Any, label: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")) -> None:
+    """Every ``Literal`` field of ``config`` holds one of its values; the error names the field by
+    ``label(name)`` (a stage's command-line option by default)."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        if typing.get_origin(hints[field.name]) is typing.Literal:
+            allowed = typing.get_args(hints[field.name])
+            value = getattr(config, field.name)
+            require(value in allowed, f"{label(field.name)} {value!r} is not one of {', '.join(map(str, allowed))}.")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>") -> T:

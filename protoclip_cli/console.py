@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import IO
 
 from rich.console import Console
 
@@ -25,8 +26,12 @@ def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/yellow] {message}")
 
 
-def progress(**kwargs):
-    """A rich Progress with the columns every long stage uses (rate, elapsed, ETA)."""
+def progress(*, file: IO[str] | None = None, **kwargs):
+    """A rich Progress with the columns every long stage uses (rate, elapsed, ETA).
+
+    It draws on the shared stderr console, or on ``file`` when given (a stage that redirects the
+    process's stderr, such as the img2dataset download, passes the stream the terminal is on).
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -45,7 +50,7 @@ def progress(**kwargs):
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=console,
+        console=console if file is None else Console(file=file, highlight=False),
         disable=not is_main_process() or kwargs.pop("disable", False),
         transient=kwargs.pop("transient", False),
         **kwargs,

@@ -3,6 +3,8 @@
 ``recipes/*.toml`` are instances of :class:`TrainConfig`. A plain CLIP baseline is the same
 recipe with ``proto.enabled = false``, ``model.heads = false`` and ``data.episode_size = 0``.
 Field help texts are the documentation of each key (``protoclip train --explain`` prints them).
+:meth:`TrainConfig.__post_init__` checks what types cannot (a recipe that needs heads has them, ...),
+so an inconsistent recipe fails when it is loaded, naming the key to change.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from protoclip_cli.config import option
+from protoclip_cli.config import check_choices, option, require
 
 
 @dataclass(frozen=True)
@@ -117,3 +119,26 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimisation"})
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "Schedule"})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Logging"})
+
+    def __post_init__(self) -> None:
+        """Consistency no type check catches; each error names the field to change."""
+        check_choices(self, label=str)
+        for section in ("data", "model", "proto", "loss", "optim", "schedule", "logging"):
+            check_choices(getattr(self, section), label=lambda name, section=section: f"{section}.{name}")
+        require(
+            self.schedule.episodes >= 1,
+            f"schedule.episodes is {self.schedule.episodes}; train at least one episode (--set schedule.episodes=1).",
+        )
+        require(
+            self.data.batch_size >= 1 and self.data.extract_batch_size >= 1,
+            "data.batch_size and data.extract_batch_size must be at least 1.",
+        )
+        require(self.data.workers >= 0, f"data.workers is {self.data.workers}; use 0 (load in the training process) or more.")
+        require(
+            not self.proto.enabled or self.model.heads,
+            "proto.enabled needs projection heads; set model.heads = true, or proto.enabled = false for plain CLIP.",
+        )
+        require(
+            self.logging.log_every_steps >= 1 and self.logging.keep_checkpoints >= 1,
+            "logging.log_every_steps and logging.keep_checkpoints must be at least 1.",
+        )

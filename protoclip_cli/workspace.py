@@ -5,7 +5,9 @@
 <workspace>/datasets/<name>/shards/00000.tar ...      webdataset shards of the train split
 <workspace>/datasets/<name>/<split>/00000.tar ...     other splits (the embedded set has 'heldout')
 <workspace>/datasets/<name>/teacher/<slug>.h5          teacher-embed's caption features
-<workspace>/runs/<run>/...                             train, cluster, evaluate outputs
+<workspace>/runs/<run>/...                             a training run (layout: protoclip_cli.runs.RunDir)
+<workspace>/eval/<model>/...                           evaluate's results for an OpenCLIP checkpoint
+<workspace>/cache/<name>/...                           download's inputs for img2dataset (renderings, URL list)
 ```
 Where a data set or run is not named, commands take the workspace's only or latest one and say
 which they took.
@@ -60,6 +62,18 @@ class Workspace:
     def teacher_file(self, dataset: str, model: str) -> Path:
         return self.teacher_dir(dataset) / f"{slugify(model)}.h5"
 
+    def download_settings_file(self, name: str) -> Path:
+        """The data settings of the last download, which an incremental rerun must match."""
+        return self.dataset_dir(name) / "download-settings.json"
+
+    def download_log(self, name: str, split: str) -> Path:
+        """img2dataset's own output for one split."""
+        return self.dataset_dir(name) / "logs" / f"{split}.log"
+
+    def cache_dir(self, name: str) -> Path:
+        """Inputs prepared for img2dataset: the embedded set's renderings, a checked URL list."""
+        return self.root / "cache" / name
+
     def dataset_manifest(self, name: str) -> dict:
         return read_manifest(
             self.dataset_dir(name), what=f"data set '{name}'", command=f"protoclip download {name}"
@@ -92,14 +106,22 @@ class Workspace:
     def run_dir(self, name: str) -> Path:
         return self.runs_dir / name
 
+    def eval_dir(self, model: str) -> Path:
+        """Results of evaluating a model that is not a run of this workspace (an OpenCLIP checkpoint)."""
+        return self.root / "eval" / slugify(model)
+
     def runs(self) -> list[str]:
-        """Training runs (folders with a config.toml), oldest first."""
+        """Training runs (see :class:`protoclip_cli.runs.RunDir`), oldest first."""
+        from protoclip_cli.runs import RunDir
+
         if not self.runs_dir.is_dir():
             return []
-        runs = [p for p in self.runs_dir.iterdir() if (p / "config.toml").is_file()]
-        return [p.name for p in sorted(runs, key=lambda p: (p / "config.toml").stat().st_mtime)]
+        runs = [RunDir(p) for p in self.runs_dir.iterdir() if RunDir(p).exists()]
+        return [run.name for run in sorted(runs, key=lambda run: run.config_file.stat().st_mtime)]
 
     def resolve_run(self, name: str | None) -> str:
+        """``name`` if given, else the latest run (and say which); :func:`protoclip_cli.runs.resolve`
+        also takes run folders and checkpoint files."""
         return _resolve(name, self.runs(), "run", self.runs_dir, "protoclip train recipes/synthetic.toml")
 
 

@@ -88,3 +88,16 @@ def test_features_mode_writes_labels_and_centroids(synthetic_teacher, tmp_path):
 def test_features_mode_needs_k(synthetic_teacher):
     result = _cli("cluster", "--features", str(synthetic_teacher))
     assert result.exit_code == 1 and "--features needs --k" in result.output
+
+
+def test_report_from_a_checkpoint_file(trained_run, tmp_path):
+    """A checkpoint path names its run (and brings the run's workspace along)."""
+    from protoclip_cli.runs import latest_checkpoint
+
+    out = tmp_path / "report"
+    result = _cli("cluster", str(latest_checkpoint(trained_run)), "--tsne-points", "0", "--out", str(out),
+                  "-w", str(tmp_path / "elsewhere"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"] == RUN and set(report["modalities"]) == {"image", "text", "teacher"}
+    assert sorted(p.name for p in out.iterdir()) == ["grid-image.png", "grid-text.png", "report.json"]

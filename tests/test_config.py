@@ -66,11 +66,11 @@ def test_set_overrides_any_field(tmp_path):
     cfg = config.load(
         TrainConfig,
         path,
-        ["optim.lr=3e-4", "data.dataset=cc3m", "model.heads=false", "name=my-run", "proto.k=7"],
+        ["optim.lr=3e-4", "data.dataset=cc3m", "model.heads=false", "proto.enabled=false", "name=my-run", "proto.k=7"],
     )
     assert cfg.optim.lr == 3e-4
     assert cfg.data.dataset == "cc3m"
-    assert cfg.model.heads is False
+    assert cfg.model.heads is False and cfg.proto.enabled is False
     assert cfg.name == "my-run"
     assert cfg.proto.k == 7
 
@@ -109,3 +109,59 @@ def test_every_field_has_help():
     rows = config.explain(TrainConfig)
     assert {row[0] for row in rows} >= {"optim.lr", "proto.k", "data.episode_size", "loss.target_temperature"}
     assert all(row[3] for row in rows), [row[0] for row in rows if not row[3]]
+
+
+# -- every config checks itself when it is built -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: TrainConfig(model=dataclasses.replace(TrainConfig().model, heads=False)), "proto.enabled needs projection heads"),
+        (lambda: TrainConfig(precision="fp16"), "precision 'fp16' is not one of auto, fp32, bf16"),
+        (lambda: TrainConfig(data=dataclasses.replace(TrainConfig().data, augmentation="heavy")),
+         "data.augmentation 'heavy' is not one of none, rrc, light"),
+        (lambda: TrainConfig(schedule=dataclasses.replace(TrainConfig().schedule, episodes=0)), "schedule.episodes is 0"),
+    ],
+)
+def test_train_config_rejects_what_types_cannot(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_recipe_inconsistency_fails_when_loaded(tmp_path):
+    path = write(tmp_path, "[model]\nheads = false\n")
+    with pytest.raises(ConfigError, match="proto.enabled needs projection heads; set model.heads = true"):
+        config.load(TrainConfig, path)
+
+
+def test_stage_configs_name_the_option_to_change():
+    from protoclip_cli.stages.cluster import ClusterConfig
+    from protoclip_cli.stages.download import DownloadConfig
+    from protoclip_cli.stages.evaluate import EvaluateConfig
+    from protoclip_cli.stages.export import ExportConfig
+    from protoclip_cli.stages.teacher_embed import TeacherConfig
+
+    cases = [
+        (lambda: DownloadConfig(resize_mode="stretch"), "--resize-mode 'stretch' is not one of border, keep_ratio"),
+        (lambda: DownloadConfig(timeout=0), "--timeout must be at least 1, got 0"),
+        (lambda: DownloadConfig(source="cc3m"), "Source 'cc3m' needs a URL list file"),
+        (lambda: DownloadConfig(source="url_list", url_list="x.tsv", extra_cols=("status",)), "Extra column 'status' clashes"),
+        (lambda: TeacherConfig(chunk_size=0), "--chunk-size must be positive, got 0"),
+        (lambda: TeacherConfig(pca_dim=-1), "--pca-dim must be 0"),
+        (lambda: ClusterConfig(features="f.h5"), "--features needs --k"),
+        (lambda: ClusterConfig(backend="sklearn"), "--backend 'sklearn' is not one of auto, torch, faiss"),
+        (lambda: ClusterConfig(episode="first"), "--episode first is neither 'last' nor a number"),
+        (lambda: EvaluateConfig(task="nonsense"), "Unknown task 'nonsense'"),
+        (lambda: EvaluateConfig(probe_method="sgd"), "--probe-method sgd is not lbfgs or adam"),
+        (lambda: EvaluateConfig(task="retrieval", dataset="cifar10", root="/data"), "has no data for the retrieval task"),
+        (lambda: EvaluateConfig(dataset="imagenet"), "Data set imagenet needs --imagenet-root"),
+        (lambda: EvaluateConfig(pretrained="x.pt"), "--pretrained needs --open-clip ARCH"),
+        (lambda: ExportConfig(format="onnx"), "Unknown export format 'onnx'; choose one of open_clip"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            build()
+    # The defaults are valid configs.
+    for cls in (ClusterConfig, DownloadConfig, EvaluateConfig, ExportConfig, TeacherConfig, TrainConfig):
+        cls()

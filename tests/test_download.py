@@ -257,7 +257,7 @@ def test_every_url_failing_is_an_error_and_leaves_no_manifest(tmp_path):
 
 
 def test_cc3m_tsv_columns_are_caption_then_url(tmp_path):
-    from protoclip_cli.stages.download import HEADERLESS_COLUMNS, read_url_list
+    from protoclip_cli.data.url_lists import HEADERLESS_COLUMNS, read_url_list
 
     tsv = tmp_path / "cc3m.tsv"
     tsv.write_text('a "quoted" dog on grass\thttp://x/1.jpg\nsecond one\thttp://x/2.jpg\n')

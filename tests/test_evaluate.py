@@ -110,3 +110,17 @@ def test_all_tasks_on_the_embedded_default_share_cached_features(trained_run, sy
     assert len([n for n in after if n.startswith("synthetic-heldout-image.")]) == 1
     manifest = json.loads((eval_dir / "manifest.json").read_text())
     assert {"synthetic-zeroshot", "zeroshot", "retrieval"} <= set(manifest["results"])
+
+
+def test_a_run_folder_brings_its_workspace(trained_run, tmp_path, monkeypatch):
+    """`protoclip evaluate WS/runs/NAME` from another directory finds WS's data sets without --workspace."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PROTOCLIP_WORKSPACE", raising=False)
+    result_file = trained_run / "eval" / "zeroshot.json"
+    result_file.unlink(missing_ok=True)
+    result = _cli("evaluate", str(trained_run), "--task", "zeroshot", "--workers", "0", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "belongs to the workspace" in " ".join(result.output.split())
+    record = json.loads(result_file.read_text())
+    assert record["images"] == 256 and record["model"]["path"].startswith(str(trained_run / "checkpoints"))
+    assert not (tmp_path / "protoclip-workspace").exists()

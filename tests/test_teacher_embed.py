@@ -16,16 +16,9 @@ import pytest
 from protoclip_cli.artifacts import file_sha256, write_json
 from protoclip_cli.data.shards import iter_samples
 from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.data.teacher_file import check_teacher_covers, load_teacher, partial_path
 from protoclip_cli.stages import teacher_embed
-from protoclip_cli.stages.teacher_embed import (
-    MINILM_NAME,
-    TeacherConfig,
-    check_teacher_covers,
-    load_teacher,
-    partial_path,
-    resolve_model,
-    run,
-)
+from protoclip_cli.stages.teacher_embed import MINILM_NAME, TeacherConfig, resolve_model, run
 from protoclip_cli.workspace import Workspace
 
 MINILM_DIM = 384

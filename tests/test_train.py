@@ -264,15 +264,15 @@ def test_inconsistent_recipes_fail_before_training(synthetic_workspace):
 
 def test_teacher_of_this_download_skips_the_shard_key_scan(synthetic_workspace, synthetic_teacher, tmp_path):
     """Coverage is proven by the manifest hash and the row count; anything else falls back to the scan."""
-    from protoclip_cli.stages.train import _teacher_made_from
+    from protoclip_cli.data.teacher_file import embedded_from
 
     manifest = synthetic_workspace.dataset_dir("synthetic") / "manifest.json"
-    assert _teacher_made_from(Path(synthetic_teacher), manifest, "train", 512)
-    assert not _teacher_made_from(Path(synthetic_teacher), manifest, "train", 513)
-    assert not _teacher_made_from(Path(synthetic_teacher), manifest, "heldout", 512)
+    assert embedded_from(Path(synthetic_teacher), manifest, "train", 512)
+    assert not embedded_from(Path(synthetic_teacher), manifest, "train", 513)
+    assert not embedded_from(Path(synthetic_teacher), manifest, "heldout", 512)
     other = tmp_path / "manifest.json"
     other.write_text(manifest.read_text().replace("}", ', "x": 1}', 1))
-    assert not _teacher_made_from(Path(synthetic_teacher), other, "train", 512)
+    assert not embedded_from(Path(synthetic_teacher), other, "train", 512)
 
 
 def test_a_diverging_run_stops_with_advice_and_saves_no_checkpoint(synthetic_workspace):

@@ -2,40 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
+from typing import Any
 
-import typer
+from protoclip_cli.cli.common import workspace
+from protoclip_cli.cli.options import Flag, build_config, stage_command
+from protoclip_cli.stages.cluster import ClusterConfig
 
-from protoclip_cli.cli.common import WorkspaceOption, workspace
 
-
-def command(
-    run: Optional[str] = typer.Argument(
-        None, help="Run name or folder (default: the workspace's latest run).", show_default=False
-    ),
-    episode: str = typer.Option("last", "--episode", "-e", help="Episode number, or 'last'."),
-    features: str = typer.Option("", "--features", help="Cluster this HDF5 file's `embeddings` instead (with --k).", show_default=False),
-    k: int = typer.Option(0, "--k", help="Clusters for --features.", show_default=False),
-    backend: str = typer.Option("auto", "--backend", help="k-means backend for --features: auto, torch or faiss."),
-    iterations: int = typer.Option(20, "--iterations", help="k-means iterations for --features."),
-    restarts: int = typer.Option(1, "--restarts", help="k-means restarts for --features."),
-    tsne_points: int = typer.Option(1000, "--tsne-points", help="Samples in the t-SNE map (0 = none)."),
-    device: str = typer.Option("auto", "--device", help="Device for the t-SNE features."),
-    out: str = typer.Option("", "--out", "-o", help="Report folder, or the HDF5 written by --features.", show_default=False),
-    seed: int = typer.Option(0, "--seed", help="Seed of k-means, sampling and t-SNE."),
-    workspace_path: Optional[Path] = WorkspaceOption,
-) -> None:
-    """Report on an episode's prototypes (sizes, agreement, purity, grids, t-SNE), or cluster a feature file."""
+def run(values: dict[str, Any], overrides: list[str], workspace_path) -> None:
     from rich.table import Table
 
     from protoclip_cli.console import out as stdout
-    from protoclip_cli.stages.cluster import ClusterConfig, run as cluster
+    from protoclip_cli.stages.cluster import run as cluster
 
-    config = ClusterConfig(run=run or "", episode=episode, features=features, k=k, backend=backend,
-                           iterations=iterations, restarts=restarts, tsne_points=tsne_points, device=device,
-                           out=out, seed=seed)
-    manifest = cluster(config, workspace(workspace_path))
+    manifest = cluster(build_config(ClusterConfig, values, overrides), workspace(workspace_path))
     table = Table(title=f"Clusters of {manifest['source']}" if manifest["mode"] == "features" else
                   f"Prototypes of {manifest['run']}, episode {manifest['episode']}")
     for column in ("clustering", "k", "n", "empty", "min", "max", "purity", "AMI vs truth"):
@@ -53,3 +33,18 @@ def command(
     stdout.print(table)
     for path in manifest["files"]:
         stdout.print(path, soft_wrap=True)
+
+
+command = stage_command(
+    ClusterConfig,
+    run,
+    flags={"run": Flag(argument=True), "episode": Flag(("--episode", "-e")), "out": Flag(("--out", "-o"))},
+    doc="""Report on an episode's prototypes (sizes, agreement, purity, grids, t-SNE), or cluster a feature file.
+
+    Examples:
+
+      protoclip cluster synthetic-protoclip --episode last
+
+      protoclip cluster --features protoclip-workspace/datasets/synthetic/teacher/all-MiniLM-L6-v2.h5 --k 36
+    """,
+)

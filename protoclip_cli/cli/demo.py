@@ -25,6 +25,12 @@ def command(
 
     Each stage is the same code the stand-alone commands run, and leaves its artifacts in the
     workspace; a rerun reuses what is already there (finished downloads, teacher files and runs).
+
+    Examples:
+
+      protoclip demo
+
+      protoclip demo --no-baseline --set schedule.episodes=2 --workspace /tmp/demo
     """
     from protoclip_cli.stages import demo
 

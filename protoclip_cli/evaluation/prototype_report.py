@@ -1,4 +1,4 @@
-"""Inspection of an episode's prototypes (``runs/<run>/episodes/<n>/prototypes.h5``): cluster sizes,
+"""Inspection of an episode's prototypes (``prototypes.h5``, found by ``RunDir.pick_episode``): cluster sizes,
 agreement between the clusterings, purity against ground truth, image grids and a t-SNE map."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.errors import ProtoclipError
 
 MODALITIES = ("image", "text", "teacher")
 
@@ -25,14 +25,6 @@ class EpisodeClusters:
     objectives: dict[str, float]
 
 
-def episode_folders(run_dir: Path) -> dict[int, Path]:
-    """Episodes of a run that have a ``prototypes.h5``, by episode number."""
-    folder = run_dir / "episodes"
-    if not folder.is_dir():
-        return {}
-    return {int(p.name): p for p in folder.iterdir() if p.name.isdigit() and (p / "prototypes.h5").is_file()}
-
-
 def read_episode(path: Path) -> EpisodeClusters:
     import h5py
 
@@ -42,26 +34,6 @@ def read_episode(path: Path) -> EpisodeClusters:
         k = {m: int(f[m]["centroids"].shape[0]) for m in modalities}
         objectives = {m: float(f.attrs.get(f"objective_{m}", float("nan"))) for m in modalities}
         return EpisodeClusters(int(f.attrs["episode"]), f["keys"][:].astype(np.int64), labels, k, objectives)
-
-
-def pick_episode(run_dir: Path, episode: str) -> tuple[int, Path]:
-    """(number, prototypes.h5 path) for ``episode`` = ``last`` or a number."""
-    found = episode_folders(run_dir)
-    if not found:
-        raise MissingInputError(
-            f"Run {run_dir} has no episodes/<n>/prototypes.h5 (a CLIP baseline has none, or training has not "
-            "clustered an episode yet); train a ProtoCLIP recipe first."
-        )
-    if episode == "last":
-        number = max(found)
-    else:
-        try:
-            number = int(episode)
-        except ValueError:
-            raise ProtoclipError(f"--episode {episode} is neither 'last' nor a number.") from None
-        if number not in found:
-            raise MissingInputError(f"Run {run_dir} has no episode {number}; it has {', '.join(map(str, sorted(found)))}.")
-    return number, found[number] / "prototypes.h5"
 
 
 def ground_truth_of(samples: Iterable, keys: np.ndarray) -> tuple[np.ndarray, dict[int, dict]]:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 
 from protoclip_cli.artifacts import atomic_dir, atomic_path, write_json
-from protoclip_cli.config import option
+from protoclip_cli.config import check_choices, option, require
 from protoclip_cli.console import info
 from protoclip_cli.errors import MissingInputError, ProtoclipError
 from protoclip_cli.workspace import Workspace
@@ -27,7 +26,7 @@ from protoclip_cli.workspace import Workspace
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    run: str = option("", "Run name or folder ('' = the workspace's latest run).")
+    run: str = option("", "Run name, run folder or checkpoint file ('' = the workspace's latest run).")
     episode: str = option("last", "Episode to report on: 'last' or its number.")
     grid_clusters: int = option(6, "Clusters shown in each image grid (the largest ones).")
     grid_samples: int = option(8, "Samples per cluster in the grids.")
@@ -35,11 +34,24 @@ class ClusterConfig:
     device: str = option("auto", "Device for recomputing the t-SNE features.")
     features: str = option("", "Cluster this HDF5 file's `embeddings` instead of reporting on a run.")
     k: int = option(0, "Clusters for --features.")
-    backend: str = option("auto", "k-means backend for --features: auto, torch or faiss.")
+    backend: Literal["auto", "torch", "faiss"] = option("auto", "k-means backend for --features.")
     iterations: int = option(20, "k-means iterations for --features.")
     restarts: int = option(1, "k-means restarts for --features (the lowest objective is kept).")
     seed: int = option(0, "Seed of k-means, sampling and t-SNE.")
     out: str = option("", "Output: the report folder, or the labels/centroids HDF5 for --features.")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require(
+            self.episode == "last" or self.episode.isdigit(), f"--episode {self.episode} is neither 'last' nor a number."
+        )
+        require(not self.features or self.k >= 1, "--features needs --k, the number of clusters (e.g. --k 1000).")
+        for name in ("iterations", "restarts", "grid_samples"):
+            value = getattr(self, name)
+            require(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+        for name in ("grid_clusters", "tsne_points"):
+            value = getattr(self, name)
+            require(value >= 0, f"--{name.replace('_', '-')} must be 0 (none) or more, got {value}.")
 
 
 def run(config: ClusterConfig, workspace: Workspace) -> dict[str, Any]:
@@ -54,18 +66,15 @@ def run(config: ClusterConfig, workspace: Workspace) -> dict[str, Any]:
 
 def cluster_feature_file(config: ClusterConfig) -> dict[str, Any]:
     import h5py
+    import numpy as np
     import torch
 
-    from protoclip_cli.core.kmeans import BACKENDS, kmeans
+    from protoclip_cli.core.kmeans import kmeans
     from protoclip_cli.evaluation.clustering import size_summary
 
     source = Path(config.features)
     if not source.is_file():
         raise MissingInputError(f"Feature file {source} does not exist; pass an HDF5 file with an `embeddings` dataset.")
-    if config.k < 1:
-        raise ProtoclipError("--features needs --k, the number of clusters (e.g. --k 1000).")
-    if config.backend not in BACKENDS:
-        raise ProtoclipError(f"--backend {config.backend} is not one of {', '.join(BACKENDS)}.")
     with h5py.File(source, "r") as f:
         if "embeddings" not in f:
             raise ProtoclipError(f"{source} has no `embeddings` dataset (it has: {', '.join(f) or 'nothing'}).")
@@ -94,32 +103,26 @@ def cluster_feature_file(config: ClusterConfig) -> dict[str, Any]:
 # -- report mode -----------------------------------------------------------------------------------
 
 
-def _run_dir(config: ClusterConfig, workspace: Workspace) -> Path:
-    if config.run and Path(config.run).is_dir():
-        return Path(config.run)
-    run_dir = workspace.run_dir(workspace.resolve_run(config.run or None))
-    if not (run_dir / "config.toml").is_file():
-        raise MissingInputError(f"No training run at {run_dir}; run `protoclip train recipes/synthetic.toml` first.")
-    return run_dir
-
-
 def report_episode(config: ClusterConfig, workspace: Workspace) -> dict[str, Any]:
+    import numpy as np
+
     from protoclip_cli.data.shards import iter_samples
     from protoclip_cli.evaluation import prototype_report as pr
     from protoclip_cli.evaluation.clustering import agreement, size_histogram, size_summary
-    from protoclip_cli.runs import load_run_config
+    from protoclip_cli.runs import resolve
 
-    run_dir = _run_dir(config, workspace)
-    train_config = load_run_config(run_dir)
-    number, h5_path = pr.pick_episode(run_dir, config.episode)
+    resolved = resolve(workspace, config.run)
+    run, workspace = resolved.run, resolved.workspace
+    train_config = run.config()
+    number, h5_path = run.pick_episode(config.episode)
     episode = pr.read_episode(h5_path)
     dataset = train_config.data.dataset
     shards = workspace.shards(dataset, train_config.data.split)
     has_truth = "ground_truth" in workspace.dataset_manifest(dataset)
     truth, samples = pr.ground_truth_of(iter_samples(shards, images=False, meta=True), episode.keys)
-    info(f"Episode {number} of {run_dir.name}: {len(episode.keys)} samples, clusterings: {', '.join(episode.labels)}.")
+    info(f"Episode {number} of {run.name}: {len(episode.keys)} samples, clusterings: {', '.join(episode.labels)}.")
 
-    report: dict[str, Any] = {"run": run_dir.name, "episode": number, "samples": int(len(episode.keys)),
+    report: dict[str, Any] = {"run": run.name, "episode": number, "samples": int(len(episode.keys)),
                               "source": str(h5_path), "modalities": {}, "agreement": {}, "ground_truth": {}}
     for modality, labels in episode.labels.items():
         summary = size_summary(labels, episode.k[modality])
@@ -134,26 +137,26 @@ def report_episode(config: ClusterConfig, workspace: Workspace) -> dict[str, Any
         for modality, labels in episode.labels.items():
             report["ground_truth"][modality] = agreement(labels, truth)
 
-    out_dir = Path(config.out) if config.out else run_dir / "cluster" / f"episode-{number}"
+    out_dir = Path(config.out) if config.out else run.cluster_dir(number)
     with atomic_dir(out_dir) as tmp:
-        files = _figures(config, workspace, run_dir, episode, shards, samples, truth if has_truth else None, tmp)
+        files = _figures(config, resolved, episode, shards, samples, truth if has_truth else None, tmp)
         report["files"] = [str(out_dir / name) for name in [*files, "report.json"]]
         write_json(tmp / "report.json", report)
     return {"stage": "cluster", "mode": "report", "out": str(out_dir), **report}
 
 
-def _figures(config, workspace, run_dir, episode, shards, samples, truth, folder: Path) -> list[str]:
+def _figures(config, resolved, episode, shards, samples, truth, folder: Path) -> list[str]:
     """Grids of the largest image and text clusters, and the t-SNE map; returns the file names."""
+    import numpy as np
     import torch
 
+    from protoclip_cli.core.distributed import resolve_device
     from protoclip_cli.data.shards import iter_samples
     from protoclip_cli.data.transforms import decode_image, eval_transform
     from protoclip_cli.evaluation import prototype_report as pr
-    from protoclip_cli.evaluation.models import resolve_device
-    from protoclip_cli.runs import load_run_model
 
     rng = np.random.default_rng(config.seed)
-    shown: dict[str, list[tuple[int, np.ndarray]]] = {}
+    shown: dict[str, list[tuple[int, "np.ndarray"]]] = {}
     for modality in ("image", "text"):
         if modality not in episode.labels or config.grid_clusters < 1:
             continue
@@ -168,7 +171,7 @@ def _figures(config, workspace, run_dir, episode, shards, samples, truth, folder
     model, train_config, checkpoint = (None, None, None)
     if len(tsne_rows) > 1:
         device = resolve_device(config.device)
-        model, train_config, checkpoint = load_run_model(run_dir, device=str(device))
+        model, train_config, checkpoint = resolved.run.load_model(resolved.checkpoint, device=str(device))
     transform = eval_transform(model.image_size if model is not None else 64)
     images: dict[int, torch.Tensor] = {}
     for sample in iter_samples(shards, images=True, meta=False):
@@ -179,7 +182,7 @@ def _figures(config, workspace, run_dir, episode, shards, samples, truth, folder
         clusters = [(c, [(images[int(episode.keys[r])], samples[int(episode.keys[r])]["caption"]) for r in members])
                     for c, members in rows]
         name = f"grid-{modality}.png"
-        pr.grid_png(folder / name, clusters, f"{run_dir.name} episode {episode.episode}: largest {modality} clusters")
+        pr.grid_png(folder / name, clusters, f"{resolved.run.name} episode {episode.episode}: largest {modality} clusters")
         files.append(name)
     if model is not None:
         keys = [int(episode.keys[r]) for r in tsne_rows]

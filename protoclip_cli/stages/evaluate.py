@@ -16,7 +16,7 @@ from typing import Any
 
 from protoclip_cli import __version__
 from protoclip_cli.artifacts import MANIFEST, write_json, write_manifest
-from protoclip_cli.config import option, to_dict
+from protoclip_cli.config import ConfigError, option, require, to_dict
 from protoclip_cli.console import info
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.workspace import Workspace, slugify
@@ -59,6 +59,27 @@ class EvaluateConfig:
     )
     seed: int = option(0, "Seed of the validation split and of k-means.")
 
+    def __post_init__(self) -> None:
+        base_tasks, dataset, _ = parse_task(self.task, self.dataset)
+        require(self.probe_method in ("lbfgs", "adam"), f"--probe-method {self.probe_method} is not lbfgs or adam.")
+        require(
+            self.task == "all" or _supports(dataset, base_tasks[0]),
+            f"Data set {dataset} has no data for the {base_tasks[0]} task; see docs/evaluation.md.",
+        )
+        if dataset in EXTERNAL:  # before any model is loaded
+            _require_root(self, dataset)
+        require(
+            not self.pretrained or bool(self.open_clip),
+            "--pretrained needs --open-clip ARCH (the OpenCLIP architecture of the checkpoint).",
+        )
+        require(
+            not self.classnames or dataset == "folder",
+            "--classnames applies to --dataset folder only; other data sets name their classes.",
+        )
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}.")
+        require(self.workers >= 0, f"--workers must be 0 (decode in this process) or more, got {self.workers}.")
+        require(self.clusters >= 0, f"--clusters must be 0 (the number of classes) or more, got {self.clusters}.")
+
 
 def parse_task(task: str, dataset: str) -> tuple[list[str], str, str]:
     """(base tasks to run, data set, result-name prefix) for a task name and ``--dataset``."""
@@ -68,9 +89,9 @@ def parse_task(task: str, dataset: str) -> tuple[list[str], str, str]:
     prefix, _, base = task.partition("-")
     if prefix in PRESET_DATASETS and base in BASE_TASKS:
         if dataset and dataset != prefix and not (prefix == "synthetic"):
-            raise ProtoclipError(f"Task {task} already names its data set; drop --dataset {dataset}.")
+            raise ConfigError(f"Task {task} already names its data set; drop --dataset {dataset}.")
         return [base], ("" if prefix == "synthetic" else prefix), task
-    raise ProtoclipError(
+    raise ConfigError(
         f"Unknown task '{task}'; choose one of {', '.join(TASKS)}, or a preset <dataset>-<task> such as "
         "imagenet-zeroshot, cifar10-zeroshot, coco-retrieval or synthetic-zeroshot."
     )
@@ -87,7 +108,7 @@ def _supports(dataset: str, task: str) -> bool:
 def _require_root(config: EvaluateConfig, dataset: str) -> None:
     if not config.root:
         flag = "--imagenet-root" if dataset == "imagenet" else "--root"
-        raise ProtoclipError(f"Data set {dataset} needs {flag}: the folder that holds it (see docs/evaluation.md).")
+        raise ConfigError(f"Data set {dataset} needs {flag}: the folder that holds it (see docs/evaluation.md).")
 
 
 class _Data:
@@ -132,20 +153,22 @@ class _Data:
 
 
 def _load_model(config: EvaluateConfig, workspace: Workspace):
-    from protoclip_cli.evaluation.models import load_open_clip, load_run
+    """(model, the workspace whose data sets the default evaluation reads)."""
+    from protoclip_cli.evaluation import models
 
     if config.open_clip:
-        return load_open_clip(config.open_clip, config.pretrained, config.device)
-    if config.pretrained:
-        raise ProtoclipError("--pretrained needs --open-clip ARCH (the OpenCLIP architecture of the checkpoint).")
-    return load_run(workspace, config.model or None, config.checkpoint or None, config.device)
+        return models.load_open_clip(config.open_clip, config.pretrained, config.device), workspace
+    from protoclip_cli.runs import resolve
+
+    resolved = resolve(workspace, config.model, config.checkpoint)
+    return models.from_run(resolved.run, resolved.checkpoint, config.device), resolved.workspace
 
 
 def _default_dataset(model, workspace: Workspace) -> str:
     if model.run_dir is not None:
-        from protoclip_cli.runs import load_run_config
+        from protoclip_cli.runs import RunDir
 
-        return load_run_config(model.run_dir).data.dataset
+        return RunDir(model.run_dir).config().data.dataset
     return workspace.resolve_dataset(None)
 
 
@@ -154,8 +177,6 @@ def _run_task(task: str, dataset: str, model, data: _Data, config: EvaluateConfi
     from protoclip_cli.evaluation.datasets import read_templates
 
     common = dict(cache_dir=cache_dir, batch_size=config.batch_size, workers=config.workers)
-    if config.classnames and dataset != "folder":
-        raise ProtoclipError("--classnames applies to --dataset folder only; other data sets name their classes.")
     if task == "zeroshot":
         templates = read_templates(config.templates) if config.templates else None
         return tasks.zeroshot(model, data.get(dataset), templates, **common)
@@ -173,19 +194,14 @@ def _run_task(task: str, dataset: str, model, data: _Data, config: EvaluateConfi
 
 def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
     """Evaluate one model on the requested task(s); returns the eval manifest (``results`` by name)."""
-    base_tasks, dataset, preset = parse_task(config.task, config.dataset)
-    if config.probe_method not in ("lbfgs", "adam"):
-        raise ProtoclipError(f"--probe-method {config.probe_method} is not lbfgs or adam.")
+    from protoclip_cli.runs import RunDir
+
+    base_tasks, dataset, preset = parse_task(config.task, config.dataset)  # checked by EvaluateConfig
     if config.task == "all":
         base_tasks = [t for t in base_tasks if _supports(dataset, t)]
-    elif not _supports(dataset, base_tasks[0]):
-        raise ProtoclipError(f"Data set {dataset} has no data for the {base_tasks[0]} task; see docs/evaluation.md.")
-
-    if dataset in EXTERNAL:  # before the model is loaded
-        _require_root(config, dataset)
-    model = _load_model(config, workspace)
+    model, workspace = _load_model(config, workspace)
     info(f"Evaluating {model.name} on {model.device}.")
-    eval_dir = model.run_dir / "eval" if model.run_dir else workspace.root / "eval" / slugify(model.name.replace("@", "-"))
+    eval_dir = RunDir(model.run_dir).eval_dir if model.run_dir else workspace.eval_dir(model.name.replace("@", "-"))
     cache_dir = eval_dir / "cache" if config.cache else None
     default_dataset = dataset if dataset in EXTERNAL else (dataset or _default_dataset(model, workspace))
     data = _Data(config, workspace, default_dataset)

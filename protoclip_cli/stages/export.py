@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from protoclip_cli.artifacts import atomic_path, file_sha256, write_manifest
-from protoclip_cli.config import option, to_dict
-from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.config import option, require, to_dict
+from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.workspace import Workspace
 
 FORMATS = ("open_clip",)
@@ -30,27 +30,20 @@ class ExportConfig:
     format: str = option("open_clip", "Export format: open_clip.")
     out: str = option("", "Output file ('' = runs/<run>/export/<run>-<arch>.pt).")
 
+    def __post_init__(self) -> None:
+        require(self.format in FORMATS, f"Unknown export format '{self.format}'; choose one of {', '.join(FORMATS)}.")
+
 
 def run(config: ExportConfig, workspace: Workspace) -> dict[str, Any]:
     """Write the export and its ``manifest.json``; returns the manifest."""
     import torch
 
-    from protoclip_cli.evaluation.models import _run_dir_of
-    from protoclip_cli.runs import load_run_model
+    from protoclip_cli.runs import resolve
 
-    if config.format not in FORMATS:
-        raise ProtoclipError(f"Unknown export format '{config.format}'; choose one of {', '.join(FORMATS)}.")
-    if config.run and Path(config.run).exists():
-        run_dir, checkpoint = _run_dir_of(Path(config.run))
-    else:
-        run_dir, checkpoint = workspace.run_dir(workspace.resolve_run(config.run or None)), None
-    if config.checkpoint:
-        checkpoint = Path(config.checkpoint)
-    if not (run_dir / "config.toml").is_file():
-        raise MissingInputError(f"No training run at {run_dir}; run `protoclip train recipes/synthetic.toml` first.")
-    model, train_config, info = load_run_model(run_dir, checkpoint, device="cpu")
+    resolved = resolve(workspace, config.run, config.checkpoint)
+    model, train_config, info = resolved.run.load_model(resolved.checkpoint, device="cpu")
     arch = train_config.model.arch
-    out = Path(config.out) if config.out else run_dir / "export" / f"{run_dir.name}-{arch}.pt"
+    out = Path(config.out) if config.out else resolved.run.export_file(arch)
     with atomic_path(out) as tmp:
         torch.save({name: tensor.detach().clone() for name, tensor in model.clip.state_dict().items()}, tmp)
     difference = round_trip_difference(model, arch, out)

@@ -1,19 +1,11 @@
 """`teacher-embed`: caption features from an external sentence-transformers teacher, in HDF5.
 
-The stage streams the captions of a data set's train split, encodes them (L2-normalised), and
-writes ``datasets/<name>/teacher/<model-slug>.h5``:
-
-- ``keys`` (N,) int64, the samples' keys, sorted; ``embeddings`` (N, D) float32, rows aligned;
-- with ``pca_dim`` > 0 also ``pca_mean`` (D_model,) and ``pca_components`` (D, D_model) float32:
-  ``embeddings = l2_normalise((x - pca_mean) @ pca_components.T)`` for the model's unit-norm
-  features ``x``, so any caption can be reduced the same way later;
-- attributes describing the file (model, dimensions, normalisation, source data set and the
-  sha256 of its manifest, ...) and ``manifest``: the stage manifest as JSON. The teacher folder holds
-  one file per model, so the manifest lives inside the file rather than in a shared manifest.json.
-
-Work is committed in chunks to a partial file next to the target (``.<slug>.h5.partial``) that
-records how many rows are complete; a killed run resumes after the last complete chunk, and the
-final file appears by an atomic rename.
+The stage streams the captions of a data set's train split, encodes them (L2-normalised) in
+chunks and commits each chunk to the teacher file's partial file, then finalises the file
+(``datasets/<name>/teacher/<model-slug>.h5``; its format, resume and PCA are
+:mod:`protoclip_cli.data.teacher_file`'s). A killed run resumes after the last committed chunk. This
+module holds the orchestration and the choice of the teacher model (names, the offline MiniLM,
+loading it, one device or a multi-process pool).
 """
 
 from __future__ import annotations
@@ -28,10 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from protoclip_cli import __version__
-from protoclip_cli.artifacts import MANIFEST, atomic_path, file_sha256
-from protoclip_cli.config import option
+from protoclip_cli.artifacts import MANIFEST, file_sha256
+from protoclip_cli.config import option, require
 from protoclip_cli.console import info, progress
-from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.data import teacher_file
+from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -39,7 +32,6 @@ if TYPE_CHECKING:
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_ALIASES = frozenset({"all-MiniLM-L6-v2", MINILM_NAME})
-NORMALISATION = "l2"
 
 # Called after every committed chunk with (rows complete in the file, rows encoded by this run).
 ChunkHook = Callable[[int, int], None]
@@ -60,6 +52,12 @@ class TeacherConfig:
     )
     chunk_size: int = option(16384, "Captions committed to the partial file at a time (the resume granularity).")
     force: bool = option(False, "Recompute even when a finished teacher file exists.")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "chunk_size"):
+            value = getattr(self, name)
+            require(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}.")
+        require(self.pca_dim >= 0, f"--pca-dim must be 0 (no reduction) or positive, got {self.pca_dim}.")
 
 
 @dataclass(frozen=True)
@@ -152,18 +150,12 @@ def _hub_unreachable(exc: BaseException) -> bool:
 # -- the stage -----------------------------------------------------------------------------------
 
 
-def partial_path(target: Path) -> Path:
-    """Where an unfinished run keeps its committed chunks."""
-    return target.with_name(f".{target.name}.partial")
-
-
 def run(config: TeacherConfig, workspace: Workspace, *, on_chunk: ChunkHook | None = None) -> dict[str, Any]:
     """Embed the captions of ``config.dataset``'s train split and write its teacher file.
 
     ``on_chunk(rows_done, rows_encoded)`` is called after each chunk is committed to the partial
     file (a hook for progress reporting and for tests that interrupt a run). Returns the manifest.
     """
-    _validate(config)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ProtoclipError(
             "teacher-embed runs as a single process; start it without torchrun and list the GPUs with "
@@ -197,7 +189,7 @@ def run(config: TeacherConfig, workspace: Workspace, *, on_chunk: ChunkHook | No
         )
     identity["source_dimension"] = dimension
 
-    partial = partial_path(target)
+    partial = teacher_file.partial_path(target)
     if config.force:
         partial.unlink(missing_ok=True)
     shards = workspace.shards(dataset, "train")
@@ -215,7 +207,7 @@ def run(config: TeacherConfig, workspace: Workspace, *, on_chunk: ChunkHook | No
     manifest = _stage_manifest(
         config, model, identity, target, dataset_manifest_path, resumed_rows, encoded_rows, seconds
     )
-    manifest.update(_finalise(partial, target, identity, config.pca_dim, manifest))
+    manifest.update(teacher_file.finalise(partial, target, identity, config.pca_dim, manifest))
     partial.unlink(missing_ok=True)
     info(
         f"Wrote {manifest['count']} teacher features ({manifest['dimension']} dims, {model.name}) to {target}"
@@ -250,7 +242,7 @@ def _stage_manifest(
         "source_dimension": dimension,
         "dimension": config.pca_dim or dimension,
         "pca_dim": config.pca_dim,
-        "normalisation": NORMALISATION,
+        "normalisation": teacher_file.NORMALISATION,
         "resumed_rows": resumed_rows,
         "encoded_rows": encoded_rows,
         "seconds": round(seconds, 3),
@@ -258,24 +250,9 @@ def _stage_manifest(
     }
 
 
-def _validate(config: TeacherConfig) -> None:
-    for name in ("batch_size", "chunk_size"):
-        if getattr(config, name) <= 0:
-            raise ProtoclipError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}.")
-    if config.pca_dim < 0:
-        raise ProtoclipError(f"--pca-dim must be 0 (no reduction) or positive, got {config.pca_dim}.")
-
-
 def _reuse(target: Path, identity: dict[str, Any], pca_dim: int) -> dict[str, Any]:
-    _, _, attrs = load_teacher(target, embeddings=False)
-    stored = {key: attrs.get(key) for key in ("model", "dataset", "dataset_manifest_sha256", "pca_dim")}
-    wanted = {**{k: identity[k] for k in ("model", "dataset", "dataset_manifest_sha256")}, "pca_dim": pca_dim}
-    differing = [key for key in wanted if stored[key] != wanted[key]]
-    if differing:
-        raise ProtoclipError(
-            f"{target} was made with a different {', '.join(differing)} (e.g. {differing[0]}="
-            f"{stored[differing[0]]!r}, wanted {wanted[differing[0]]!r}); pass --force to replace it."
-        )
+    wanted = {**{key: identity[key] for key in ("model", "dataset", "dataset_manifest_sha256")}, "pca_dim": pca_dim}
+    attrs = teacher_file.check_reusable(target, wanted)
     info(f"Teacher features already at {target} ({attrs['count']} captions); reusing them (pass --force to recompute).")
     return {**json.loads(attrs["manifest"]), "teacher_file": str(target), "reused": True}
 
@@ -324,38 +301,6 @@ def _chunks(captions: Iterator[tuple[int, str]], size: int) -> Iterator[tuple[li
         yield keys, texts
 
 
-def _open_partial(partial: Path, identity: dict[str, Any], dimension: int):
-    """Open (or start) the partial file; one from other inputs or unreadable after a crash is restarted."""
-    import h5py
-
-    if partial.exists():
-        try:
-            handle = h5py.File(partial, "a")
-        except OSError:
-            info(f"Discarding {partial}: it cannot be read (a run was probably killed while writing it).")
-        else:
-            try:
-                same_inputs = json.loads(handle.attrs["identity"]) == identity
-            except (KeyError, ValueError):
-                same_inputs = False
-            if same_inputs:
-                return handle
-            handle.close()
-            info(f"Discarding {partial}: it was started for other inputs.")
-        partial.unlink()
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    handle = h5py.File(partial, "w")
-    handle.attrs["identity"] = json.dumps(identity, sort_keys=True)
-    handle.attrs["complete_rows"] = 0
-    handle.create_dataset("keys", shape=(0,), maxshape=(None,), dtype="int64", chunks=(4096,))
-    handle.create_dataset(
-        "embeddings", shape=(0, dimension), maxshape=(None, dimension), dtype="float32",
-        chunks=(max(1, min(1024, 2**20 // (4 * dimension))), dimension),
-    )  # fmt: skip
-    handle.flush()
-    return handle
-
-
 def _embed_to_partial(
     shards: list[Path],
     partial: Path,
@@ -371,11 +316,11 @@ def _embed_to_partial(
 
     from protoclip_cli.data.shards import iter_captions
 
-    handle = _open_partial(partial, identity, identity["source_dimension"])
+    handle = teacher_file.open_partial(partial, identity, identity["source_dimension"])
     done = 0
     try:
-        done = int(handle.attrs["complete_rows"])
-        stored_keys = handle["keys"][:done]
+        stored_keys = teacher_file.committed_keys(handle)
+        done = len(stored_keys)
         captions = iter_captions(shards)
         _skip_committed(captions, stored_keys, partial)
         encoded = 0
@@ -391,7 +336,7 @@ def _embed_to_partial(
                     encoded += len(texts[start : start + step])
                     bar.update(task, advance=len(texts[start : start + step]),
                                rate=f"{encoded / (time.perf_counter() - started):,.0f} captions/s")  # fmt: skip
-                _append(handle, np.asarray(keys, dtype=np.int64), np.concatenate(parts), done)
+                teacher_file.append(handle, np.asarray(keys, dtype=np.int64), np.concatenate(parts), done)
                 done += len(keys)
                 if on_chunk is not None:
                     on_chunk(done, encoded)
@@ -411,174 +356,3 @@ def _skip_committed(captions: Iterator[tuple[int, str]], stored_keys: "np.ndarra
                 f"{partial} does not match the data set's shards at row {row} (key {key}, stored {int(expected)}); "
                 "delete it or pass --force."
             )
-
-
-def _append(handle, keys: "np.ndarray", embeddings: "np.ndarray", done: int) -> None:
-    """Write one chunk after row ``done`` and only then record it as complete."""
-    end = done + len(keys)
-    handle["keys"].resize((end,))
-    handle["embeddings"].resize((end, embeddings.shape[1]))
-    handle["keys"][done:end] = keys
-    handle["embeddings"][done:end] = embeddings
-    handle.flush()
-    handle.attrs["complete_rows"] = end
-    handle.flush()
-
-
-# -- finishing: sort by key, optional PCA, atomic write ------------------------------------------
-
-_BLOCK = 65536
-
-
-def _finalise(
-    partial: Path, target: Path, identity: dict[str, Any], pca_dim: int, manifest: dict[str, Any]
-) -> dict[str, Any]:
-    import h5py
-    import numpy as np
-
-    with h5py.File(partial, "r") as source:
-        rows = int(source.attrs["complete_rows"])
-        keys = source["keys"][:rows]
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        duplicates = sorted_keys[1:][np.diff(sorted_keys) == 0]
-        if duplicates.size:
-            raise ProtoclipError(
-                f"Data set '{identity['dataset']}' has duplicate sample key {int(duplicates[0])}; "
-                "its keys must be unique, so rerun `protoclip download` for it."
-            )
-        features = source["embeddings"]
-        pca = fit_pca(features, rows, pca_dim) if pca_dim else None
-        extra = {"count": rows}
-        if pca is not None:
-            extra["pca_explained_variance_ratio"] = round(float(pca[2].sum() / pca[3]), 6)
-        manifest = {**manifest, **extra}
-        with atomic_path(target) as tmp, h5py.File(tmp, "w") as out:
-            out.create_dataset("keys", data=sorted_keys)
-            dimension = pca_dim or features.shape[1]
-            embeddings = out.create_dataset("embeddings", shape=(rows, dimension), dtype="float32")
-            for start in range(0, rows, _BLOCK):
-                block = _read_rows(features, order[start : start + _BLOCK])
-                if pca is not None:
-                    block = apply_pca(block, pca[0], pca[1])
-                embeddings[start : start + len(block)] = block
-            if pca is not None:
-                out.create_dataset("pca_mean", data=pca[0])
-                out.create_dataset("pca_components", data=pca[1])
-                out.create_dataset("pca_explained_variance", data=pca[2].astype(np.float32))
-            attrs = {
-                "stage": "teacher-embed",
-                "model": identity["model"],
-                "model_source": manifest["model_source"],
-                "dimension": dimension,
-                "source_dimension": features.shape[1],
-                "normalisation": NORMALISATION,
-                "pca_dim": pca_dim,
-                "count": rows,
-                "dataset": identity["dataset"],
-                "dataset_manifest": manifest["inputs"]["dataset"]["path"],
-                "dataset_manifest_sha256": identity["dataset_manifest_sha256"],
-                "protoclip_version": __version__,
-                "created_at": manifest["created_at"],
-                "manifest": json.dumps(manifest, sort_keys=True, default=str),
-            }
-            out.attrs.update(attrs)
-    return extra
-
-
-def _read_rows(features, rows: "np.ndarray") -> "np.ndarray":
-    """``features[rows]`` for any order of distinct rows (h5py only reads increasing indices)."""
-    import numpy as np
-
-    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
-        return features[int(rows[0]) : int(rows[-1]) + 1]
-    increasing = np.sort(rows)
-    return features[increasing][np.searchsorted(increasing, rows)]
-
-
-def fit_pca(features, rows: int, dim: int) -> tuple["np.ndarray", "np.ndarray", "np.ndarray", float]:
-    """PCA of the first ``rows`` rows of ``features`` (an array or HDF5 data set), read in blocks.
-
-    Returns ``(mean (D,) float32, components (dim, D) float32, explained variance (dim,) float64,
-    total variance)``. Statistics are accumulated in float64; each component's sign is fixed so that
-    its largest-magnitude coordinate is positive, which makes the result deterministic.
-    """
-    import numpy as np
-
-    width = features.shape[1]
-    if dim > min(rows, width):
-        raise ProtoclipError(f"--pca-dim {dim} needs at least {dim} captions and dimensions; this data set has {rows}.")
-    total = np.zeros(width)
-    for start in range(0, rows, _BLOCK):
-        total += np.asarray(features[start : min(rows, start + _BLOCK)], dtype=np.float64).sum(axis=0)
-    mean = total / rows
-    scatter = np.zeros((width, width))
-    for start in range(0, rows, _BLOCK):
-        centred = np.asarray(features[start : min(rows, start + _BLOCK)], dtype=np.float64) - mean
-        scatter += centred.T @ centred
-    covariance = scatter / max(rows - 1, 1)
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    top = np.argsort(eigenvalues)[::-1][:dim]
-    components = eigenvectors[:, top].T
-    signs = np.sign(components[np.arange(dim), np.abs(components).argmax(axis=1)])
-    components *= signs[:, None]
-    return mean.astype(np.float32), components.astype(np.float32), eigenvalues[top], float(eigenvalues.sum())
-
-
-def apply_pca(features: "np.ndarray", mean: "np.ndarray", components: "np.ndarray") -> "np.ndarray":
-    """Reduce unit-norm model features with a stored PCA and re-normalise them to unit length."""
-    import numpy as np
-
-    reduced = (np.asarray(features, dtype=np.float32) - mean) @ components.T
-    norms = np.linalg.norm(reduced, axis=1, keepdims=True)
-    return (reduced / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-# -- readers used by later stages ----------------------------------------------------------------
-
-
-def load_teacher(path: str | Path, embeddings: bool = True) -> tuple["np.ndarray", "np.ndarray | None", dict[str, Any]]:
-    """``(keys int64 (N,), embeddings float32 (N, D), attrs)`` of a teacher file.
-
-    ``attrs`` holds plain Python values; with ``embeddings=False`` only the keys are read.
-    """
-    import h5py
-    import numpy as np
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"No teacher features at {path}. Run `protoclip teacher-embed` first.")
-    try:
-        with h5py.File(path, "r") as handle:
-            keys = handle["keys"][:].astype(np.int64)
-            features = handle["embeddings"][:].astype(np.float32) if embeddings else None
-            attrs = {name: _plain(value) for name, value in handle.attrs.items()}
-    except (OSError, KeyError) as exc:
-        raise ProtoclipError(
-            f"{path} is not a readable teacher file ({exc}); rerun `protoclip teacher-embed --force`."
-        ) from exc
-    return keys, features, attrs
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
-
-
-def check_teacher_covers(teacher_path: str | Path, keys, dataset_manifest_path: str | Path) -> None:
-    """Raise a :class:`ProtoclipError` naming both files when the teacher lacks any of ``keys``."""
-    import numpy as np
-
-    teacher_keys, _, _ = load_teacher(teacher_path, embeddings=False)
-    wanted = np.unique(np.asarray(keys, dtype=np.int64))
-    missing = np.setdiff1d(wanted, teacher_keys, assume_unique=True)
-    if missing.size:
-        raise ProtoclipError(
-            f"Teacher features {teacher_path} lack {missing.size} of the {wanted.size} samples of the data set "
-            f"{dataset_manifest_path} (e.g. key {int(missing[0])}); rerun `protoclip teacher-embed --force` for it."
-        )

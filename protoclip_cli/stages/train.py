@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from protoclip_cli import config as config_io
-from protoclip_cli.artifacts import write_manifest, write_text
+from protoclip_cli.artifacts import MANIFEST, write_manifest, write_text
 from protoclip_cli.console import info, warn
 from protoclip_cli.errors import MissingInputError, ProtoclipError
 from protoclip_cli.recipes import TrainConfig
+from protoclip_cli.runs import RunDir
 from protoclip_cli.workspace import Workspace
 
 # Fields that may change between a run and its resumption: they do not change what is computed.
@@ -40,21 +41,8 @@ def use_teacher(config: TrainConfig) -> bool:
     return bool(config.proto.enabled and config.proto.teacher and config.loss.pbt)
 
 
-def check_recipe(config: TrainConfig) -> None:
-    """Consistency checks no type check catches; each error names the field to change."""
-    def fail(message: str) -> None:
-        raise ProtoclipError(message)
-
-    if config.schedule.episodes < 1:
-        fail(f"schedule.episodes is {config.schedule.episodes}; train at least one episode (--set schedule.episodes=1).")
-    if config.data.batch_size < 1 or config.data.extract_batch_size < 1:
-        fail("data.batch_size and data.extract_batch_size must be at least 1.")
-    if config.data.workers < 0:
-        fail(f"data.workers is {config.data.workers}; use 0 (load in the training process) or more.")
-    if config.proto.enabled and not config.model.heads:
-        fail("proto.enabled needs projection heads; set model.heads = true, or proto.enabled = false for plain CLIP.")
-    if config.logging.log_every_steps < 1 or config.logging.keep_checkpoints < 1:
-        fail("logging.log_every_steps and logging.keep_checkpoints must be at least 1.")
+def warn_about_recipe(config: TrainConfig) -> None:
+    """Settings that are valid (TrainConfig checks itself) but do less than they seem to."""
     if config.proto.teacher and config.proto.enabled and not config.loss.pbt:
         warn("proto.teacher is set but loss.pbt = false: the external-teacher loss needs PBT and is skipped.")
 
@@ -63,7 +51,7 @@ def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
     """The data set, its shards and the teacher file, checked before anything heavy is built."""
     from protoclip_cli.training.episodes import shard_keys, shard_sample_count
 
-    check_recipe(config)
+    warn_about_recipe(config)
     name = config.data.dataset
     shards = workspace.shards(name, config.data.split)  # raises, naming `protoclip download`
     if not shards:
@@ -74,7 +62,7 @@ def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
     counts = {p.name: shard_sample_count(p) for p in shards}
     teacher_path = None
     if use_teacher(config):
-        from protoclip_cli.stages.teacher_embed import check_teacher_covers
+        from protoclip_cli.data import teacher_file
 
         teacher_path = workspace.teacher_file(name, config.proto.teacher)
         if not teacher_path.is_file():
@@ -82,21 +70,11 @@ def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
                 f"No teacher features at {teacher_path}; run `protoclip teacher-embed {name} --model "
                 f"{config.proto.teacher}` first, or set proto.teacher = '' to train without a teacher."
             )
-        manifest_path = workspace.dataset_dir(name) / "manifest.json"
-        if not _teacher_made_from(teacher_path, manifest_path, config.data.split, sum(counts.values())):
+        manifest_path = workspace.dataset_dir(name) / MANIFEST
+        if not teacher_file.embedded_from(teacher_path, manifest_path, config.data.split, sum(counts.values())):
             keys = [key for p in shards for key in shard_keys(p)]  # reads every shard's tar headers
-            check_teacher_covers(teacher_path, keys, manifest_path)
+            teacher_file.check_teacher_covers(teacher_path, keys, manifest_path)
     return TrainInputs(workspace.dataset_dir(name), {p.name: p for p in shards}, counts, teacher_path)
-
-
-def _teacher_made_from(teacher_path: Path, manifest_path: Path, split: str, samples: int) -> bool:
-    """True when the teacher file was embedded from this very download of the train split and holds
-    one row per sample: then it covers the data and the shards need not be scanned for their keys."""
-    from protoclip_cli.artifacts import file_sha256
-    from protoclip_cli.stages.teacher_embed import load_teacher
-
-    keys, _, attrs = load_teacher(teacher_path, embeddings=False)
-    return split == "train" and len(keys) == samples and attrs.get("dataset_manifest_sha256") == file_sha256(manifest_path)
 
 
 def check_plan(config: TrainConfig, plan, world_size: int) -> None:
@@ -137,44 +115,29 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool | None) -> Path | None:
+def prepare_run_dir(config: TrainConfig, run_dir: RunDir, resume: bool | None) -> Path | None:
     """Check the run folder against ``config``; return the checkpoint to resume from, if any.
 
     A folder of another configuration is refused; ``resume=False`` clears this configuration's
     checkpoints, episodes and metrics; ``resume=None`` resumes when a checkpoint exists.
     """
-    from protoclip_cli.training.checkpoint import latest_checkpoint
-
-    config_path = run_dir / "config.toml"
-    if config_path.is_file():
-        old = config_io.to_dict(config_io.load(TrainConfig, config_path))
+    if run_dir.exists():
+        old = config_io.to_dict(run_dir.config())
         differences = _config_differences(old, config_io.to_dict(config))
         if differences:
             raise ProtoclipError(
-                f"Run folder {run_dir} holds a run with another configuration (differs in {', '.join(differences[:4])}); "
+                f"Run folder {run_dir.path} holds a run with another configuration (differs in {', '.join(differences[:4])}); "
                 f"pick another run name with --set name=NEW_NAME, or delete the folder."
             )
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = run_dir.latest_checkpoint()
     if resume is False or checkpoint is None:
-        for stale in ("checkpoints", "episodes", "tensorboard"):
-            shutil.rmtree(run_dir / stale, ignore_errors=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for stale in run_dir.training_state():
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         return None
     return checkpoint
-
-
-def _init_distributed(device: str) -> bool:
-    """Join the torchrun process group when launched with WORLD_SIZE > 1; True if this call made it."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    cuda = torch.cuda.is_available() and device != "cpu"
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return True
 
 
 def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -> dict[str, Any]:
@@ -186,24 +149,23 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
     from protoclip_cli.training.loop import Trainer
 
     inputs = check_inputs(config, workspace)
-    if resume is True and not (workspace.run_dir(config.name) / "config.toml").is_file():
-        info(f"Nothing to resume in {workspace.run_dir(config.name)}; starting the run.")
-    created_group = _init_distributed(config.device)
+    run_dir = RunDir(workspace.run_dir(config.name))
+    if resume is True and not run_dir.exists():
+        info(f"Nothing to resume in {run_dir.path}; starting the run.")
+    created_group = dist_utils.init_distributed(config.device)
     try:
         rank, world_size = dist_utils.rank(), dist_utils.world_size()
-        run_dir = workspace.run_dir(config.name)
-        plan_path = run_dir / "episodes" / "plan.json"
         decision: list[Any] = [None, None]
         if rank == 0:
             try:
                 resume_from = prepare_run_dir(config, run_dir, resume)
-                if resume_from is not None and plan_path.is_file():
-                    plan = EpisodePlan.load(plan_path)
+                if resume_from is not None and run_dir.plan_file.is_file():
+                    plan = EpisodePlan.load(run_dir.plan_file)
                 else:
                     plan = plan_episodes(inputs.counts, config.schedule.episodes, config.data.episode_size, config.seed)
                 check_plan(config, plan, world_size)
-                write_text(run_dir / "config.toml", config_io.dumps(config))
-                plan.save(plan_path)
+                write_text(run_dir.config_file, config_io.dumps(config))
+                plan.save(run_dir.plan_file)
                 _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
                 decision = [str(resume_from) if resume_from else None, None]
             except ProtoclipError as exc:
@@ -212,10 +174,10 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
         if decision[1] is not None:
             raise ProtoclipError(decision[1])
         resume_from = Path(decision[0]) if decision[0] else None
-        plan = EpisodePlan.load(plan_path)
+        plan = EpisodePlan.load(run_dir.plan_file)
         if config.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
-        trainer = Trainer(config, run_dir, plan, inputs.shard_paths, inputs.teacher_path, resume_from)
+        trainer = Trainer(config, run_dir.path, plan, inputs.shard_paths, inputs.teacher_path, resume_from)
         info(
             f"Training run '{config.name}': {config.schedule.episodes} episodes, {trainer.layout.total_steps} steps, "
             f"{world_size} process(es) on {trainer.device}, global batch {config.data.batch_size * world_size}."
@@ -224,9 +186,7 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
         summary["broken_samples"] = trainer.stats.get("broken", 0)
         manifest = {}
         if rank == 0:
-            from protoclip_cli.training.checkpoint import latest_checkpoint
-
-            summary["final_checkpoint"] = str(latest_checkpoint(run_dir))
+            summary["final_checkpoint"] = str(run_dir.latest_checkpoint())
             manifest = _write_run_manifest(config, run_dir, inputs, world_size, "complete", summary)
         return dist_utils.broadcast_object(manifest)
     finally:
@@ -236,9 +196,9 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
             dist.destroy_process_group()
 
 
-def _write_run_manifest(config: TrainConfig, run_dir: Path, inputs: TrainInputs, world_size: int, status: str, summary: dict) -> dict:
+def _write_run_manifest(config: TrainConfig, run_dir: RunDir, inputs: TrainInputs, world_size: int, status: str, summary: dict) -> dict:
     # The teacher file is recorded by path: hashing a multi-gigabyte HDF5 on every start costs too much.
     return write_manifest(
-        run_dir, "train", config=config_io.to_dict(config), inputs={"dataset": inputs.dataset_dir},
+        run_dir.path, "train", config=config_io.to_dict(config), inputs={"dataset": inputs.dataset_dir},
         teacher_file=str(inputs.teacher_path) if inputs.teacher_path else None, status=status, world_size=world_size, command=" ".join(sys.argv), **summary,
     )

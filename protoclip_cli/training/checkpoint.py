@@ -22,14 +22,14 @@ import torch
 
 from protoclip_cli.artifacts import atomic_path
 from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.runs import RunDir
 
 FORMAT = 1
-CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR
+    return RunDir(Path(run_dir)).checkpoints_dir
 
 
 def checkpoint_path(run_dir: str | Path, global_step: int) -> Path:

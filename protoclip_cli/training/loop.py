@@ -24,9 +24,12 @@ import torch
 from protoclip_cli import config as config_io
 from protoclip_cli.console import info, progress
 from protoclip_cli.core import distributed as dist_utils
+from protoclip_cli.core.distributed import resolve_device
 from protoclip_cli.data.pipeline import EpisodeStream, Position, StreamConfig, batches_to_skip, split_for_rank
+from protoclip_cli.data.teacher_file import teacher_rows
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.recipes import TrainConfig
+from protoclip_cli.runs import RunDir
 from protoclip_cli.training import checkpoint as ckpt
 from protoclip_cli.training.episodes import EpisodePlan, Phase, episode_phase, run_layout
 from protoclip_cli.training.extraction import extract_features
@@ -36,22 +39,8 @@ from protoclip_cli.training.prototypes import (
     build_prototypes,
     load_prototypes,
     save_prototypes,
-    teacher_rows,
 )
 from protoclip_cli.training.single_pass import FeatureRecorder, OnlineLabels
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ProtoclipError(f"device = '{name}' but this machine has no CUDA device; use --set device=cpu.")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", 0)))
-    return device
 
 
 def _autocast_factory(config: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -230,7 +219,7 @@ class Trainer:
         return split_for_rank(self.plan.episodes[episode], self.rank, self.world_size)
 
     def _prototype_path(self, episode: int) -> Path:
-        return self.run_dir / "episodes" / str(episode) / "prototypes.h5"
+        return RunDir(self.run_dir).prototypes_file(episode)
 
     def _first_pass(self, episode: int) -> str:
         """'extract' when the episode clusters its own samples before training, else 'train'."""

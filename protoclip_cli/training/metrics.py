@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from protoclip_cli.artifacts import write_text
+from protoclip_cli.runs import RunDir
 
 
 def batch_diagnostics(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -41,7 +42,7 @@ class MetricsLog:
     """Appends metric lines (rank 0 only) and mirrors step scalars to TensorBoard when asked."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(Path(run_dir)).metrics_file
         self.enabled = enabled
         self._writer = None
         if enabled and tensorboard:
@@ -52,7 +53,7 @@ class MetricsLog:
 
                 warn("logging.tensorboard is on but tensorboard is not installed (pip install 'protoclip[tensorboard]').")
             else:
-                self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self._writer = SummaryWriter(str(RunDir(Path(run_dir)).tensorboard_dir))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -196,27 +196,3 @@ def load_prototypes(path: str | Path) -> EpisodePrototypes:
         objectives = {m: float(f.attrs[f"objective_{m}"]) for m in modalities}
         source = int(f.attrs["source_episode"]) if "source_episode" in f.attrs else None
         return EpisodePrototypes(int(f.attrs["episode"]), f["keys"][:], labels, centroids, pbt, objectives, source)
-
-
-def teacher_rows(teacher_path: str | Path, keys: torch.Tensor) -> torch.Tensor:
-    """The teacher embeddings of ``keys`` (rows looked up by key in the sorted ``keys`` of the HDF5)."""
-    import h5py
-
-    wanted = keys.cpu().numpy()
-    with h5py.File(teacher_path, "r") as f:
-        all_keys = f["keys"][:]
-        rows = np.searchsorted(all_keys, wanted)
-        rows = np.clip(rows, 0, len(all_keys) - 1)
-        if len(wanted) and not np.array_equal(all_keys[rows], wanted):
-            missing = wanted[all_keys[rows] != wanted][0]
-            raise ProtoclipError(
-                f"Teacher file {teacher_path} has no row for sample {missing}; rerun `protoclip teacher-embed` "
-                "for this data set."
-            )
-        order = np.argsort(rows, kind="stable")
-        # h5py fancy indexing needs increasing, unique rows.
-        unique_rows, inverse = np.unique(rows[order], return_inverse=True)
-        picked = f["embeddings"][unique_rows] if len(unique_rows) else np.zeros((0, f["embeddings"].shape[1]))
-    embeddings = np.empty((len(wanted), picked.shape[1]), dtype=np.float32)
-    embeddings[order] = picked[inverse]
-    return torch.from_numpy(embeddings)

@@ -1,0 +1,215 @@
+"""img2dataset on one split: a URL list into webdataset shards, with a progress bar, and the split's
+record read back from img2dataset's per-shard ``*_stats.json``.
+
+img2dataset writes ``<folder>/00000.tar`` ... (:data:`SHARD_DIGITS` digits) and a
+``<shard>_stats.json`` when a shard is complete; a rerun in incremental mode skips the shards that
+have one. Its prints and tqdm bars (its worker processes' too) go to a log file, so the terminal
+shows only this project's progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from protoclip_cli.console import progress, warn
+from protoclip_cli.errors import ProtoclipError
+
+SHARD_DIGITS = 5  # img2dataset's default oom_shard_count: shard files are 00000.tar, 00001.tar, ...
+
+
+def download_split(
+    url_file: Path,
+    folder: Path,
+    *,
+    label: str,
+    rows: int,
+    extra_cols: list[str],
+    log: Path,
+    image_size: int,
+    resize_mode: str,
+    encode_quality: int,
+    processes: int,
+    threads: int,
+    samples_per_shard: int,
+    timeout: int,
+    retries: int,
+    distributor: str,
+) -> None:
+    """Run img2dataset on ``url_file`` (parquet: ``url``, ``caption``, extras) into ``folder``.
+
+    ``label`` (``<data set>/<split>``) names the split in the progress bar and in errors; an
+    interruption or a failure of img2dataset is a :class:`ProtoclipError` pointing at ``log``.
+    """
+    # img2dataset (through albumentations) otherwise checks the network for a newer version.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import img2dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    stop = threading.Event()
+    with _output_to(log) as terminal, progress(file=terminal, redirect_stdout=False, redirect_stderr=False) as bar:
+        task = bar.add_task(f"download {label}", total=rows, rate="")
+        watcher = threading.Thread(target=_watch_stats, args=(folder, bar, task, stop), daemon=True)
+        watcher.start()
+        try:
+            img2dataset.download(
+                url_list=str(url_file),
+                input_format="parquet",
+                url_col="url",
+                caption_col="caption",
+                save_additional_columns=extra_cols or None,
+                output_folder=str(folder),
+                output_format="webdataset",
+                encode_format="jpg",
+                encode_quality=encode_quality,
+                image_size=image_size,
+                resize_mode=resize_mode,
+                processes_count=processes,
+                thread_count=threads,
+                number_sample_per_shard=samples_per_shard,
+                timeout=timeout,
+                retries=retries,
+                distributor=distributor,
+                incremental_mode="incremental",
+                enable_wandb=False,
+                extract_exif=False,
+                oom_shard_count=SHARD_DIGITS,
+            )
+        except SystemExit as exc:
+            # img2dataset turns Ctrl-C into sys.exit(0); a stopped download must not look finished.
+            raise ProtoclipError(f"Download of {label} was interrupted; rerun the same command to continue.") from exc
+        except Exception as exc:
+            raise ProtoclipError(f"img2dataset failed on {label} ({exc}); see {log}.") from exc
+        finally:
+            signal.signal(signal.SIGINT, previous_sigint)
+            stop.set()
+            watcher.join()
+            _update_bar(folder, bar, task)
+
+
+def _update_bar(folder: Path, bar, task) -> None:
+    done, started, ended = 0, math.inf, -math.inf
+    for stats in read_stats(folder).values():
+        done += stats.get("count", 0)
+        started = min(started, stats.get("start_time", math.inf))
+        ended = max(ended, stats.get("end_time", -math.inf))
+    rate = f"{done / (ended - started):.0f} img/s" if done and ended > started else ""
+    bar.update(task, completed=done, rate=rate)
+
+
+def _watch_stats(folder: Path, bar, task, stop: threading.Event) -> None:
+    """Advance the bar as img2dataset's workers finish shards (each writes a *_stats.json)."""
+    while not stop.wait(0.5):
+        with contextlib.suppress(OSError, ValueError):
+            _update_bar(folder, bar, task)
+
+
+@contextlib.contextmanager
+def _output_to(log: Path) -> Iterator[IO[str]]:
+    """Send img2dataset's prints and tqdm bars (its worker processes' too) to ``log``; yields the
+    stream the terminal was on, for the progress bar.
+
+    File descriptors 1 and 2 are redirected, since spawned workers inherit them.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    stderr_is_fd2 = _fileno(sys.stderr) == 2
+    terminal = os.fdopen(os.dup(2), "w", buffering=1) if stderr_is_fd2 else sys.stderr
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with open(log, "a", buffering=1) as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                yield terminal
+        finally:
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            if stderr_is_fd2:
+                terminal.close()
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+# -- the split's record ----------------------------------------------------------------------------
+
+
+def read_stats(folder: Path) -> dict[int, dict[str, Any]]:
+    """img2dataset's ``*_stats.json`` of ``folder``, by shard number."""
+    stats = {}
+    for path in folder.glob("*_stats.json"):
+        with contextlib.suppress(ValueError, OSError):
+            stats[int(path.name.split("_")[0])] = json.loads(path.read_text())
+    return stats
+
+
+def unfinished_shards(folder: Path, rows: int, samples_per_shard: int) -> list[int]:
+    """Shard numbers without img2dataset's *_stats.json (which it writes when a shard is done)."""
+    done = read_stats(folder)
+    return [i for i in range(math.ceil(rows / samples_per_shard)) if i not in done]
+
+
+def collect_split(folder: Path, *, name: str, split: str, rows: int, samples_per_shard: int, log: Path) -> dict[str, Any]:
+    """Sum the per-shard stats of a finished split; keep only complete, non-empty shards.
+
+    Returns the split's manifest record: ``shards`` (file names), ``count_ok``, ``count_failed``,
+    ``failed_to_download``, ``failed_to_resize`` and ``failures`` (reason -> count, commonest first).
+    """
+    stats = read_stats(folder)
+    expected = math.ceil(rows / samples_per_shard)
+    unfinished = unfinished_shards(folder, rows, samples_per_shard)
+    if unfinished:
+        raise ProtoclipError(
+            f"{len(unfinished)} of {expected} shards of {name}/{split} did not finish (see "
+            f"{log}); rerun the same command to continue."
+        )
+    shards, reasons = [], {}
+    ok = failed_download = failed_resize = 0
+    for shard_id in range(expected):
+        shard = stats[shard_id]
+        ok += shard["successes"]
+        failed_download += shard["failed_to_download"]
+        failed_resize += shard["failed_to_resize"]
+        for reason, n in shard.get("status_dict", {}).items():
+            if reason != "success":
+                reasons[reason] = reasons.get(reason, 0) + n
+        tar = folder / f"{shard_id:0{SHARD_DIGITS}d}.tar"
+        if shard["successes"] == 0:
+            # An empty tar would only trip a reader later; img2dataset's stats keep the record.
+            tar.unlink(missing_ok=True)
+        elif not tar.is_file():
+            raise ProtoclipError(f"Shard {tar} is missing; rerun with --overwrite to download {split} afresh.")
+        else:
+            shards.append(tar.name)
+    if ok == 0:
+        top = ", ".join(f"{r} ({n})" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        raise ProtoclipError(
+            f"Every one of the {rows} URLs of {name}/{split} failed ({top}); check the list and the "
+            "network, then rerun with --overwrite."
+        )
+    failed = failed_download + failed_resize
+    if failed:
+        warn(f"{failed} of {rows} samples of {name}/{split} failed; the manifest lists the reasons.")
+    return {
+        "shards": shards,
+        "count_ok": ok,
+        "count_failed": failed,
+        "failed_to_download": failed_download,
+        "failed_to_resize": failed_resize,
+        "failures": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+    }

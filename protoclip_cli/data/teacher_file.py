@@ -1,0 +1,311 @@
+"""The teacher file ``datasets/<name>/teacher/<model-slug>.h5``: its format, writer, reader and checks.
+
+``Workspace.teacher_file(dataset, model)`` says where the file lives; this module is the only code
+that knows what is inside (docs/teacher-embed.md has the table):
+
+- ``keys`` (N,) int64, the samples' keys, sorted and unique; ``embeddings`` (N, D) float32 unit-norm
+  rows aligned with ``keys``;
+- with PCA also ``pca_mean`` (D_model,), ``pca_components`` (D, D_model) and
+  ``pca_explained_variance`` (D,) float32: ``embeddings = l2_normalise((x - pca_mean) @
+  pca_components.T)`` for the model's unit-norm features ``x`` (:func:`apply_pca`);
+- attributes describing the file (model, dimensions, normalisation, source data set and the sha256
+  of its manifest, ...) and ``manifest``: the stage's manifest as JSON. The teacher folder holds one
+  file per model, so the manifest lives inside the file rather than in a shared manifest.json.
+
+Writing is resumable: chunks are appended to a partial file next to the target
+(:func:`partial_path`) whose ``complete_rows`` attribute is raised only after a chunk is flushed,
+so a killed writer loses at most the chunk in flight; :func:`finalise` sorts the rows by key,
+applies PCA and writes the final file by an atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from protoclip_cli import __version__
+from protoclip_cli.artifacts import atomic_path, file_sha256
+from protoclip_cli.console import info
+from protoclip_cli.errors import MissingInputError, ProtoclipError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+NORMALISATION = "l2"
+# What makes two teacher files interchangeable: a finished file is reused only when these match.
+IDENTITY = ("model", "dataset", "dataset_manifest_sha256", "pca_dim")
+_BLOCK = 65536  # rows read at a time when sorting, reducing and fitting PCA
+
+
+# -- writing: the resumable partial file ---------------------------------------------------------
+
+
+def partial_path(target: Path) -> Path:
+    """Where an unfinished run keeps its committed chunks."""
+    return target.with_name(f".{target.name}.partial")
+
+
+def open_partial(partial: Path, identity: dict[str, Any], dimension: int):
+    """Open (or start) the partial file; one from other inputs or unreadable after a crash is restarted.
+
+    Returns the open ``h5py.File``; its ``complete_rows`` attribute counts the committed rows.
+    """
+    import h5py
+
+    if partial.exists():
+        try:
+            handle = h5py.File(partial, "a")
+        except OSError:
+            info(f"Discarding {partial}: it cannot be read (a run was probably killed while writing it).")
+        else:
+            try:
+                same_inputs = json.loads(handle.attrs["identity"]) == identity
+            except (KeyError, ValueError):
+                same_inputs = False
+            if same_inputs:
+                return handle
+            handle.close()
+            info(f"Discarding {partial}: it was started for other inputs.")
+        partial.unlink()
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    handle = h5py.File(partial, "w")
+    handle.attrs["identity"] = json.dumps(identity, sort_keys=True)
+    handle.attrs["complete_rows"] = 0
+    handle.create_dataset("keys", shape=(0,), maxshape=(None,), dtype="int64", chunks=(4096,))
+    handle.create_dataset(
+        "embeddings", shape=(0, dimension), maxshape=(None, dimension), dtype="float32",
+        chunks=(max(1, min(1024, 2**20 // (4 * dimension))), dimension),
+    )  # fmt: skip
+    handle.flush()
+    return handle
+
+
+def committed_keys(handle) -> "np.ndarray":
+    """The keys of the rows a partial file holds complete, in the order they were written."""
+    return handle["keys"][: int(handle.attrs["complete_rows"])]
+
+
+def append(handle, keys: "np.ndarray", embeddings: "np.ndarray", done: int) -> None:
+    """Write one chunk after row ``done`` and only then record it as complete."""
+    end = done + len(keys)
+    handle["keys"].resize((end,))
+    handle["embeddings"].resize((end, embeddings.shape[1]))
+    handle["keys"][done:end] = keys
+    handle["embeddings"][done:end] = embeddings
+    handle.flush()
+    handle.attrs["complete_rows"] = end
+    handle.flush()
+
+
+# -- finishing: sort by key, optional PCA, atomic write ------------------------------------------
+
+
+def finalise(
+    partial: Path, target: Path, identity: dict[str, Any], pca_dim: int, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the final teacher file from a complete partial file; returns ``count`` (and the PCA's
+    explained variance ratio), the fields the manifest gains from finishing."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(partial, "r") as source:
+        rows = int(source.attrs["complete_rows"])
+        keys = source["keys"][:rows]
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        duplicates = sorted_keys[1:][np.diff(sorted_keys) == 0]
+        if duplicates.size:
+            raise ProtoclipError(
+                f"Data set '{identity['dataset']}' has duplicate sample key {int(duplicates[0])}; "
+                "its keys must be unique, so rerun `protoclip download` for it."
+            )
+        features = source["embeddings"]
+        pca = fit_pca(features, rows, pca_dim) if pca_dim else None
+        extra = {"count": rows}
+        if pca is not None:
+            extra["pca_explained_variance_ratio"] = round(float(pca[2].sum() / pca[3]), 6)
+        manifest = {**manifest, **extra}
+        with atomic_path(target) as tmp, h5py.File(tmp, "w") as out:
+            out.create_dataset("keys", data=sorted_keys)
+            dimension = pca_dim or features.shape[1]
+            embeddings = out.create_dataset("embeddings", shape=(rows, dimension), dtype="float32")
+            for start in range(0, rows, _BLOCK):
+                block = _read_rows(features, order[start : start + _BLOCK])
+                if pca is not None:
+                    block = apply_pca(block, pca[0], pca[1])
+                embeddings[start : start + len(block)] = block
+            if pca is not None:
+                out.create_dataset("pca_mean", data=pca[0])
+                out.create_dataset("pca_components", data=pca[1])
+                out.create_dataset("pca_explained_variance", data=pca[2].astype(np.float32))
+            attrs = {
+                "stage": "teacher-embed",
+                "model": identity["model"],
+                "model_source": manifest["model_source"],
+                "dimension": dimension,
+                "source_dimension": features.shape[1],
+                "normalisation": NORMALISATION,
+                "pca_dim": pca_dim,
+                "count": rows,
+                "dataset": identity["dataset"],
+                "dataset_manifest": manifest["inputs"]["dataset"]["path"],
+                "dataset_manifest_sha256": identity["dataset_manifest_sha256"],
+                "protoclip_version": __version__,
+                "created_at": manifest["created_at"],
+                "manifest": json.dumps(manifest, sort_keys=True, default=str),
+            }
+            out.attrs.update(attrs)
+    return extra
+
+
+def _read_rows(features, rows: "np.ndarray") -> "np.ndarray":
+    """``features[rows]`` for any order of distinct rows (h5py only reads increasing indices)."""
+    import numpy as np
+
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+        return features[int(rows[0]) : int(rows[-1]) + 1]
+    increasing = np.sort(rows)
+    return features[increasing][np.searchsorted(increasing, rows)]
+
+
+def fit_pca(features, rows: int, dim: int) -> tuple["np.ndarray", "np.ndarray", "np.ndarray", float]:
+    """PCA of the first ``rows`` rows of ``features`` (an array or HDF5 data set), read in blocks.
+
+    Returns ``(mean (D,) float32, components (dim, D) float32, explained variance (dim,) float64,
+    total variance)``. Statistics are accumulated in float64; each component's sign is fixed so that
+    its largest-magnitude coordinate is positive, which makes the result deterministic.
+    """
+    import numpy as np
+
+    width = features.shape[1]
+    if dim > min(rows, width):
+        raise ProtoclipError(f"--pca-dim {dim} needs at least {dim} captions and dimensions; this data set has {rows}.")
+    total = np.zeros(width)
+    for start in range(0, rows, _BLOCK):
+        total += np.asarray(features[start : min(rows, start + _BLOCK)], dtype=np.float64).sum(axis=0)
+    mean = total / rows
+    scatter = np.zeros((width, width))
+    for start in range(0, rows, _BLOCK):
+        centred = np.asarray(features[start : min(rows, start + _BLOCK)], dtype=np.float64) - mean
+        scatter += centred.T @ centred
+    covariance = scatter / max(rows - 1, 1)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    top = np.argsort(eigenvalues)[::-1][:dim]
+    components = eigenvectors[:, top].T
+    signs = np.sign(components[np.arange(dim), np.abs(components).argmax(axis=1)])
+    components *= signs[:, None]
+    return mean.astype(np.float32), components.astype(np.float32), eigenvalues[top], float(eigenvalues.sum())
+
+
+def apply_pca(features: "np.ndarray", mean: "np.ndarray", components: "np.ndarray") -> "np.ndarray":
+    """Reduce unit-norm model features with a stored PCA and re-normalise them to unit length."""
+    import numpy as np
+
+    reduced = (np.asarray(features, dtype=np.float32) - mean) @ components.T
+    norms = np.linalg.norm(reduced, axis=1, keepdims=True)
+    return (reduced / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def load_teacher(path: str | Path, embeddings: bool = True) -> tuple["np.ndarray", "np.ndarray | None", dict[str, Any]]:
+    """``(keys int64 (N,), embeddings float32 (N, D), attrs)`` of a teacher file.
+
+    ``attrs`` holds plain Python values; with ``embeddings=False`` only the keys are read.
+    """
+    import h5py
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"No teacher features at {path}. Run `protoclip teacher-embed` first.")
+    try:
+        with h5py.File(path, "r") as handle:
+            keys = handle["keys"][:].astype(np.int64)
+            features = handle["embeddings"][:].astype(np.float32) if embeddings else None
+            attrs = {name: _plain(value) for name, value in handle.attrs.items()}
+    except (OSError, KeyError) as exc:
+        raise ProtoclipError(
+            f"{path} is not a readable teacher file ({exc}); rerun `protoclip teacher-embed --force`."
+        ) from exc
+    return keys, features, attrs
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def teacher_rows(teacher_path: str | Path, keys: "torch.Tensor") -> "torch.Tensor":
+    """The teacher embeddings of ``keys`` (rows looked up by key in the sorted ``keys`` of the HDF5)."""
+    import h5py
+    import numpy as np
+    import torch
+
+    wanted = keys.cpu().numpy()
+    with h5py.File(teacher_path, "r") as f:
+        all_keys = f["keys"][:]
+        rows = np.searchsorted(all_keys, wanted)
+        rows = np.clip(rows, 0, len(all_keys) - 1)
+        if len(wanted) and not np.array_equal(all_keys[rows], wanted):
+            missing = wanted[all_keys[rows] != wanted][0]
+            raise ProtoclipError(
+                f"Teacher file {teacher_path} has no row for sample {missing}; rerun `protoclip teacher-embed` "
+                "for this data set."
+            )
+        order = np.argsort(rows, kind="stable")
+        # h5py fancy indexing needs increasing, unique rows.
+        unique_rows, inverse = np.unique(rows[order], return_inverse=True)
+        picked = f["embeddings"][unique_rows] if len(unique_rows) else np.zeros((0, f["embeddings"].shape[1]))
+    embeddings = np.empty((len(wanted), picked.shape[1]), dtype=np.float32)
+    embeddings[order] = picked[inverse]
+    return torch.from_numpy(embeddings)
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+
+def check_reusable(target: Path, wanted: dict[str, Any]) -> dict[str, Any]:
+    """The attributes of a finished file made from the ``wanted`` identity (the keys of
+    :data:`IDENTITY`); a file made otherwise is an error asking for ``--force``."""
+    _, _, attrs = load_teacher(target, embeddings=False)
+    differing = [key for key in IDENTITY if attrs.get(key) != wanted[key]]
+    if differing:
+        raise ProtoclipError(
+            f"{target} was made with a different {', '.join(differing)} (e.g. {differing[0]}="
+            f"{attrs.get(differing[0])!r}, wanted {wanted[differing[0]]!r}); pass --force to replace it."
+        )
+    return attrs
+
+
+def embedded_from(teacher_path: Path, dataset_manifest_path: Path, split: str, samples: int) -> bool:
+    """True when the teacher file was embedded from this very download of the train split and holds
+    one row per sample: then it covers the data and the shards need not be scanned for their keys."""
+    keys, _, attrs = load_teacher(teacher_path, embeddings=False)
+    return (
+        split == "train"
+        and len(keys) == samples
+        and attrs.get("dataset_manifest_sha256") == file_sha256(dataset_manifest_path)
+    )
+
+
+def check_teacher_covers(teacher_path: str | Path, keys, dataset_manifest_path: str | Path) -> None:
+    """Raise a :class:`ProtoclipError` naming both files when the teacher lacks any of ``keys``."""
+    import numpy as np
+
+    teacher_keys, _, _ = load_teacher(teacher_path, embeddings=False)
+    wanted = np.unique(np.asarray(keys, dtype=np.int64))
+    missing = np.setdiff1d(wanted, teacher_keys, assume_unique=True)
+    if missing.size:
+        raise ProtoclipError(
+            f"Teacher features {teacher_path} lack {missing.size} of the {wanted.size} samples of the data set "
+            f"{dataset_manifest_path} (e.g. key {int(missing[0])}); rerun `protoclip teacher-embed --force` for it."
+        )

@@ -1,0 +1,135 @@
+"""The import rule of docs/architecture.md, read from the source with `ast`:
+
+1. a stage never imports another stage (``stages/demo.py`` chains them and is the one exception);
+2. the library (``core``, ``data``, ``training``, ``evaluation``) and the shared top-level modules
+   never import ``stages`` or ``cli``;
+3. inside the library, ``core`` imports none of ``data``, ``training``, ``evaluation``; ``data``
+   imports neither ``training`` nor ``evaluation``; ``training`` and ``evaluation`` do not import
+   each other.
+
+Every import counts, also those inside functions (the CLI's lazy imports) and under TYPE_CHECKING.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "protoclip_cli"
+LIBRARY = ("core", "data", "training", "evaluation")
+# What each library package may not import (rule 3).
+BELOW = {
+    "core": ("data", "training", "evaluation"),
+    "data": ("training", "evaluation"),
+    "training": ("evaluation",),
+    "evaluation": ("training",),
+}
+# Known exceptions, each with its reason: (importing module, imported module) -> why.
+EXCEPTIONS: dict[tuple[str, str], str] = {}
+
+
+def module_name(package: Path, path: Path) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(package: Path, path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module) for every import in ``path``; ``from pkg import name`` counts as the
+    module ``pkg.name`` when that is a module of the package."""
+    here = module_name(package, path)
+    is_package = path.name == "__init__.py"
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = here.split(".")[: len(here.split(".")) - node.level + (1 if is_package else 0)]
+                base = ".".join(parent + ([base] if base else []))
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                relative = Path(*candidate.split(".")[1:])
+                is_module = (package / relative).with_suffix(".py").is_file() or (package / relative).is_dir()
+                found.append((node.lineno, candidate if is_module else base))
+    return found
+
+
+def layer(module: str) -> tuple[str, str]:
+    """(kind, name): ("stage", "train"), ("cli", ...), ("library", "core"), ("shared", "runs"), ..."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "shared", ""
+    if parts[1] == "stages":
+        return "stage", parts[2] if len(parts) > 2 else ""
+    if parts[1] in ("cli", "__main__"):
+        return "cli", parts[1]
+    if parts[1] in LIBRARY:
+        return "library", parts[1]
+    return "shared", parts[1]
+
+
+def violations(package: Path = PACKAGE) -> list[str]:
+    name = package.name
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        module = module_name(package, path)
+        kind, part = layer(module)
+        for line, imported in imports(package, path):
+            if imported != name and not imported.startswith(name + "."):
+                continue
+            other_kind, other_part = layer(imported)
+            rule = None
+            if kind == "stage" and other_kind == "stage" and other_part and part not in (other_part, "demo"):
+                rule = "a stage never imports another stage"
+            elif kind in ("library", "shared") and other_kind in ("stage", "cli"):
+                rule = "the library and shared modules never import stages or the CLI"
+            elif kind == "library" and other_kind == "library" and other_part in BELOW[part]:
+                rule = f"{part}/ never imports {other_part}/"
+            if rule and (module, imported) not in EXCEPTIONS:
+                found.append(f"{path.relative_to(package.parent)}:{line}: {module} imports {imported} ({rule})")
+    return found
+
+
+def test_the_package_keeps_the_import_rule():
+    found = violations()
+    assert not found, "\n".join(found)
+
+
+def test_the_rule_catches_each_kind_of_violation(tmp_path):
+    """The checker itself: a fake package with one import of each forbidden kind."""
+    package = tmp_path / "protoclip_cli"
+    files = {
+        "__init__.py": "",
+        "runs.py": "def f():\n    from protoclip_cli.cli import main\n",
+        "stages/__init__.py": "",
+        "stages/train.py": "from protoclip_cli.stages import teacher_embed\n",
+        "stages/teacher_embed.py": "from . import download\n",
+        "stages/download.py": "",
+        "stages/demo.py": "from protoclip_cli.stages import download, train\n",
+        "core/__init__.py": "",
+        "core/model.py": "from ..data import shards\n",
+        "data/__init__.py": "",
+        "data/shards.py": "import protoclip_cli.stages.download\n",
+        "training/__init__.py": "",
+        "training/loop.py": "from protoclip_cli.evaluation.models import x\nfrom protoclip_cli.data.shards import y\n",
+        "evaluation/__init__.py": "",
+        "evaluation/models.py": "from protoclip_cli.runs import RunDir\n",
+    }
+    for relative, text in files.items():
+        (package / relative).parent.mkdir(parents=True, exist_ok=True)
+        (package / relative).write_text(text)
+    found = violations(package)
+    assert found == [
+        "protoclip_cli/core/model.py:1: protoclip_cli.core.model imports protoclip_cli.data.shards (core/ never imports data/)",
+        "protoclip_cli/data/shards.py:1: protoclip_cli.data.shards imports protoclip_cli.stages.download "
+        "(the library and shared modules never import stages or the CLI)",
+        "protoclip_cli/runs.py:2: protoclip_cli.runs imports protoclip_cli.cli "
+        "(the library and shared modules never import stages or the CLI)",
+        "protoclip_cli/stages/teacher_embed.py:1: protoclip_cli.stages.teacher_embed imports "
+        "protoclip_cli.stages.download (a stage never imports another stage)",
+        "protoclip_cli/stages/train.py:1: protoclip_cli.stages.train imports protoclip_cli.stages.teacher_embed "
+        "(a stage never imports another stage)",
+        "protoclip_cli/training/loop.py:1: protoclip_cli.training.loop imports protoclip_cli.evaluation.models "
+        "(training/ never imports evaluation/)",
+    ]
