@@ -43,6 +43,11 @@ class ModelConfig:
     projection_n_layers: int = option(1, "Hidden Linear-BatchNorm-ReLU blocks per head (0: one Linear).")
     compile: bool = option(False, "torch.compile the model (CUDA only).")
     channels_last: bool = option(True, "channels_last memory format for convolutional image towers on CUDA.")
+    sync_batchnorm: Literal["none", "heads", "all"] = option(
+        "none",
+        "Under DDP on CUDA, which BatchNorm layers normalise over the global batch: 'none' (per GPU, as the "
+        "reference), 'heads' (the projection heads'), 'all' (also the image tower's). CPU runs keep them per process.",
+    )
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,12 @@ class OptimConfig:
     beta2: float = option(0.999, "AdamW beta2.")
     eps: float = option(1e-8, "AdamW epsilon.")
     grad_clip: float = option(10.0, "Gradient-norm clipping (0 = off).")
+    ddp_gradients: Literal["reference", "global-batch"] = option(
+        "reference",
+        "Gradients under DDP: 'reference' = DDP's mean over ranks of each rank's gradient of the global-batch "
+        "loss, as the reference (feature gradients 1/world size of the global-batch loss's); 'global-batch' = "
+        "the gradient one process with the whole global batch would get, whatever the world size.",
+    )
 
 
 @dataclass(frozen=True)
