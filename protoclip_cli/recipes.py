@@ -43,6 +43,11 @@ class ModelConfig:
     projection_n_layers: int = option(1, "Hidden Linear-BatchNorm-ReLU blocks per head (0: one Linear).")
     compile: bool = option(False, "torch.compile the model (CUDA only).")
     channels_last: bool = option(True, "channels_last memory format for convolutional image towers on CUDA.")
+    grad_checkpointing: bool = option(
+        False,
+        "Gradient checkpointing of both towers (open_clip's set_grad_checkpointing): activations of each "
+        "block are recomputed in the backward pass instead of kept, less memory for about a third more compute.",
+    )
     sync_batchnorm: Literal["none", "heads", "all"] = option(
         "none",
         "Under DDP on CUDA, which BatchNorm layers normalise over the global batch: 'none' (per GPU, as the "
@@ -74,7 +79,12 @@ class ProtoConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    w_clip: float = option(1.0, "Weight of the InfoNCE (CLIP) loss.")
+    contrastive: Literal["infonce", "sigmoid"] = option(
+        "infonce",
+        "Image-text loss: 'infonce' = CLIP's softmax InfoNCE (reference); 'sigmoid' = SigLIP's pairwise sigmoid "
+        "loss with a learnable logit bias (scale 10 and bias -10 at the start), over the global batch.",
+    )
+    w_clip: float = option(1.0, "Weight of the image-text (CLIP) loss, InfoNCE or sigmoid.")
     w_proto: float = option(1.0, "Weight of the prototype loss.")
     w_ext: float = option(1.0, "Weight of the external-teacher loss.")
     target_temperature: float = option(0.01, "Soft-target temperature tau; 0 gives one-hot targets.")

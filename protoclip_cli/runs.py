@@ -183,7 +183,7 @@ class RunDir:
         config = self.config()
         path = self.checkpoint(checkpoint)
         state = load_checkpoint(path)
-        model = build_model(config.model)
+        model = build_model(config.model, contrastive=config.loss.contrastive)
         model.load_state_dict(state["model"])
         model.to(device).eval()
         info: dict[str, Any] = {

@@ -24,8 +24,9 @@ from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.runs import RunDir
 from protoclip_cli.workspace import Workspace
 
-# Fields that may change between a run and its resumption: they do not change what is computed.
-RESUMABLE_CHANGES = ("device", "model.compile", "data.extract_batch_size", "logging.")
+# Fields that may change between a run and its resumption: they do not change what is computed
+# (gradient checkpointing recomputes the same activations; it only trades memory for time).
+RESUMABLE_CHANGES = ("device", "model.compile", "model.grad_checkpointing", "data.extract_batch_size", "logging.")
 
 
 @dataclass

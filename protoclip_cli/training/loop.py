@@ -71,14 +71,15 @@ def backward(total: torch.Tensor, model: torch.nn.Module, world_size: int, mode:
     reaches only this rank's features, and DDP averages the ranks' gradients. 'reference' leaves it at
     that, as the reference implementation does: the weights' gradient is 1/world size of the
     global-batch loss's. 'global-batch' scales the loss by the world size, which makes it exactly the
-    gradient of one process seeing the whole global batch; the temperatures scale every rank's
-    logits, so their gradient is already the global one on each rank and is scaled back.
+    gradient of one process seeing the whole global batch; the temperatures (and the sigmoid loss's
+    bias) scale or shift every rank's logits, so their gradient is already the global one on each
+    rank and is scaled back.
     """
     if mode == "global-batch" and world_size > 1:
         (total * world_size).backward()
-        for scale in (model.logit_scale, model.logit_scale_proto):
-            if scale is not None and scale.grad is not None:
-                scale.grad.div_(world_size)
+        for scalar in model.scalar_parameters():
+            if scalar.grad is not None:
+                scalar.grad.div_(world_size)
     else:
         total.backward()
 
@@ -121,7 +122,7 @@ class Trainer:
         self.layout = run_layout(cfg, self.plan, self.world_size)
 
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, contrastive=cfg.loss.contrastive)
         if self.world_size > 1 and self.device.type == "cuda":
             sync_batchnorm(model, cfg.model.sync_batchnorm)
         model.to(self.device)
@@ -136,7 +137,8 @@ class Trainer:
             "visual": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, total, end_step=lit_step),
         }
         self.loss_fn = ProtoCLIPLoss(
-            cfg.loss.w_clip, cfg.loss.w_proto, cfg.loss.w_ext, cfg.loss.target_temperature, cfg.loss.pbt
+            cfg.loss.w_clip, cfg.loss.w_proto, cfg.loss.w_ext, cfg.loss.target_temperature, cfg.loss.pbt,
+            contrastive=cfg.loss.contrastive,
         )
         self.train_model: torch.nn.Module = model
         if self.world_size > 1:
