@@ -99,6 +99,13 @@ class OptimConfig:
     beta2: float = option(0.999, "AdamW beta2.")
     eps: float = option(1e-8, "AdamW epsilon.")
     grad_clip: float = option(10.0, "Gradient-norm clipping (0 = off).")
+    accum_freq: int = option(
+        1,
+        "Micro-batches of data.batch_size per optimiser step (OpenCLIP's --accum-freq): each is first run "
+        "without gradients and its features cached, then recomputed with gradients, so every loss covers "
+        "the whole accumulated batch (data.batch_size x accum_freq x world size) at one micro-batch's "
+        "activation memory, for one extra forward pass. 1: off.",
+    )
     ddp_gradients: Literal["reference", "global-batch"] = option(
         "reference",
         "Gradients under DDP: 'reference' = DDP's mean over ranks of each rank's gradient of the global-batch "
@@ -153,6 +160,10 @@ class TrainConfig:
         require(
             self.data.batch_size >= 1 and self.data.extract_batch_size >= 1,
             "data.batch_size and data.extract_batch_size must be at least 1.",
+        )
+        require(
+            self.optim.accum_freq >= 1,
+            f"optim.accum_freq is {self.optim.accum_freq}; use 1 (no accumulation) or more micro-batches per step.",
         )
         require(self.data.workers >= 0, f"data.workers is {self.data.workers}; use 0 (load in the training process) or more.")
         require(

@@ -1,6 +1,7 @@
 """What a distributed step's gradient is (``optim.ddp_gradients``), on 2 gloo ranks against one process,
 and which BatchNorm layers become SyncBatchNorm (``model.sync_batchnorm``); with either image-text loss
-(``loss.contrastive``: the sigmoid loss's bias is a scalar like the temperatures).
+(``loss.contrastive``: the sigmoid loss's bias is a scalar like the temperatures), and with gradient
+accumulation (``optim.accum_freq``: DDP's all-reduce skipped with ``no_sync`` until the last micro-batch).
 
 Each rank computes the losses over the gathered global batch; its backward reaches its own features
 and DDP averages the ranks' gradients. 'reference' (the default, as the reference implementation)
@@ -50,10 +51,32 @@ def _setup(seed: int = 0, contrastive: str = "infonce"):
 
 
 def _gradients(model, loss_fn, forward, images, tokens, protos, labels, world, mode) -> dict[str, torch.Tensor]:
-    from protoclip_cli.training.loop import backward
+    from protoclip_cli.training.step import backward
 
     terms = loss_fn(forward(images, tokens), labels=labels, protos=protos, use_proto=True, use_ext=True)
     backward(terms["total"], model, world, mode)
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _accumulated_gradients(rank: int, mode: str) -> dict[str, torch.Tensor]:
+    """This rank's half of the batch as two micro-batches (optim.accum_freq = 2) under DDP, no_sync between."""
+    import contextlib
+
+    from protoclip_cli.training.episodes import Phase
+    from protoclip_cli.training.step import Stepper
+
+    model, loss_fn, images, tokens, protos, labels = _setup()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    half = BATCH // WORLD
+    micro = [{"images": images[s : s + half // 2], "tokens": tokens[s : s + half // 2], "rows": slice(s, s + half // 2)}
+             for s in range(rank * half, (rank + 1) * half, half // 2)]
+
+    def labeller(outputs, batches):
+        return {name: torch.cat([value[b["rows"]] for b in batches]) for name, value in labels.items()}
+
+    stepper = Stepper(model, ddp, torch.optim.SGD(model.parameters(), lr=0.0), loss_fn, contextlib.nullcontext,
+                      lambda b: (b["images"], b["tokens"]), world_size=WORLD, ddp_gradients=mode, no_sync=ddp.no_sync)
+    stepper.gradients(micro, Phase("proto", True, True, False), labeller, protos)
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
@@ -68,6 +91,7 @@ def _rank(rank: int, port: int, mode: str, out: str) -> None:
         part = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
         grads[contrastive] = _gradients(model, loss_fn, ddp, images[part], tokens[part], protos,
                                         {k: v[part] for k, v in labels.items()}, WORLD, mode)
+    grads["accumulated"] = _accumulated_gradients(rank, mode)
     if rank == 0:
         torch.save(grads, out)
     torch.distributed.destroy_process_group()
@@ -78,8 +102,8 @@ def test_two_ranks_give_the_documented_gradient(mode, tmp_path):
     out = str(tmp_path / "grads.pt")
     torch.multiprocessing.spawn(_rank, args=(_free_port(), mode, out), nprocs=WORLD, join=True)
     everything = torch.load(out, weights_only=True)
-    for contrastive in CONTRASTIVE:
-        distributed = everything[contrastive]
+    # Each rank accumulating two micro-batches gives what it gives without accumulation.
+    for contrastive, distributed in [*((c, everything[c]) for c in CONTRASTIVE), ("infonce", everything["accumulated"])]:
         model, loss_fn, images, tokens, protos, labels = _setup(contrastive=contrastive)
         single = _gradients(model, loss_fn, model, images, tokens, protos, labels, 1, mode)
         assert distributed.keys() == single.keys()

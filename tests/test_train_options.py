@@ -1,6 +1,6 @@
 """The training options of OpenCLIP's trainer, end to end on the embedded data set with the prototype
-and external-teacher losses on: the sigmoid loss (its bias trained, logged, saved, exported) and
-gradient checkpointing."""
+and external-teacher losses on: the sigmoid loss (its bias trained, logged, saved, exported),
+gradient checkpointing and gradient accumulation (two micro-batches of 32 per step)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from test_train import small_config
 
 # A warm-up episode and a prototype episode with the teacher; no LiT finish.
 OPTIONS = ["schedule.episodes=2", "schedule.lit_start_episode=99", "loss.contrastive='sigmoid'",
-           "model.grad_checkpointing=true"]
+           "model.grad_checkpointing=true", "optim.accum_freq=2"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,9 @@ def test_sigmoid_run_trains_its_bias_with_the_prototype_terms(options_run):
     config, run_dir, manifest = options_run
     steps = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"step"' in l]
     steps = [l for l in steps if l["kind"] == "step"]
-    assert len(steps) == manifest["total_steps"] == 2 * 256 // 32
+    # Two episodes of 256 samples in steps of 2 micro-batches of 32.
+    assert len(steps) == manifest["total_steps"] == 2 * 256 // (2 * 32)
+    assert [l["step"] for l in steps] == list(range(1, 9))
     proto = [l for l in steps if l["phase"] == "proto"]
     assert proto and all(l["total"] == pytest.approx(l["clip"] + l["proto"] + l["ext"], rel=1e-5) for l in proto)
     # SigLIP's loss at the start: -log sigmoid(10 cos - 10) ~ 10 per positive pair plus ~0 per negative.

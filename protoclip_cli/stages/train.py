@@ -90,9 +90,12 @@ def check_plan(config: TrainConfig, plan, world_size: int) -> None:
                 "or launch fewer processes."
             )
         if layout.steps[episode] < 1:
+            accumulated = config.optim.accum_freq > 1
             raise ProtoclipError(
-                f"Episode {episode} ({plan.samples(episode)} samples) gives no full batch of {config.data.batch_size} "
-                f"per data worker; lower data.batch_size or data.workers, or raise data.episode_size."
+                f"Episode {episode} ({plan.samples(episode)} samples) gives no full batch of {config.data.batch_size}"
+                + (f" x {config.optim.accum_freq} micro-batches" if accumulated else "")
+                + " per data worker; lower data.batch_size" + (", optim.accum_freq" if accumulated else "")
+                + " or data.workers, or raise data.episode_size."
             )
         phase = episode_phase(config, episode, use_teacher(config))
         k_needed = max(config.proto.k, config.proto.teacher_k if phase.use_ext else 0)

@@ -168,8 +168,9 @@ def episode_phase(config: TrainConfig, episode: int, use_teacher: bool) -> Phase
 
 
 def run_layout(config: TrainConfig, plan: EpisodePlan, world_size: int) -> RunLayout:
+    """Optimiser steps per episode: its batches per rank, in whole steps of ``optim.accum_freq`` micro-batches."""
     steps = [
-        steps_in_episode(plan, e, world_size, config.data.workers, config.data.batch_size)
+        steps_in_episode(plan, e, world_size, config.data.workers, config.data.batch_size) // config.optim.accum_freq
         for e in range(config.schedule.episodes)
     ]
     return RunLayout(steps, lit_start_episode(config))

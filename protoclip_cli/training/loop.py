@@ -41,6 +41,7 @@ from protoclip_cli.training.prototypes import (
     save_prototypes,
 )
 from protoclip_cli.training.single_pass import FeatureRecorder, OnlineLabels
+from protoclip_cli.training.step import Stepper, micro_batches
 
 
 def _autocast_factory(config: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -62,26 +63,6 @@ def sync_batchnorm(model: torch.nn.Module, which: str) -> int:
             if getattr(model, name, None) is not None:
                 setattr(model, name, convert(getattr(model, name)))
     return sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-
-
-def backward(total: torch.Tensor, model: torch.nn.Module, world_size: int, mode: str) -> None:
-    """Backpropagate the global-batch loss ``total`` computed on this rank.
-
-    Every loss term covers the global batch (features gathered from all ranks), but its gradient
-    reaches only this rank's features, and DDP averages the ranks' gradients. 'reference' leaves it at
-    that, as the reference implementation does: the weights' gradient is 1/world size of the
-    global-batch loss's. 'global-batch' scales the loss by the world size, which makes it exactly the
-    gradient of one process seeing the whole global batch; the temperatures (and the sigmoid loss's
-    bias) scale or shift every rank's logits, so their gradient is already the global one on each
-    rank and is scaled back.
-    """
-    if mode == "global-batch" and world_size > 1:
-        (total * world_size).backward()
-        for scalar in model.scalar_parameters():
-            if scalar.grad is not None:
-                scalar.grad.div_(world_size)
-    else:
-        total.backward()
 
 
 def _is_convolutional(arch: str) -> bool:
@@ -156,6 +137,11 @@ class Trainer:
         # The extraction pass runs the bare model in eval mode; compiled for one batch shape when asked.
         self.extract_forward = torch.compile(model, dynamic=False) if compiled else model
         self.augmentation = device_augmentation(cfg.data.augmentation, model.image_size)
+        self.stepper = Stepper(
+            model, self.train_model, self.optimizer, self.loss_fn, self.autocast, self._model_input,
+            world_size=self.world_size, ddp_gradients=cfg.optim.ddp_gradients, grad_clip=cfg.optim.grad_clip,
+            no_sync=getattr(self.train_model, "no_sync", None),
+        )
         self.single_pass = cfg.proto.enabled and cfg.proto.single_pass
         self.stream = EpisodeStream(
             StreamConfig(
@@ -203,7 +189,7 @@ class Trainer:
         elif "loader" in state:
             self.position = Position.from_json(state["loader"][self.rank])
         else:  # a checkpoint of an older version: batches only, no record counts
-            given = batches_to_skip(self.stream.config.owed(episode), done)
+            given = batches_to_skip(self.stream.config.owed(episode), done * self.config.optim.accum_freq)
             self.position = Position(tuple(g * self.config.data.batch_size for g in given), tuple(given))
         if "recorded" in state and done > 0:
             self.recorder.restore(state["recorded"], self.device)
@@ -350,32 +336,32 @@ class Trainer:
             # LiT: the image tower is frozen, BatchNorm statistics included.
             self.model.clip.visual.eval()
 
-    def _step(self, batch: dict, phase: Phase, prototypes: EpisodePrototypes | None, protos, online) -> tuple[dict, dict, dict]:
-        """One optimiser step on ``batch``; returns the loss terms, the model outputs and the learning rates."""
-        from protoclip_cli.core.optim import set_learning_rates
+    def _model_input(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's images (augmented and normalised on the device) and tokens."""
         from protoclip_cli.data.transforms import to_model_input
 
-        lrs = set_learning_rates(self.optimizer, self.global_step, self.schedules)
         images = to_model_input(
             batch["images"], self.model.image_mean, self.model.image_std, self.device,
             self.augmentation, batch.get("augment"), self.channels_last,
         )
-        tokens = batch["tokens"].to(self.device, non_blocking=True)
-        with self.autocast():
-            outputs = self.train_model(images, tokens)
-        labels = None
-        if protos is not None:
+        return images, batch["tokens"].to(self.device, non_blocking=True)
+
+    def _step(self, batches: list[dict], phase: Phase, prototypes: EpisodePrototypes | None, protos, online) -> tuple[dict, dict, dict]:
+        """One optimiser step on ``batches`` (its micro-batches); returns the loss terms, the outputs
+        of the whole step and the learning rates."""
+        from protoclip_cli.core.optim import set_learning_rates
+
+        lrs = set_learning_rates(self.optimizer, self.global_step, self.schedules)
+
+        def labeller(outputs: dict, step_batches: list[dict]) -> dict | None:
+            if protos is None:
+                return None
             if online is not None:
-                labels = online(outputs, batch.get("teacher"))
-            else:
-                labels = prototypes.lookup(batch["keys"].to(self.device))
-        terms = self.loss_fn(outputs, labels=labels, protos=protos, use_proto=phase.use_proto, use_ext=phase.use_ext)
-        self.optimizer.zero_grad(set_to_none=True)
-        backward(terms["total"], self.model, self.world_size, self.config.optim.ddp_gradients)
-        if self.config.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
-        self.optimizer.step()
-        self.model.clamp_temperatures()
+                teacher = [b["teacher"] for b in step_batches if "teacher" in b]
+                return online(outputs, torch.cat(teacher) if teacher else None)
+            return prototypes.lookup(torch.cat([b["keys"] for b in step_batches]).to(self.device))
+
+        terms, outputs = self.stepper.step(batches, phase, labeller, protos)
         return terms, outputs, lrs
 
     def _train_episode(self, episode: int, phase: Phase, prototypes: EpisodePrototypes | None, bar) -> float:
@@ -395,15 +381,18 @@ class Trainer:
         task = bar.add_task(f"episode {episode}: train ({phase.name})", total=steps, completed=done, rate="")
         start = time.perf_counter()
         window_start, window_samples = time.perf_counter(), 0
-        global_batch = cfg.data.batch_size * self.world_size
-        for batch in batches:
+        global_batch = cfg.data.batch_size * self.world_size * cfg.optim.accum_freq
+        for step_batches in micro_batches(batches, cfg.optim.accum_freq):
             if done >= steps:
                 break
-            self._count_broken(episode, int(batch["broken"]))
-            terms, outputs, lrs = self._step(batch, phase, prototypes, protos, online)
-            self.position = self.position.advanced(batch)
+            for batch in step_batches:
+                self._count_broken(episode, int(batch["broken"]))
+            terms, outputs, lrs = self._step(step_batches, phase, prototypes, protos, online)
+            for batch in step_batches:
+                self.position = self.position.advanced(batch)
             if record:
-                self.recorder.add(batch["keys"], outputs["image_proj"], outputs["text_proj"])
+                keys = torch.cat([batch["keys"] for batch in step_batches])
+                self.recorder.add(keys, outputs["image_proj"], outputs["text_proj"])
             self.global_step += 1
             done += 1
             window_samples += global_batch
