@@ -86,7 +86,8 @@ class ScheduleConfig:
     lit_start_episode: int = option(
         -1,
         "Episode (0-based) from which the image tower is locked (lr 0) and only the CLIP loss is used. "
-        "-1: the last episode; a value >= episodes turns the LiT finish off.",
+        "Negative counts from the end: -1 the last episode, -2 the last two (the reference's "
+        "--lit-start-epoch 99 of 100); a value >= episodes turns the LiT finish off.",
     )
 
 
