@@ -36,7 +36,7 @@ def test_recipes_write_to_distinct_run_folders():
 
 def test_reference_recipes_match_the_paper():
     single = config_io.load(TrainConfig, RECIPES[0].parent / "cc3m.toml")
-    assert (single.model.arch, single.data.batch_size, single.optim.lr, single.schedule.warmup_steps) == ("RN50", 64, 5e-5, 2000)
+    assert (single.model.arch, single.data.batch_size, single.optim.lr, single.schedule.warmup_steps) == ("RN50-quickgelu", 64, 5e-5, 2000)
     assert (single.optim.weight_decay, single.optim.grad_clip, single.proto.k, single.proto.iterations, single.proto.restarts) == (0.5, 10.0, 20000, 20, 3)
     assert (single.model.projection_dim, single.model.projection_hidden_dim, single.model.projection_n_layers) == (128, 2048, 1)
     assert (single.loss.target_temperature, single.loss.pbt, single.data.augmentation) == (0.01, True, "light")
@@ -88,3 +88,36 @@ def test_reference_recipes_end_with_the_references_two_lit_episodes(name, sample
     reference = _reference_visual_lr(steps, config.optim.lr, config.schedule.warmup_steps, per_episode * (episodes - 2))
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-12 * config.optim.lr)
     assert lit_step == per_episode * (episodes - 2) and ours[lit_step - 1] > 0 and not ours[lit_step:].any()
+
+
+def test_reference_recipes_build_the_references_quickgelu_rn50_and_it_exports(tmp_path):
+    """The reference's CLIP class forces QuickGELU; open_clip 3.x names that text tower RN50-quickgelu.
+    A run of it exports and evaluates under that name, while "RN50" (nn.GELU) gives other embeddings."""
+    import torch
+    from open_clip.transformer import QuickGELU
+
+    from protoclip_cli.core.model import build_model
+    from protoclip_cli.evaluation.models import load_open_clip
+    from protoclip_cli.stages.export import ROUND_TRIP_ATOL, round_trip_difference
+
+    configs = [config_io.load(TrainConfig, RECIPES[0].parent / n) for n in ("cc3m.toml", "cc3m-8gpu.toml", "cc3m-clip.toml")]
+    assert {c.model.arch for c in configs} == {"RN50-quickgelu"}
+    torch.manual_seed(0)
+    model = build_model(configs[0].model)
+    activations = [m for m in model.clip.modules() if isinstance(m, (QuickGELU, torch.nn.GELU))]
+    assert len(activations) == 12 and all(isinstance(m, QuickGELU) for m in activations)  # one per text block
+    assert not any(isinstance(m, (QuickGELU, torch.nn.GELU)) for m in model.clip.visual.modules())
+
+    path = tmp_path / "rn50-quickgelu.pt"
+    torch.save(model.clip.state_dict(), path)
+    assert round_trip_difference(model, "RN50-quickgelu", path) <= ROUND_TRIP_ATOL  # the export's own check
+
+    evaluated = load_open_clip("RN50-quickgelu", str(path), "cpu")  # evaluate --open-clip
+    gelu = load_open_clip("RN50", str(path), "cpu")  # the same weights under open_clip 3.x's RN50
+    tokens = evaluated.tokenizer(["a photo of a dog", "a black and white photo of the big truck."])
+    with torch.no_grad():
+        ours = model.eval().encode_text(tokens)
+        faithful = torch.nn.functional.normalize(evaluated.clip.encode_text(tokens), dim=-1)
+        other = torch.nn.functional.normalize(gelu.clip.encode_text(tokens), dim=-1)
+    torch.testing.assert_close(faithful, ours, atol=ROUND_TRIP_ATOL, rtol=0)
+    assert (other - ours).abs().max() > 100 * ROUND_TRIP_ATOL
