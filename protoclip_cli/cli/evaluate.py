@@ -39,10 +39,25 @@ def command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     clusters: int = typer.Option(0, "--clusters", help="k of the clustering task (default: number of classes).", show_default=False),
     probe_method: str = typer.Option("lbfgs", "--probe-method", help="Linear-probe optimiser: lbfgs or adam."),
+    protocol: str = typer.Option(
+        "default", "--protocol",
+        help="Linear probe and clustering: default (validated L-BFGS probe on normalised features; k-means 50 "
+        "iterations x 3 restarts) or reference (the ProtoCLIP reference's: SGD 100 epochs on raw features, best "
+        "test top-1; faiss k-means 100 x 5), to compare with the paper. Results: <task>-reference.json.",
+    ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not reuse or store extracted features."),
     workspace_path: Optional[Path] = WorkspaceOption,
 ) -> None:
-    """Evaluate a run of this project (or an OpenCLIP checkpoint) and print the results."""
+    """Evaluate a run of this project (or an OpenCLIP checkpoint) and print the results.
+
+    Examples:
+
+      protoclip evaluate --task all
+
+      protoclip evaluate cc3m-protoclip --task zeroshot --dataset cifar100 --root /data/cifar
+
+      protoclip evaluate cc3m-protoclip --task linear-probe --dataset cifar10 --root /data/cifar --protocol reference
+    """
     from protoclip_cli.stages.evaluate import EvaluateConfig, run
 
     if imagenet_root:
@@ -56,7 +71,7 @@ def command(
         task=task, model=model or "", checkpoint=checkpoint, open_clip=open_clip_arch, pretrained=pretrained,
         dataset=dataset, root=root, classnames=classnames, templates=templates, captions=captions, split=split,
         out=out, batch_size=batch_size, workers=workers, device=device, cache=not no_cache, clusters=clusters,
-        probe_method=probe_method,
+        probe_method=probe_method, protocol=protocol,
     )
     manifest = run(config, workspace(workspace_path))
     print_results(manifest["written"])
