@@ -66,8 +66,10 @@ class EvalModel:
 
         images = normalize(uint8_batch, self.mean, self.std, self.device)
         with self._autocast():
-            features = self._image_tower().encode_image(images).float()
-        return (F.normalize(features, dim=-1) if normalized else features).cpu()
+            if not normalized:
+                return self._image_tower().encode_image(images).float().cpu()
+            features = self.clip.encode_image(images)
+        return F.normalize(features.float(), dim=-1).cpu()
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
