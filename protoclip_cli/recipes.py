@@ -52,7 +52,10 @@ class ProtoConfig:
     init: Literal["random", "kmeans++"] = option(
         "random", "k-means initialisation: random points (reference) or k-means++ (better for small k, k sequential steps)."
     )
-    backend: Literal["auto", "torch", "faiss"] = option("auto", "k-means backend; auto: torch on CUDA, else faiss.")
+    backend: Literal["auto", "torch", "faiss"] = option(
+        "auto", "k-means backend; auto = torch (CPU, CUDA, across ranks: seeded CPU runs repeat bit for bit); "
+        "faiss: one process, its results vary with its BLAS threads and CPU kernels."
+    )
     teacher: str = option(
         "", "External teacher: model slug of datasets/<dataset>/teacher/<slug>.h5 ('' = no external teacher)."
     )
