@@ -259,7 +259,8 @@ def test_torch_backend_does_not_depend_on_the_thread_count():
     # threads (machines differ in cores), so a seeded run repeats bit for bit (test_train.py).
     gen = torch.Generator().manual_seed(21)
     centres = torch.randn(40, 64, generator=gen)
-    x = torch.nn.functional.normalize(centres[torch.randint(0, 40, (6000,), generator=gen)] + 1.5 * torch.randn(6000, 64, generator=gen), dim=1)
+    noisy = centres[torch.randint(0, 40, (6000,), generator=gen)] + 1.5 * torch.randn(6000, 64, generator=gen)
+    x = torch.nn.functional.normalize(noisy, dim=1)
     threads = torch.get_num_threads()
     try:
         results = []

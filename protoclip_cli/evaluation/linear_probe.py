@@ -173,8 +173,9 @@ def reference_linear_probe(
     """The linear probe of megvii-research/protoclip (``logistic_regression_pytorch`` in
     ``src/training/evaluations/linear_eval.py``), with its hyper-parameters as defaults.
 
-    A ``Linear`` layer (weights N(0, 0.01) from a generator seeded with ``seed``, bias 0) on the raw features (no standardisation), one
-    output per class up to the largest training label; cross-entropy; SGD (lr 0.1, momentum 0.9,
+    A ``Linear`` layer (weights N(0, 0.01) from a generator seeded with ``seed``, bias 0) on the raw
+    features (no standardisation), one output per class up to the largest training label;
+    cross-entropy; SGD (lr 0.1, momentum 0.9,
     weight decay 1e-6 on weights and bias) with a cosine schedule stepped per epoch
     (``CosineAnnealingLR(T_max=epochs)``); mini-batches of 1024 in the training set's order (its
     DataLoader does not shuffle), the last one partial. After every epoch the whole test set is
