@@ -64,7 +64,10 @@ class ProtoConfig:
     init: Literal["random", "kmeans++"] = option(
         "random", "k-means initialisation: random points (reference) or k-means++ (better for small k, k sequential steps)."
     )
-    backend: Literal["auto", "torch", "faiss"] = option("auto", "k-means backend; auto: torch on CUDA, else faiss.")
+    backend: Literal["auto", "torch", "faiss"] = option(
+        "auto", "k-means backend; auto = torch (CPU, CUDA, across ranks: seeded CPU runs repeat bit for bit); "
+        "faiss: one process, its results vary with its BLAS threads and CPU kernels."
+    )
     teacher: str = option(
         "", "External teacher: model slug of datasets/<dataset>/teacher/<slug>.h5 ('' = no external teacher)."
     )
@@ -122,7 +125,8 @@ class ScheduleConfig:
     lit_start_episode: int = option(
         -1,
         "Episode (0-based) from which the image tower is locked (lr 0) and only the CLIP loss is used. "
-        "-1: the last episode; a value >= episodes turns the LiT finish off.",
+        "Negative counts from the end: -1 the last episode, -2 the last two (the reference's "
+        "--lit-start-epoch 99 of 100); a value >= episodes turns the LiT finish off.",
     )
 
 
