@@ -18,7 +18,18 @@ from protoclip_cli.config import check_choices, option, require
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = option("synthetic", "Data set name under <workspace>/datasets (made by `protoclip download`).")
-    split: str = option("train", "Split of the data set to train on.")
+    datasets: tuple[str, ...] = option(
+        (),
+        "Several data sets trained together (e.g. [\"cc3m\", \"cc12m\"]), each under <workspace>/datasets with "
+        "its own teacher file; episodes are drawn over the union. Set, it replaces data.dataset; sample keys get "
+        "the data set's position in their high digits (docs/training.md).",
+    )
+    weights: tuple[float, ...] = option(
+        (),
+        "Upsampling factors of data.datasets (OpenCLIP's '::' syntax): a data set of weight 2 gives its shards to "
+        "episodes twice as often as one of weight 1; only ratios count. Empty: all 1.",
+    )
+    split: str = option("train", "Split of the data set(s) to train on.")
     episode_size: int = option(
         1024, "Samples per episode (rounded to whole shards). 0: one episode is the whole data set (CLIP baseline)."
     )
@@ -69,7 +80,9 @@ class ProtoConfig:
         "faiss: one process, its results vary with its BLAS threads and CPU kernels."
     )
     teacher: str = option(
-        "", "External teacher: model slug of datasets/<dataset>/teacher/<slug>.h5 ('' = no external teacher)."
+        "",
+        "External teacher: model slug of datasets/<dataset>/teacher/<slug>.h5, one file per data set of the run "
+        "('' = no external teacher).",
     )
     teacher_k: int = option(0, "Clusters of the teacher features (0 = same as k).")
     single_pass: bool = option(
@@ -169,6 +182,7 @@ class TrainConfig:
             self.optim.accum_freq >= 1,
             f"optim.accum_freq is {self.optim.accum_freq}; use 1 (no accumulation) or more micro-batches per step.",
         )
+        self._check_datasets()
         require(self.data.workers >= 0, f"data.workers is {self.data.workers}; use 0 (load in the training process) or more.")
         require(
             not self.proto.enabled or self.model.heads,
@@ -178,3 +192,20 @@ class TrainConfig:
             self.logging.log_every_steps >= 1 and self.logging.keep_checkpoints >= 1,
             "logging.log_every_steps and logging.keep_checkpoints must be at least 1.",
         )
+
+    def _check_datasets(self) -> None:
+        data = self.data
+        names = data.datasets or (data.dataset,)
+        require(all(names), "data.datasets holds an empty name; list the data sets under <workspace>/datasets by name.")
+        twice = [name for name in names if names.count(name) > 1]
+        require(not twice, f"data.datasets names '{twice[0] if twice else ''}' twice; list each data set once and "
+                "give it a larger data.weights value instead.")
+        if data.weights:
+            count = len(data.weights)
+            require(count == len(names), f"data.weights has {count} value{'s' if count != 1 else ''} for "
+                    f"{len(names)} data set{'s' if len(names) != 1 else ''}; give one weight per entry of data.datasets.")
+            require(all(w > 0 for w in data.weights), "data.weights must be positive; drop a data set from "
+                    "data.datasets instead of giving it weight 0.")
+            require(data.episode_size > 0 or len(set(data.weights)) == 1,
+                    "data.weights need episodes of part of the union (data.episode_size > 0): an episode of every "
+                    "shard reads each data set once whatever its weight.")

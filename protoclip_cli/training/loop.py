@@ -26,7 +26,7 @@ from protoclip_cli.console import info, progress
 from protoclip_cli.core import distributed as dist_utils
 from protoclip_cli.core.distributed import resolve_device
 from protoclip_cli.data.pipeline import EpisodeStream, Position, StreamConfig, batches_to_skip, split_for_rank
-from protoclip_cli.data.teacher_file import teacher_rows
+from protoclip_cli.data.teacher_file import run_teacher_rows
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.runs import RunDir
@@ -77,9 +77,10 @@ class Trainer:
     config: TrainConfig
     run_dir: Path
     plan: EpisodePlan
-    shard_paths: dict[str, Path]
-    teacher_path: Path | None
+    shard_paths: dict[str, Path]  # shard id (the plan's) -> path
+    teacher_paths: list[Path]  # one per data set of the run (data.datasets order); empty: no external teacher
     resume_from: Path | None = None
+    key_offsets: dict[str, int] = field(default_factory=dict)  # shard id -> offset of its keys (several data sets)
     stats: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -157,7 +158,9 @@ class Trainer:
                 shuffle_buffer=cfg.data.shuffle_buffer,
                 workers=cfg.data.workers,
                 # Single-pass labels a batch's teacher cluster online, from its teacher features.
-                teacher_path=str(self.teacher_path) if (self.single_pass and self.teacher_path) else "",
+                teacher_paths=tuple(str(p) for p in self.teacher_paths) if self.single_pass else (),
+                shard_ids={str(path): shard for shard, path in self.shard_paths.items()},
+                key_offsets={str(self.shard_paths[shard]): offset for shard, offset in self.key_offsets.items() if offset},
             ),
             pin_memory=self.device.type == "cuda",
         )
@@ -243,7 +246,7 @@ class Trainer:
 
     def _first_pass(self, episode: int) -> str:
         """'extract' when the episode clusters its own samples before training, else 'train'."""
-        phase = episode_phase(self.config, episode, self.teacher_path is not None)
+        phase = episode_phase(self.config, episode, bool(self.teacher_paths))
         if phase.use_proto and not self._prototype_path(episode).is_file():
             return "extract"
         return "train"
@@ -307,8 +310,8 @@ class Trainer:
                  source_episode: int | None = None) -> EpisodePrototypes:
         """k-means and PBT of ``features`` (this rank's rows of ``keys``), saved as the episode's prototypes."""
         cfg = self.config
-        if use_ext and self.teacher_path is not None:
-            features = {**features, "teacher": teacher_rows(self.teacher_path, keys).to(self.device)}
+        if use_ext and self.teacher_paths:
+            features = {**features, "teacher": run_teacher_rows(self.teacher_paths, keys).to(self.device)}
         prototypes = build_prototypes(episode, keys, features, cfg.proto, cfg.seed)
         prototypes.source_episode = source_episode
         if self.rank == 0:
@@ -320,7 +323,7 @@ class Trainer:
         """Whether this training pass records features for the prototypes of ``episode`` (single-pass)."""
         if not self.single_pass or episode >= self.config.schedule.episodes:
             return False
-        phase = episode_phase(self.config, episode, self.teacher_path is not None)
+        phase = episode_phase(self.config, episode, bool(self.teacher_paths))
         return phase.use_proto and not self._prototype_path(episode).is_file()
 
     def _check_finite(self, total: torch.Tensor) -> None:
@@ -435,14 +438,14 @@ class Trainer:
         start = time.perf_counter()
         keys, features = self.recorder.tensors()
         self.recorder.clear()
-        phase = episode_phase(self.config, episode, self.teacher_path is not None)
+        phase = episode_phase(self.config, episode, bool(self.teacher_paths))
         self._cluster(episode, keys, features, phase.use_ext, source_episode=episode - 1)
         return time.perf_counter() - start
 
     def fit(self) -> dict[str, Any]:
         """Train from ``start_episode`` to the end; returns a summary for the run manifest."""
         cfg = self.config
-        use_teacher = self.teacher_path is not None
+        use_teacher = bool(self.teacher_paths)
         with progress() as bar:
             if self.start_episode < cfg.schedule.episodes:
                 self._start(self.start_episode, self._first_pass(self.start_episode))
