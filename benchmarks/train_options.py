@@ -21,13 +21,17 @@ i.e. what a step needs beyond the model and optimiser state.
     .venv/bin/python benchmarks/train_options.py --device cuda --arch ViT-B-32 --batch 512 --accum 4
     .venv/bin/python benchmarks/train_options.py --device cpu --arch protoclip-tiny --batch 256 --accum 4 --steps 3
 
-Prints a table and writes JSON (default ``benchmarks/results/train_options-<device>.json``).
+Prints a table and writes JSON (default ``benchmarks/results/train_options-<device>.json``), with
+the machine's load average before and after. On a CPU, run each variant in its own process
+(``--variants base``, then ``--variants accum``, ...) for the cleanest memory figures: freed heap
+is trimmed between variants, but a fresh process has no history at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import statistics
 import time
@@ -204,8 +208,10 @@ def print_table(record: dict) -> None:
                       f"{r['step_ms_mean']:,.1f} ± {r['step_ms_std']:,.1f}", memory, ratio(r["time_ratio_to_base"]),
                       ratio(r["memory_ratio_to_base"]), f"{r['first_step_loss']['total']:.4f}")
     out.print(table)
+    load = machine["load_average_1_5_15_min"]
     out.print(f"peak memory: {record['results'][0]['memory_kind'] if record['results'] else ''}; "
-              f"timed {config['steps']} steps after {config['warmup_steps']} warm-up steps")
+              f"timed {config['steps']} steps after {config['warmup_steps']} warm-up steps; load average "
+              f"{load['before'][0]:.1f} before, {load['after'][0]:.1f} after on {machine['cpu_count']} CPUs")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -215,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     from protoclip_cli.console import info
     from protoclip_cli.recipes import ModelConfig
 
+    load_before = os.getloadavg()  # the machine may be shared: the load says how much the times mean
     inputs = make_inputs(args.arch, args.batch, args.k, device, args.seed)
     protos = random_prototypes(args.k, ModelConfig().projection_dim, device, args.seed)
     results = []
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_ratios(results)
     record = {
         "benchmark": "train_options",
-        "machine": machine_info(device),
+        "machine": {**machine_info(device), "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()}},
         "config": {"arch": args.arch, "batch": args.batch, "accum": args.accum, "steps": args.steps,
                    "warmup_steps": args.warmup_steps, "k": args.k,
                    "precision": "bf16" if device.type == "cuda" else "fp32", "seed": args.seed},
