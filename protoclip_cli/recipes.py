@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from protoclip_cli.config import check_choices, option, require
+from protoclip_cli.workspace import is_valid_name, name_error
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Consistency no type check catches; each error names the field to change."""
         check_choices(self, label=str)
+        require(is_valid_name(self.name), name_error("Run name", self.name, "--set name=my-run"))
+        require(
+            is_valid_name(self.data.dataset),
+            name_error("data.dataset", self.data.dataset, "--set data.dataset=synthetic"),
+        )
         for section in ("data", "model", "proto", "loss", "optim", "schedule", "logging"):
             check_choices(getattr(self, section), label=lambda name, section=section: f"{section}.{name}")
         require(

@@ -228,6 +228,13 @@ def resolve(workspace: "Workspace", target: str | Path | None, checkpoint: str |
         return ResolvedRun(RunDir(workspace.run_dir(workspace.resolve_run(None))).require(), chosen, workspace)
     path = next((p for p in (Path(target), workspace.root / target) if p.exists()), None)
     if path is None:
+        from protoclip_cli.workspace import is_valid_name
+
+        if not is_valid_name(str(target)):
+            raise MissingInputError(
+                f"{target} is neither a file, a folder nor a run name of {workspace.runs_dir}; pass a run name, "
+                "a run folder or a checkpoint file."
+            )
         return ResolvedRun(RunDir(workspace.run_dir(str(target))).require(), chosen, workspace)
     if path.is_file():
         run = RunDir(path.parent.parent if path.parent.name == CHECKPOINTS else path.parent)

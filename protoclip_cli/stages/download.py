@@ -31,7 +31,7 @@ from protoclip_cli.config import check_choices, option, require
 from protoclip_cli.console import info
 from protoclip_cli.data.url_lists import RESERVED_COLUMNS
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.workspace import Workspace
+from protoclip_cli.workspace import Workspace, is_valid_name, name_error
 
 Source = Literal["synthetic", "cc3m", "cc12m", "url_list"]
 
@@ -77,6 +77,7 @@ class DownloadConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        require(is_valid_name(self.name), name_error("Data set name", self.name, "protoclip download my-data"))
         for name in ("image_size", "processes", "threads", "samples_per_shard", "timeout"):
             value = getattr(self, name)
             require(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}.")
