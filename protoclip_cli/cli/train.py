@@ -57,7 +57,13 @@ def command(
 
     manifest = run(config, workspace(workspace_path), resume=resume)
     if is_main_process():
-        console.print(f"[green]done:[/green] run '{config.name}' finished at step {manifest.get('global_step')}.")
+        broken = int(manifest.get("broken_samples") or 0)
+        skipped = (
+            f" Broken samples were skipped {broken} time(s) (metrics.jsonl counts them per episode); "
+            f"`protoclip download {config.data.dataset} --verify` repairs the data set."
+            if broken else ""
+        )
+        console.print(f"[green]done:[/green] run '{config.name}' finished at step {manifest.get('global_step')}.{skipped}")
         out.print(manifest.get("final_checkpoint", ""), soft_wrap=True)
 
 

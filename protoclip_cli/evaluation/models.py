@@ -70,9 +70,8 @@ def from_run(run: "RunDir", checkpoint: Path | None, device: str) -> EvalModel:
     found it."""
     from protoclip_cli.core.model import get_tokenizer
 
-    checkpoint_path = run.checkpoint(checkpoint)
     torch_device = resolve_device(device)
-    proto, config, info = run.load_model(checkpoint_path, device=str(torch_device))
+    proto, config, info = run.load_model(checkpoint, device=str(torch_device))
     return EvalModel(
         name=f"{run.name}@{Path(info['path']).name}",
         fingerprint=file_fingerprint(Path(info["path"])),

@@ -19,7 +19,7 @@ from typing import Any
 from protoclip_cli import config as config_io
 from protoclip_cli.artifacts import MANIFEST, write_manifest, write_text
 from protoclip_cli.console import info, warn
-from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.errors import Interrupted, MissingInputError, ProtoclipError
 from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.runs import RunDir
 from protoclip_cli.workspace import Workspace
@@ -141,7 +141,11 @@ def prepare_run_dir(config: TrainConfig, run_dir: RunDir, resume: bool | None) -
 
 
 def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -> dict[str, Any]:
-    """Train the recipe ``config`` in ``workspace``; returns the run's manifest."""
+    """Train the recipe ``config`` in ``workspace``; returns the run's manifest.
+
+    Rank 0 holds the run's lock (:meth:`RunDir.lock`) from before the folder is touched to the end,
+    so a second ``train`` of the same run is refused instead of interleaving with this one.
+    """
     import torch
 
     from protoclip_cli.core import distributed as dist_utils
@@ -153,11 +157,15 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
     if resume is True and not run_dir.exists():
         info(f"Nothing to resume in {run_dir.path}; starting the run.")
     created_group = dist_utils.init_distributed(config.device)
+    lock = None
     try:
         rank, world_size = dist_utils.rank(), dist_utils.world_size()
         decision: list[Any] = [None, None]
         if rank == 0:
             try:
+                lock = run_dir.lock("train")
+                # Only the lock holder may delete temporaries: a live writer's look the same.
+                run_dir.remove_stale_temporaries()
                 resume_from = prepare_run_dir(config, run_dir, resume)
                 if resume_from is not None and run_dir.plan_file.is_file():
                     plan = EpisodePlan.load(run_dir.plan_file)
@@ -182,7 +190,15 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
             f"Training run '{config.name}': {config.schedule.episodes} episodes, {trainer.layout.total_steps} steps, "
             f"{world_size} process(es) on {trainer.device}, global batch {config.data.batch_size * world_size}."
         )
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        except BaseException as exc:
+            if rank == 0:
+                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                _record_stop(config, run_dir, inputs, world_size, status, trainer)
+            if isinstance(exc, KeyboardInterrupt):
+                raise Interrupted(_where_it_stopped(run_dir, trainer)) from None
+            raise
         summary["broken_samples"] = trainer.stats.get("broken", 0)
         manifest = {}
         if rank == 0:
@@ -190,10 +206,37 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
             manifest = _write_run_manifest(config, run_dir, inputs, world_size, "complete", summary)
         return dist_utils.broadcast_object(manifest)
     finally:
+        if lock is not None:
+            lock.release()
         if created_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _where_it_stopped(run_dir: RunDir, trainer) -> str:
+    """The sentence for Ctrl-C: the step reached, and the checkpoint a rerun resumes from."""
+    layout = trainer.layout
+    step = trainer.global_step
+    episode = next((e for e in range(len(layout.steps)) if layout.first_step(e + 1) > step), len(layout.steps) - 1)
+    checkpoint = run_dir.latest_checkpoint()
+    if checkpoint is None:
+        resume = "no checkpoint was written yet, so rerunning the same command starts the run again"
+    else:
+        resume = f"rerunning the same command resumes from {checkpoint.name} (step {int(checkpoint.stem.split('-')[1])})"
+    return f"Training stopped by Ctrl-C at step {step} of {layout.total_steps} (episode {episode}); {resume}."
+
+
+def _record_stop(config: TrainConfig, run_dir: RunDir, inputs: TrainInputs, world_size: int, status: str, trainer) -> None:
+    """Mark the run manifest ``interrupted`` or ``failed`` (best effort: the disk may be what failed)."""
+    checkpoint = run_dir.latest_checkpoint()
+    summary = {"global_step": trainer.global_step, "total_steps": trainer.layout.total_steps,
+               "last_checkpoint": str(checkpoint) if checkpoint else None,
+               "broken_samples": trainer.stats.get("broken", 0)}  # fmt: skip
+    try:
+        _write_run_manifest(config, run_dir, inputs, world_size, status, summary)
+    except (OSError, ProtoclipError):
+        pass
 
 
 def _write_run_manifest(config: TrainConfig, run_dir: RunDir, inputs: TrainInputs, world_size: int, status: str, summary: dict) -> dict:
