@@ -34,6 +34,7 @@ class TrainInputs:
     shard_paths: dict[str, Path]  # shard file name -> path
     counts: dict[str, int]  # shard file name -> samples
     teacher_path: Path | None
+    teacher_trusted: bool = False  # of another version of the data set, accepted by --trust-teacher
 
 
 def use_teacher(config: TrainConfig) -> bool:
@@ -47,8 +48,13 @@ def warn_about_recipe(config: TrainConfig) -> None:
         warn("proto.teacher is set but loss.pbt = false: the external-teacher loss needs PBT and is skipped.")
 
 
-def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
-    """The data set, its shards and the teacher file, checked before anything heavy is built."""
+def check_inputs(config: TrainConfig, workspace: Workspace, trust_teacher: bool = False) -> TrainInputs:
+    """The data set, its shards and the teacher file, checked before anything heavy is built.
+
+    The teacher file must come from this version of the data set (the manifest hash it recorded);
+    ``trust_teacher`` accepts one of another version whose captions the user knows are the same,
+    after checking that it covers every sample.
+    """
     from protoclip_cli.training.episodes import shard_keys, shard_sample_count
 
     warn_about_recipe(config)
@@ -60,7 +66,7 @@ def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
     if missing:
         raise MissingInputError(f"Shard {missing[0]} of data set '{name}' is missing; rerun `protoclip download {name}`.")
     counts = {p.name: shard_sample_count(p) for p in shards}
-    teacher_path = None
+    teacher_path, trusted = None, False
     if use_teacher(config):
         from protoclip_cli.data import teacher_file
 
@@ -71,10 +77,19 @@ def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
                 f"{config.proto.teacher}` first, or set proto.teacher = '' to train without a teacher."
             )
         manifest_path = workspace.dataset_dir(name) / MANIFEST
+        if not teacher_file.same_dataset_version(teacher_path, manifest_path):
+            trusted = True
+            if not trust_teacher:
+                raise ProtoclipError(
+                    f"Teacher features {teacher_path} were embedded from another version of data set '{name}' (its "
+                    f"manifest.json changed since); run `protoclip teacher-embed {name} --model {config.proto.teacher} "
+                    "--force`, or pass --trust-teacher if you know its captions are unchanged."
+                )
+            warn(f"--trust-teacher: using {teacher_path}, embedded from another version of data set '{name}'.")
         if not teacher_file.embedded_from(teacher_path, manifest_path, config.data.split, sum(counts.values())):
             keys = [key for p in shards for key in shard_keys(p)]  # reads every shard's tar headers
             teacher_file.check_teacher_covers(teacher_path, keys, manifest_path)
-    return TrainInputs(workspace.dataset_dir(name), {p.name: p for p in shards}, counts, teacher_path)
+    return TrainInputs(workspace.dataset_dir(name), {p.name: p for p in shards}, counts, teacher_path, trusted)
 
 
 def check_plan(config: TrainConfig, plan, world_size: int) -> None:
@@ -140,8 +155,9 @@ def prepare_run_dir(config: TrainConfig, run_dir: RunDir, resume: bool | None) -
     return checkpoint
 
 
-def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -> dict[str, Any]:
-    """Train the recipe ``config`` in ``workspace``; returns the run's manifest.
+def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, trust_teacher: bool = False) -> dict[str, Any]:
+    """Train the recipe ``config`` in ``workspace``; returns the run's manifest. ``trust_teacher``:
+    see :func:`check_inputs`.
 
     Rank 0 holds the run's lock (:meth:`RunDir.lock`) from before the folder is touched to the end,
     so a second ``train`` of the same run is refused instead of interleaving with this one.
@@ -152,7 +168,7 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
     from protoclip_cli.training.episodes import EpisodePlan, plan_episodes
     from protoclip_cli.training.loop import Trainer
 
-    inputs = check_inputs(config, workspace)
+    inputs = check_inputs(config, workspace, trust_teacher)
     run_dir = RunDir(workspace.run_dir(config.name))
     if resume is True and not run_dir.exists():
         info(f"Nothing to resume in {run_dir.path}; starting the run.")
@@ -243,5 +259,6 @@ def _write_run_manifest(config: TrainConfig, run_dir: RunDir, inputs: TrainInput
     # The teacher file is recorded by path: hashing a multi-gigabyte HDF5 on every start costs too much.
     return write_manifest(
         run_dir.path, "train", config=config_io.to_dict(config), inputs={"dataset": inputs.dataset_dir},
-        teacher_file=str(inputs.teacher_path) if inputs.teacher_path else None, status=status, world_size=world_size, command=" ".join(sys.argv), **summary,
+        teacher_file=str(inputs.teacher_path) if inputs.teacher_path else None,
+        **({"teacher_trusted": True} if inputs.teacher_trusted else {}), status=status, world_size=world_size, command=" ".join(sys.argv), **summary,
     )
