@@ -264,7 +264,7 @@ def test_cc3m_tsv_columns_are_caption_then_url(tmp_path):
 
     tsv = tmp_path / "cc3m.tsv"
     tsv.write_text('a "quoted" dog on grass\thttp://x/1.jpg\nsecond one\thttp://x/2.jpg\n')
-    table = read_url_list(tsv, "tsv", header=HEADERLESS_COLUMNS["cc3m"])
+    table = read_url_list(tsv, "tsv", header=HEADERLESS_COLUMNS["cc3m"]).table
     assert table.column_names == ["url", "caption"]
     assert table.to_pydict() == {
         "url": ["http://x/1.jpg", "http://x/2.jpg"],

@@ -158,6 +158,15 @@ def read_stats(folder: Path) -> dict[int, dict[str, Any]]:
     return stats
 
 
+def readable_reason(reason: str) -> str:
+    """img2dataset's failure reason as a user reads it: OpenCV's assertion on an empty buffer is an
+    empty response body (a 200 with no bytes, an empty file)."""
+    reason = " ".join(reason.split())
+    if "!buf.empty()" in reason:
+        return "empty body"
+    return reason
+
+
 def unfinished_shards(folder: Path, rows: int, samples_per_shard: int) -> list[int]:
     """Shard numbers without img2dataset's *_stats.json (which it writes when a shard is done)."""
     done = read_stats(folder)
@@ -187,7 +196,7 @@ def collect_split(folder: Path, *, name: str, split: str, rows: int, samples_per
         failed_resize += shard["failed_to_resize"]
         for reason, n in shard.get("status_dict", {}).items():
             if reason != "success":
-                reasons[reason] = reasons.get(reason, 0) + n
+                reasons[readable_reason(reason)] = reasons.get(readable_reason(reason), 0) + n
         tar = folder / f"{shard_id:0{SHARD_DIGITS}d}.tar"
         if shard["successes"] == 0:
             # An empty tar would only trip a reader later; img2dataset's stats keep the record.

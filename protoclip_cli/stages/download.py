@@ -127,7 +127,8 @@ def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
     _check_settings(config, workspace)
     from protoclip_cli.data import downloader
 
-    lists = _prepare_url_lists(config, workspace)
+    checks: dict[str, dict[str, int]] = {}
+    lists = _prepare_url_lists(config, workspace, checks)
     dataset_dir = workspace.dataset_dir(config.name)
     previous = _previous_manifest(dataset_dir / MANIFEST)
     # From here on the data set is in flux: later stages must refuse it until the new manifest lands.
@@ -152,6 +153,8 @@ def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
         splits[split] = downloader.collect_split(
             folder, name=config.name, split=split, rows=rows, samples_per_shard=config.samples_per_shard, log=log
         )
+        if split in checks:
+            splits[split]["url_list"] = checks[split]
 
     fields: dict[str, Any] = {
         "name": config.name,
@@ -233,8 +236,11 @@ def _check_settings(config: DownloadConfig, workspace: Workspace) -> None:
 # -- URL lists -----------------------------------------------------------------------------------
 
 
-def _prepare_url_lists(config: DownloadConfig, workspace: Workspace) -> dict[str, tuple[Path, int, list[str]]]:
-    """split -> (parquet URL list for img2dataset, its row count, extra columns to keep)."""
+def _prepare_url_lists(
+    config: DownloadConfig, workspace: Workspace, checks: dict[str, dict[str, int]]
+) -> dict[str, tuple[Path, int, list[str]]]:
+    """split -> (parquet URL list for img2dataset, its row count, extra columns to keep); a user's
+    list's checks (rows, duplicate URLs, repaired text) go to ``checks`` by split."""
     from protoclip_cli.data import url_lists
 
     cache = workspace.cache_dir(config.name)
@@ -248,7 +254,7 @@ def _prepare_url_lists(config: DownloadConfig, workspace: Workspace) -> dict[str
             for split, count in sizes.items()
         }  # fmt: skip
         return {split: (rendered[split], sizes[split], list(synthetic.ATTRIBUTE_COLUMNS)) for split in sizes}
-    table = url_lists.read_url_list(
+    checked = url_lists.read_url_list(
         Path(config.url_list),
         config.input_format if config.source == "url_list" else "tsv",
         config.url_col,
@@ -256,5 +262,6 @@ def _prepare_url_lists(config: DownloadConfig, workspace: Workspace) -> dict[str
         list(config.extra_cols),
         header=url_lists.HEADERLESS_COLUMNS.get(config.source),
     )
-    target = url_lists.write_url_list(table, cache / "urls.parquet")
-    return {"train": (target, table.num_rows, list(config.extra_cols))}
+    target = url_lists.write_url_list(checked.table, cache / "urls.parquet")
+    checks["train"] = checked.report()
+    return {"train": (target, checked.rows, list(config.extra_cols))}
