@@ -117,6 +117,17 @@ def check_plan(config: TrainConfig, plan, world_size: int) -> None:
             )
 
 
+def note_episode_size(config: TrainConfig, plan, world_size: int) -> None:
+    """Say so when the episodes are larger than asked because ``episode_size`` is under one batch."""
+    size, batch = config.data.episode_size, config.data.batch_size * world_size
+    if 0 < size < batch:
+        smallest = min(plan.samples(e) for e in range(len(plan.episodes)))
+        warn(
+            f"data.episode_size = {size} is smaller than one global batch ({batch}); episodes are made of whole "
+            f"shards, so each holds at least {smallest} samples (raise data.episode_size or lower data.batch_size)."
+        )
+
+
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(old) | set(new))
     found = []
@@ -188,6 +199,7 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
                 else:
                     plan = plan_episodes(inputs.counts, config.schedule.episodes, config.data.episode_size, config.seed)
                 check_plan(config, plan, world_size)
+                note_episode_size(config, plan, world_size)
                 write_text(run_dir.config_file, config_io.dumps(config))
                 plan.save(run_dir.plan_file)
                 _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
