@@ -151,6 +151,13 @@ def _text(column, path: Path, name: str):
     return pa.chunked_array([pa.array(values, pa.string())]), repaired
 
 
+def row_count(url_file: Path) -> int:
+    """Rows of a parquet URL list (from its metadata)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(url_file).metadata.num_rows
+
+
 def write_url_list(table, target: Path) -> Path:
     """Write a checked list (:func:`read_url_list`) as the parquet file img2dataset reads."""
     import pyarrow.parquet as pq
