@@ -103,8 +103,11 @@ def load_open_clip(arch: str, pretrained: str, device: str) -> EvalModel:
     torch_device = resolve_device(device)
     try:
         clip = open_clip.create_model(arch, pretrained=str(weights), device=torch_device)
-    except RuntimeError as error:
-        raise ProtoclipError(f"Could not load {weights} into {arch} ({error}); use a checkpoint of that architecture.") from error
+    except Exception as error:  # torch.load and open_clip raise many types for a file that is not a checkpoint
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if len(reason) > 120:  # torch.load's messages run to paragraphs: their first words say what failed
+            reason = reason[:120].rsplit(" ", 1)[0] + " ..."
+        raise ProtoclipError(f"Could not load {weights} into {arch} ({reason}); use a checkpoint of that architecture.") from error
     clip.eval()
     preprocess = open_clip.get_model_preprocess_cfg(clip)
     size = preprocess["size"]

@@ -225,6 +225,9 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
         path = _result_path(config, eval_dir, name)
         write_json(path, record)
         written[name] = {"path": str(path), **record}
+    if config.out:
+        # The results are where the user asked; the run's folder (perhaps read-only) is not touched.
+        return {"stage": "evaluate", "results": {n: r["metrics"] for n, r in written.items()}, "written": written}
     return _record_manifest(eval_dir, config, model, written)
 
 
