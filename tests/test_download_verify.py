@@ -173,3 +173,21 @@ def test_training_on_shards_with_nothing_decodable_names_verify(synthetic_worksp
                                              r"download synthetic --verify`"):
         run(small_config("name='t-undecodable'", "schedule.episodes=1", "proto.enabled=false", "model.heads=false"),
             workspace)
+
+
+def test_the_end_of_a_run_counts_broken_samples_and_names_verify(synthetic_workspace, tmp_path):
+    from typer.testing import CliRunner
+
+    from protoclip_cli.cli import app
+
+    workspace = Workspace.at(tmp_path / "ws")
+    shutil.copytree(synthetic_workspace.dataset_dir("synthetic"), workspace.dataset_dir("synthetic"))
+    corrupt_first_jpeg(workspace.shards("synthetic")[2])
+    overrides = ["name=t-broken-summary", "schedule.episodes=1", "proto.enabled=false", "model.heads=false",
+                 "proto.teacher=''", "data.workers=0", "data.batch_size=32", "data.episode_size=0", "device='cpu'",
+                 "model.projection_dim=32", "model.projection_hidden_dim=64"]  # fmt: skip
+    result = CliRunner().invoke(app, ["train", str(REPO / "recipes" / "synthetic.toml"),
+                                      *(x for o in overrides for x in ("--set", o)), "-w", str(workspace.root)])
+    assert result.exit_code == 0, result.output
+    assert ("finished at step 16. Broken samples were skipped 1 time(s) (metrics.jsonl counts them per episode); "
+            "`protoclip download synthetic --verify` repairs the data set.") in " ".join(result.output.split())

@@ -8,6 +8,7 @@ bypass any of them, unlike a read-only permission bit."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import stat
@@ -157,3 +158,24 @@ def test_stages_that_cannot_write_their_output_say_so_in_one_sentence(trained_ru
     assert result.exit_code == 1, result.output
     assert f"error: Cannot write {blocker}/{target}: a file is in the way of a folder" in " ".join(result.output.split())
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_train_that_cannot_write_its_checkpoint_says_so_and_marks_the_run_failed(synthetic_workspace):
+    from protoclip_cli.runs import RunDir
+
+    run_dir = RunDir(synthetic_workspace.run_dir("t-full"))
+    overrides = ["name=t-full", "schedule.episodes=1", "proto.enabled=false", "model.heads=false", "proto.teacher=''",
+                 "data.workers=0", "data.batch_size=32", "data.episode_size=256", "device='cpu'"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "protoclip_cli", "train", str(REPO / "recipes" / "synthetic.toml"),
+         *(x for o in overrides for x in ("--set", o)), "-w", str(synthetic_workspace.root)],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=_limited(2_000_000),  # the recipe, plan, manifest and metrics fit; a checkpoint does not
+    )
+    assert result.returncode == 1, result.stderr
+    message = " ".join(result.stderr.split())
+    assert (f"error: Cannot write {run_dir.checkpoints_dir}/step-00000008.pt: the file is larger than this system "
+            "allows; raise the file size limit or choose another folder.") in message
+    assert "Traceback" not in result.stderr
+    assert json.loads(run_dir.manifest_file.read_text())["status"] == "failed"
+    assert not any(run_dir.path.rglob("*.tmp")) and not run_dir.lock_file.exists()
