@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from protoclip_cli import __version__
 from protoclip_cli.artifacts import MANIFEST, write_json, write_manifest
@@ -28,6 +28,9 @@ PRESET_DATASETS = ("imagenet", "cifar10", "cifar100", "stl10", "coco", "flickr30
 EXTERNAL = ("imagenet", "cifar10", "cifar100", "stl10", "coco", "flickr30k", "folder", "webdataset")
 LABELLED = ("imagenet", "cifar10", "cifar100", "stl10", "folder")
 PAIRED = ("coco", "flickr30k", "webdataset")
+PROTOCOLS = ("default", "reference")
+# Tasks whose protocol --protocol chooses; their results carry it in their name.
+PROTOCOL_TASKS = ("linear-probe", "clustering")
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,19 @@ class EvaluateConfig:
         (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), "Weight decays tried on the linear probe's validation split."
     )
     seed: int = option(0, "Seed of the validation split and of k-means.")
+    protocol: Literal["default", "reference"] = option(
+        "default",
+        "Protocol of the linear probe and the clustering task. default: L-BFGS (or --probe-method) on "
+        "normalised features, weight decay chosen on a 20% validation split, scored once on test; k-means "
+        "with 50 iterations and 3 restarts. reference: the ProtoCLIP reference's, to compare with the "
+        "paper: SGD for 100 epochs on the raw features reporting the best test top-1 over the epochs; faiss "
+        "k-means with 100 iterations and 5 restarts. Results are named <task>-reference.",
+    )
 
     def __post_init__(self) -> None:
         base_tasks, dataset, _ = parse_task(self.task, self.dataset)
         require(self.probe_method in ("lbfgs", "adam"), f"--probe-method {self.probe_method} is not lbfgs or adam.")
+        require(self.protocol in PROTOCOLS, f"--protocol {self.protocol} is not {' or '.join(PROTOCOLS)}.")
         require(
             self.task == "all" or _supports(dataset, base_tasks[0]),
             f"Data set {dataset} has no data for the {base_tasks[0]} task; see docs/evaluation.md.",
@@ -185,13 +197,13 @@ def _run_task(task: str, dataset: str, model, data: _Data, config: EvaluateConfi
     if task == "linear-probe":
         return tasks.linear_probe(
             model, data.get(dataset, "train"), data.get(dataset), method=config.probe_method,
-            weight_decays=config.probe_weight_decays, seed=config.seed, **common,
+            weight_decays=config.probe_weight_decays, seed=config.seed, protocol=config.protocol, **common,
         )
     if task == "retrieval":
         return tasks.retrieval(model, data.get(dataset), **common)
     if task == "modality-gap":
         return tasks.modality_gap(model, data.get(dataset), **common)
-    return tasks.clustering(model, data.get(dataset), config.clusters, seed=config.seed, **common)
+    return tasks.clustering(model, data.get(dataset), config.clusters, seed=config.seed, protocol=config.protocol, **common)
 
 
 def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
@@ -210,7 +222,7 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
 
     written: dict[str, dict] = {}
     for task in base_tasks:
-        name = preset or (task if not config.dataset else f"{task}-{slugify(config.dataset)}")
+        name = _result_name(task, preset, config)
         result = _run_task(task, dataset, model, data, config, cache_dir)
         record = {
             "task": task,
@@ -229,6 +241,16 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
         # The results are where the user asked; the run's folder (perhaps read-only) is not touched.
         return {"stage": "evaluate", "results": {n: r["metrics"] for n, r in written.items()}, "written": written}
     return _record_manifest(eval_dir, config, model, written)
+
+
+def _result_name(task: str, preset: str, config: EvaluateConfig) -> str:
+    """``<task>`` or the preset, ``-reference`` under the reference protocol, ``-<dataset>`` for --dataset."""
+    name = preset or task
+    if config.protocol == "reference" and task in PROTOCOL_TASKS:
+        name += "-reference"
+    if config.dataset and not preset:
+        name += f"-{slugify(config.dataset)}"
+    return name
 
 
 def _result_path(config: EvaluateConfig, eval_dir: Path, name: str) -> Path:
