@@ -19,7 +19,7 @@ from protoclip_cli.artifacts import MANIFEST, write_json, write_manifest
 from protoclip_cli.config import ConfigError, option, require, to_dict
 from protoclip_cli.console import info
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.workspace import Workspace, slugify
+from protoclip_cli.workspace import Workspace, is_valid_name, name_error, slugify
 
 BASE_TASKS = ("zeroshot", "linear-probe", "retrieval", "clustering", "modality-gap")
 TASKS = BASE_TASKS + ("all",)
@@ -80,6 +80,8 @@ class EvaluateConfig:
         )
         if dataset in EXTERNAL:  # before any model is loaded
             _require_root(self, dataset)
+        else:
+            require(not dataset or is_valid_name(dataset), name_error("--dataset", dataset, "--dataset synthetic"))
         require(
             not self.pretrained or bool(self.open_clip),
             "--pretrained needs --open-clip ARCH (the OpenCLIP architecture of the checkpoint).",
@@ -237,6 +239,9 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
         path = _result_path(config, eval_dir, name)
         write_json(path, record)
         written[name] = {"path": str(path), **record}
+    if config.out:
+        # The results are where the user asked; the run's folder (perhaps read-only) is not touched.
+        return {"stage": "evaluate", "results": {n: r["metrics"] for n, r in written.items()}, "written": written}
     return _record_manifest(eval_dir, config, model, written)
 
 

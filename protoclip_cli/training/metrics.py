@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from protoclip_cli.artifacts import write_text
+from protoclip_cli.errors import write_error
 from protoclip_cli.runs import RunDir
 
 
@@ -59,8 +60,11 @@ class MetricsLog:
         if not self.enabled:
             return
         record = _plain(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
         if self._writer is not None and record.get("kind") == "step":
             for name, value in record.items():
                 if isinstance(value, (int, float)) and name not in ("step", "kind"):
