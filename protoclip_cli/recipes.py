@@ -20,7 +20,18 @@ from protoclip_cli.workspace import is_valid_name, name_error
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = option("synthetic", "Data set name under <workspace>/datasets (made by `protoclip download`).")
-    split: str = option("train", "Split of the data set to train on.")
+    datasets: tuple[str, ...] = option(
+        (),
+        "Several data sets trained together (e.g. [\"cc3m\", \"cc12m\"]), each under <workspace>/datasets with "
+        "its own teacher file; episodes are drawn over the union. Set, it replaces data.dataset; sample keys get "
+        "the data set's position in their high digits (docs/training.md).",
+    )
+    weights: tuple[float, ...] = option(
+        (),
+        "Upsampling factors of data.datasets (OpenCLIP's '::' syntax): a data set of weight 2 gives its shards to "
+        "episodes twice as often as one of weight 1; only ratios count. Empty: all 1.",
+    )
+    split: str = option("train", "Split of the data set(s) to train on.")
     episode_size: int = option(
         1024, "Samples per episode (rounded to whole shards). 0: one episode is the whole data set (CLIP baseline)."
     )
@@ -45,6 +56,11 @@ class ModelConfig:
     projection_n_layers: int = option(1, "Hidden Linear-BatchNorm-ReLU blocks per head (0: one Linear).")
     compile: bool = option(False, "torch.compile the model (CUDA only).")
     channels_last: bool = option(True, "channels_last memory format for convolutional image towers on CUDA.")
+    grad_checkpointing: bool = option(
+        False,
+        "Gradient checkpointing of both towers (open_clip's set_grad_checkpointing): activations of each "
+        "block are recomputed in the backward pass instead of kept, less memory for about a third more compute.",
+    )
     sync_batchnorm: Literal["none", "heads", "all"] = option(
         "none",
         "Under DDP on CUDA, which BatchNorm layers normalise over the global batch: 'none' (per GPU, as the "
@@ -66,7 +82,9 @@ class ProtoConfig:
         "faiss: one process, its results vary with its BLAS threads and CPU kernels."
     )
     teacher: str = option(
-        "", "External teacher: model slug of datasets/<dataset>/teacher/<slug>.h5 ('' = no external teacher)."
+        "",
+        "External teacher: model slug of datasets/<dataset>/teacher/<slug>.h5, one file per data set of the run "
+        "('' = no external teacher).",
     )
     teacher_k: int = option(0, "Clusters of the teacher features (0 = same as k).")
     single_pass: bool = option(
@@ -79,7 +97,12 @@ class ProtoConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    w_clip: float = option(1.0, "Weight of the InfoNCE (CLIP) loss.")
+    contrastive: Literal["infonce", "sigmoid"] = option(
+        "infonce",
+        "Image-text loss: 'infonce' = CLIP's softmax InfoNCE (reference); 'sigmoid' = SigLIP's pairwise sigmoid "
+        "loss with a learnable logit bias (scale 10 and bias -10 at the start), over the global batch.",
+    )
+    w_clip: float = option(1.0, "Weight of the image-text (CLIP) loss, InfoNCE or sigmoid.")
     w_proto: float = option(1.0, "Weight of the prototype loss.")
     w_ext: float = option(1.0, "Weight of the external-teacher loss.")
     target_temperature: float = option(0.01, "Soft-target temperature tau; 0 gives one-hot targets.")
@@ -94,6 +117,13 @@ class OptimConfig:
     beta2: float = option(0.999, "AdamW beta2.")
     eps: float = option(1e-8, "AdamW epsilon.")
     grad_clip: float = option(10.0, "Gradient-norm clipping (0 = off).")
+    accum_freq: int = option(
+        1,
+        "Micro-batches of data.batch_size per optimiser step (OpenCLIP's --accum-freq): each is first run "
+        "without gradients and its features cached, then recomputed with gradients, so every loss covers "
+        "the whole accumulated batch (data.batch_size x accum_freq x world size) at one micro-batch's "
+        "activation memory, for one extra forward pass. 1: off.",
+    )
     ddp_gradients: Literal["reference", "global-batch"] = option(
         "reference",
         "Gradients under DDP: 'reference' = DDP's mean over ranks of each rank's gradient of the global-batch "
@@ -155,6 +185,11 @@ class TrainConfig:
             self.data.batch_size >= 1 and self.data.extract_batch_size >= 1,
             "data.batch_size and data.extract_batch_size must be at least 1.",
         )
+        require(
+            self.optim.accum_freq >= 1,
+            f"optim.accum_freq is {self.optim.accum_freq}; use 1 (no accumulation) or more micro-batches per step.",
+        )
+        self._check_datasets()
         require(self.data.workers >= 0, f"data.workers is {self.data.workers}; use 0 (load in the training process) or more.")
         require(
             not self.proto.enabled or self.model.heads,
@@ -189,6 +224,23 @@ class TrainConfig:
             checks += [("proto.k", p.k, _positive), ("proto.teacher_k", p.teacher_k, _non_negative),
                        ("proto.iterations", p.iterations, _positive), ("proto.restarts", p.restarts, _positive)]  # fmt: skip
         return checks
+
+    def _check_datasets(self) -> None:
+        data = self.data
+        names = data.datasets or (data.dataset,)
+        require(all(names), "data.datasets holds an empty name; list the data sets under <workspace>/datasets by name.")
+        twice = [name for name in names if names.count(name) > 1]
+        require(not twice, f"data.datasets names '{twice[0] if twice else ''}' twice; list each data set once and "
+                "give it a larger data.weights value instead.")
+        if data.weights:
+            count = len(data.weights)
+            require(count == len(names), f"data.weights has {count} value{'s' if count != 1 else ''} for "
+                    f"{len(names)} data set{'s' if len(names) != 1 else ''}; give one weight per entry of data.datasets.")
+            require(all(w > 0 for w in data.weights), "data.weights must be positive; drop a data set from "
+                    "data.datasets instead of giving it weight 0.")
+            require(data.episode_size > 0 or len(set(data.weights)) == 1,
+                    "data.weights need episodes of part of the union (data.episode_size > 0): an episode of every "
+                    "shard reads each data set once whatever its weight.")
 
 
 Rule = Callable[[float], bool]

@@ -230,7 +230,7 @@ class RunDir:
                 # gone by the time it is opened, so look for the newest again.
                 if checkpoint or path.exists() or attempt == 2:
                     raise
-        model = build_model(config.model)
+        model = build_model(config.model, contrastive=config.loss.contrastive)
         model.load_state_dict(state["model"])
         model.to(device).eval()
         info: dict[str, Any] = {

@@ -30,7 +30,7 @@ def positive_finite(value) -> bool:
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> dict[str, tuple[dict, str]]:
-    """Both scripts run tiny on CPU, side by side (one thread each), as a user would start them."""
+    """The scripts run tiny on CPU, side by side (one thread each), as a user would start them."""
     folder = tmp_path_factory.mktemp("bench")
     commands = {
         "train_step": [
@@ -39,6 +39,10 @@ def records(tmp_path_factory) -> dict[str, tuple[dict, str]]:
         "extract_kmeans": [
             "--device", "cpu", "--arch", "protoclip-tiny", "--n", "2000", "--k", "50", "--batch", "64",
             "--extract-batches", "3", "--warmup-batches", "1", "--restarts", "1",
+        ],
+        "train_options": [
+            "--device", "cpu", "--arch", "protoclip-tiny", "--batch", "16", "--accum", "2", "--steps", "1",
+            "--warmup-steps", "1", "--k", "50",
         ],
     }
     running = {
@@ -104,6 +108,28 @@ def test_train_step_variants_train_the_same_towers_on_the_same_batch(train_step_
     # The heads (and their temperature) are the only extra parameters.
     assert results["clip"]["parameters"] == results["openclip"]["parameters"]
     assert results["protoclip"]["parameters"] > results["clip"]["parameters"]
+
+
+def test_train_options_time_every_option_on_the_same_model_and_batch(records):
+    record, stdout = records["train_options"]
+    assert record["benchmark"] == "train_options" and record["config"]["accum"] == 2
+    results = {r["variant"]: r for r in record["results"]}
+    assert list(results) == ["base", "accum", "ckpt", "accum+ckpt", "sigmoid"]
+    assert {name: r["micro_batch"] for name, r in results.items()} == {
+        "base": 16, "accum": 8, "ckpt": 16, "accum+ckpt": 8, "sigmoid": 16}
+    for r in results.values():
+        assert r["batch"] == 16 and positive_finite(r["step_ms_mean"]) and r["memory_kind"] == "rss_high_water_growth"
+        assert r["img_per_s"] == pytest.approx(16 / (r["step_ms_mean"] / 1000))
+        assert r["time_ratio_to_base"] == pytest.approx(r["step_ms_mean"] / results["base"]["step_ms_mean"])
+    # The same initial weights and batch: the InfoNCE term of the whole batch is the same with
+    # accumulation and checkpointing (the heads' BatchNorm normalises per micro-batch, so the
+    # prototype terms may differ with accumulation, not with checkpointing).
+    clip = results["base"]["first_step_loss"]["clip"]
+    for name in ("accum", "ckpt", "accum+ckpt"):
+        assert results[name]["first_step_loss"]["clip"] == pytest.approx(clip, rel=1e-4), name
+    assert results["ckpt"]["first_step_loss"]["total"] == pytest.approx(results["base"]["first_step_loss"]["total"], rel=1e-4)
+    assert results["sigmoid"]["first_step_loss"]["clip"] != pytest.approx(clip, rel=1e-2)
+    assert "sigmoid" in stdout and "peak memory" in stdout
 
 
 def test_extract_kmeans_reports_extraction_kmeans_pbt_and_episode(extract_kmeans_record):

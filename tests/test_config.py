@@ -144,6 +144,25 @@ def test_dump_round_trips(tmp_path):
     assert config.load(TrainConfig, dumped) == cfg
 
 
+def test_training_options_load_from_a_recipe(tmp_path):
+    path = write(tmp_path, '[loss]\ncontrastive = "sigmoid"\n[model]\ngrad_checkpointing = true\n[optim]\naccum_freq = 4\n')
+    cfg = config.load(TrainConfig, path)
+    assert cfg.loss.contrastive == "sigmoid" and cfg.model.grad_checkpointing is True and cfg.optim.accum_freq == 4
+    defaults = TrainConfig()
+    assert defaults.loss.contrastive == "infonce" and defaults.model.grad_checkpointing is False
+    assert defaults.optim.accum_freq == 1
+    with pytest.raises(ConfigError, match="loss.contrastive: 'siglip' is not one of 'infonce', 'sigmoid'"):
+        config.load(TrainConfig, path, ["loss.contrastive=siglip"])
+
+
+def test_training_md_lists_every_recipe_field_as_explain_does():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    for key, type_name, default, help_text in config.explain(TrainConfig):
+        assert f"| `{key}` | {type_name} | `{default}` | {help_text} |" in doc, key
+
+
 def test_every_field_has_help():
     rows = config.explain(TrainConfig)
     assert {row[0] for row in rows} >= {"optim.lr", "proto.k", "data.episode_size", "loss.target_temperature"}
@@ -161,6 +180,9 @@ def test_every_field_has_help():
         (lambda: TrainConfig(data=dataclasses.replace(TrainConfig().data, augmentation="heavy")),
          "data.augmentation 'heavy' is not one of none, rrc, light"),
         (lambda: TrainConfig(schedule=dataclasses.replace(TrainConfig().schedule, episodes=0)), "schedule.episodes is 0"),
+        (lambda: TrainConfig(loss=dataclasses.replace(TrainConfig().loss, contrastive="softmax")),
+         "loss.contrastive 'softmax' is not one of infonce, sigmoid"),
+        (lambda: TrainConfig(optim=dataclasses.replace(TrainConfig().optim, accum_freq=0)), "optim.accum_freq is 0"),
     ],
 )
 def test_train_config_rejects_what_types_cannot(build, message):

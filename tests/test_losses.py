@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from protoclip_cli.core.losses import ClipLoss, ExternalTeacherLoss, ProtoCLIPLoss, ProtoLoss, Prototypes
+from protoclip_cli.core.losses import ClipLoss, ExternalTeacherLoss, ProtoCLIPLoss, ProtoLoss, Prototypes, SigLipLoss
 from protoclip_cli.errors import ProtoclipError
 
 torch.set_num_threads(1)
@@ -40,6 +40,19 @@ def _ref_clip(img, txt, scale) -> float:
         col = np.array([scale * txt[i] @ img[j] for j in range(n)])
         total += -(row[i] - np.log(np.exp(row).sum())) - (col[i] - np.log(np.exp(col).sum()))
     return total / (2 * n)
+
+
+def _ref_sigmoid(img, txt, scale, bias) -> tuple[float, float]:
+    """SigLIP: ``-1/n sum_ij log sigmoid(z_ij (scale i.t + bias))``, and its derivative in the bias."""
+    n = len(img)
+    total = bias_gradient = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            logit = scale * img[i] @ txt[j] + bias
+            total += np.log1p(np.exp(-z * logit))  # -log sigmoid(z * logit)
+            bias_gradient += -z / (1 + np.exp(z * logit))
+    return total / n, bias_gradient / n
 
 
 def _ref_targets(centroids, labels, tau):
@@ -105,6 +118,42 @@ def test_clip_loss_matches_the_formula():
     got = ClipLoss()(x["img"], x["txt"], x["scale"])["clip"]
     expected = _ref_clip(x["img"].double().numpy(), x["txt"].double().numpy(), 8.5)
     assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sigmoid_loss_matches_the_formula_and_open_clip():
+    from open_clip.loss import SigLipLoss as OpenClipSigLipLoss
+
+    x = _inputs(seed=12)
+    bias = torch.tensor(-4.0, requires_grad=True)
+    got = SigLipLoss()(x["img"], x["txt"], x["scale"], bias)["clip"]
+    got.backward()
+    expected, bias_gradient = _ref_sigmoid(x["img"].double().numpy(), x["txt"].double().numpy(), 8.5, -4.0)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert bias.grad.item() == pytest.approx(bias_gradient, rel=1e-5)
+    theirs = OpenClipSigLipLoss()(x["img"], x["txt"], x["scale"], torch.tensor(-4.0))
+    assert got.item() == pytest.approx(theirs.item(), rel=1e-6)
+
+
+def test_protoclip_loss_with_the_sigmoid_term_keeps_the_prototype_terms():
+    x = _inputs(seed=13)
+    outputs = {**_outputs(x), "logit_bias": torch.tensor(-6.0)}
+    labels = {"img": x["img_lbl"], "txt": x["txt_lbl"], "ext": x["ext_lbl"]}
+    got = ProtoCLIPLoss(w_clip=0.5, w_proto=2.0, w_ext=0.25, contrastive="sigmoid")(
+        outputs, labels, x["protos"], use_proto=True, use_ext=True
+    )
+    img_t, txt_t = outputs["image_features"].double().numpy(), outputs["text_features"].double().numpy()
+    sigmoid = _ref_sigmoid(img_t, txt_t, 14.0, -6.0)[0]
+    img, txt = x["img"].double().numpy(), x["txt"].double().numpy()
+    p = _np_protos(x["protos"])
+    proto = _ref_proto(img, txt, 8.5, x["img_lbl"].numpy(), x["txt_lbl"].numpy(), p, 0.01, True)[0]
+    ext = _ref_ext(img, txt, 8.5, x["ext_lbl"].numpy(), p)
+    assert got["clip"].item() == pytest.approx(sigmoid, rel=1e-5)
+    assert got["total"].item() == pytest.approx(0.5 * sigmoid + 2.0 * proto + 0.25 * ext, rel=1e-5)
+    assert got["logit_bias"].item() == -6.0
+    with pytest.raises(ValueError, match="logit_bias"):
+        ProtoCLIPLoss(contrastive="sigmoid")(_outputs(x))
+    with pytest.raises(ValueError, match="contrastive"):
+        ProtoCLIPLoss(contrastive="softmax")
 
 
 @pytest.mark.parametrize("tau", [0.01, 0.3, 0.0])
@@ -233,6 +282,19 @@ def test_gradients_reach_both_towers_both_heads_and_both_temperatures():
 # ---- two gloo ranks against one process ------------------------------------------------------------
 
 
+SIGMOID_BIAS = -4.0
+
+
+def _sigmoid_and_gradients(loss, img, txt, scale):
+    """A sigmoid loss's value and its gradients on the image and text features, the scale and the bias."""
+    img, txt = img.detach().clone().requires_grad_(True), txt.detach().clone().requires_grad_(True)
+    scale, bias = scale.clone().requires_grad_(True), torch.tensor(SIGMOID_BIAS, requires_grad=True)
+    value = loss(img, txt, scale, bias)
+    value = value["clip"] if isinstance(value, dict) else value
+    value.backward()
+    return value.detach(), (img.grad, txt.grad, scale.grad, bias.grad)
+
+
 def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -248,14 +310,24 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         proto = ProtoLoss(0.01)(img, txt, x["scale"], x["img_lbl"][part], x["txt_lbl"][part], x["protos"])
         ext = ExternalTeacherLoss()(img, txt, x["scale"], x["ext_lbl"][part], x["protos"])
         (proto["proto"] + ext["ext"]).backward()
+        proto_grads = (img.grad.clone(), txt.grad.clone())
+        sigmoid, sigmoid_grads = _sigmoid_and_gradients(SigLipLoss(), img, txt, x["scale"])
+        from open_clip.loss import SigLipLoss as OpenClipSigLipLoss
+
+        theirs = OpenClipSigLipLoss(rank=rank, world_size=world, dist_impl="gather")
+        open_clip_sigmoid, open_clip_grads = _sigmoid_and_gradients(theirs, img, txt, x["scale"])
         torch.save(
             {
+                "sigmoid": sigmoid,
+                "sigmoid_grads": sigmoid_grads,
+                "open_clip_sigmoid": open_clip_sigmoid,
+                "open_clip_grads": open_clip_grads,
                 "clip": clip.detach(),
                 "clip_grads": clip_grads,
                 "proto": proto["proto"].detach(),
                 "acc_img2txt": proto["acc_img2txt"],
                 "ext": ext["ext"].detach(),
-                "proto_grads": (img.grad.clone(), txt.grad.clone()),
+                "proto_grads": proto_grads,
             },
             f"{out_dir}/rank{rank}.pt",
         )
@@ -277,6 +349,25 @@ def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path):
     ext = ExternalTeacherLoss()(img, txt, x["scale"], x["ext_lbl"], x["protos"])
     (proto["proto"] + ext["ext"]).backward()
     proto_grads = (img.grad, txt.grad)
+    sigmoid, sigmoid_grads = _sigmoid_and_gradients(SigLipLoss(), x["img"], x["txt"], x["scale"])
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    # OpenCLIP's distributed SigLIP: each rank sums its own rows against every text, so the mean of
+    # the ranks' losses is the loss of the whole batch, as ours on every rank.
+    torch.testing.assert_close(sum(r["open_clip_sigmoid"] for r in ranks) / world, sigmoid)
+    for rank, got in enumerate(ranks):
+        part = slice(rank * N, (rank + 1) * N)
+        torch.testing.assert_close(got["sigmoid"], sigmoid)
+        for local, whole in zip(got["sigmoid_grads"][:2], sigmoid_grads[:2]):
+            torch.testing.assert_close(local, whole[part])
+        # Scale and bias: every rank already has the whole batch's gradient.
+        for local, whole in zip(got["sigmoid_grads"][2:], sigmoid_grads[2:]):
+            torch.testing.assert_close(local, whole)
+        # OpenCLIP's features receive every rank's loss's gradient: world size x ours, which DDP's mean
+        # over ranks turns into the same weight gradient as ours under optim.ddp_gradients = 'global-batch'.
+        for theirs, ours in zip(got["open_clip_grads"][:2], got["sigmoid_grads"][:2]):
+            torch.testing.assert_close(theirs, world * ours)
+    for index in (2, 3):  # DDP averages OpenCLIP's per-rank scale and bias gradients
+        torch.testing.assert_close(sum(r["open_clip_grads"][index] for r in ranks) / world, sigmoid_grads[index])
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         part = slice(rank * N, (rank + 1) * N)

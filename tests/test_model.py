@@ -12,6 +12,7 @@ from torch import nn
 
 from protoclip_cli.core.model import (
     MAX_LOGIT_SCALE,
+    SIGLIP_INIT_LOGIT_BIAS,
     build_model,
     get_tokenizer,
     register_tiny_configs,
@@ -98,6 +99,45 @@ def test_no_heads_gives_the_clip_baseline():
     assert out["image_proj"] is None and out["text_proj"] is None and out["logit_scale_proto"] is None
     names = [name for name, _ in model.named_parameters()]
     assert all(name.startswith("clip.") for name in names)
+
+
+def test_sigmoid_model_has_open_clips_logit_bias_at_siglips_start(tmp_path):
+    from protoclip_cli.core.optim import parameter_groups
+
+    model = build_model(TINY, contrastive="sigmoid")
+    assert model.logit_bias is model.clip.logit_bias and model.logit_bias.item() == -10.0 == SIGLIP_INIT_LOGIT_BIAS
+    assert model.logit_scale.item() == pytest.approx(math.log(10))  # SigLIP's scale 10, not CLIP's 1/0.07
+    assert model(*_batch(model, 4))["logit_bias"] is model.logit_bias
+    assert [p for p in model.scalar_parameters()] == [model.logit_scale, model.logit_scale_proto, model.logit_bias]
+    undecayed = {id(p) for group in parameter_groups(model, 0.5) if group["weight_decay"] == 0 for p in group["params"]}
+    assert id(model.logit_bias) in undecayed
+    # Saved and loaded through the state dict, under open_clip's own name.
+    with torch.no_grad():
+        model.logit_bias.fill_(-7.25)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    loaded = build_model(TINY, contrastive="sigmoid")
+    loaded.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert loaded.logit_bias.item() == -7.25
+    # An InfoNCE model has none, and its forward says so.
+    plain = build_model(TINY)
+    assert plain.logit_bias is None and plain(*_batch(plain, 2))["logit_bias"] is None
+    assert len(plain.scalar_parameters()) == 2
+
+
+def test_grad_checkpointing_recomputes_the_towers_with_the_same_gradients():
+    torch.manual_seed(0)
+    plain = build_model(TINY)
+    torch.manual_seed(0)
+    checkpointed = build_model(ModelConfig(**{**vars(TINY), "grad_checkpointing": True}))
+    assert checkpointed.clip.transformer.grad_checkpointing and checkpointed.clip.visual.transformer.grad_checkpointing
+    assert not plain.clip.transformer.grad_checkpointing
+    batch = _batch(plain, 4)
+    for model in (plain, checkpointed):
+        out = model(*batch)
+        (out["image_features"] @ out["text_features"].T).sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 def test_clamp_temperatures_keeps_both_scales_in_range():

@@ -55,7 +55,7 @@ def test_trust_teacher_accepts_it_after_checking_coverage(reseeded, synthetic_te
 
     slug = Path(synthetic_teacher).stem
     inputs = check_inputs(small_config(teacher=slug), reseeded, trust_teacher=True)
-    assert inputs.teacher_trusted and inputs.teacher_path.name == f"{slug}.h5"
+    assert inputs.teacher_trusted and inputs.teacher_paths[0].name == f"{slug}.h5"
     assert "--trust-teacher: using" in capsys.readouterr().err
     with pytest.raises(ProtoclipError, match="gives no full batch"):
         run(small_config("data.batch_size=512", teacher=slug), reseeded, trust_teacher=True)

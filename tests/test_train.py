@@ -297,6 +297,9 @@ def test_inconsistent_recipes_fail_before_training(synthetic_workspace):
         run(small_config("name='t-heads'", "model.heads=false"), synthetic_workspace)
     with pytest.raises(ProtoclipError, match="gives no full batch of 512"):
         run(small_config("name='t-batch'", "data.batch_size=512"), synthetic_workspace)
+    with pytest.raises(ProtoclipError, match="gives no full batch of 32 x 16 micro-batches per data worker; lower "
+                                             "data.batch_size, optim.accum_freq"):
+        run(small_config("name='t-batch'", "optim.accum_freq=16"), synthetic_workspace)
     assert not any(synthetic_workspace.run_dir(n).joinpath("checkpoints").exists() for n in ("t-k", "t-heads", "t-batch"))
 
 

@@ -7,6 +7,10 @@ on a rank's own features is exactly the gradient of the global-batch loss. DDP's
 then scales every term by the same ``1 / world_size``, which keeps the terms' relative weights as in
 the reference implementation. Ranks must therefore pass batches of equal size.
 
+The image-text term is InfoNCE (:class:`ClipLoss`, the reference) or, as a recipe choice
+(``loss.contrastive = "sigmoid"``), SigLIP's pairwise sigmoid loss (:class:`SigLipLoss`); the
+prototype and external-teacher terms are the same with either.
+
 Losses run in float32 with autocast off: logits reach ``100 * cos`` and soft targets use
 ``/ 0.01``, too coarse for bf16.
 """
@@ -22,6 +26,8 @@ from torch import nn
 
 from protoclip_cli.core.distributed import all_gather_cat, gather_with_grad
 from protoclip_cli.errors import ProtoclipError
+
+CONTRASTIVE_LOSSES = ("infonce", "sigmoid")
 
 
 @dataclass
@@ -90,6 +96,35 @@ class ClipLoss(nn.Module):
             logits = logit_scale.float() * images @ texts.T
             labels = torch.arange(logits.shape[0], device=logits.device)
             loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return {"clip": loss}
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's sigmoid loss over the gathered batch: every image-text pair is a binary decision.
+
+    ``sigmoid = -1/N * sum_ij log(sigmoid(z_ij * (s * i_i . t_j + b)))`` over the N x N pairs of the
+    global batch, with ``z_ij = 1`` for the N matching pairs and -1 for all others, ``s`` the logit
+    scale and ``b`` the learnable logit bias (Zhai et al. 2023, initialised to ``s = 10``, ``b = -10``).
+
+    OpenCLIP's distributed ``SigLipLoss`` passes text features from rank to rank and sums each
+    rank's rows; the mean of its per-rank losses is this loss of the gathered batch, and under
+    ``optim.ddp_gradients = "global-batch"`` the weights receive the same gradient as there
+    (tests/test_losses.py checks both on two gloo ranks).
+    """
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        with _fp32_region(image_features):
+            images = _global(image_features)
+            texts = _global(text_features)
+            logits = logit_scale.float() * images @ texts.T + logit_bias.float()
+            signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+            loss = -F.logsigmoid(signs * logits).sum() / logits.shape[0]
         return {"clip": loss}
 
 
@@ -172,11 +207,12 @@ class ExternalTeacherLoss(nn.Module):
 class ProtoCLIPLoss(nn.Module):
     """``total = w_clip * clip + w_proto * proto + w_ext * ext`` plus per-step diagnostics.
 
-    ``clip``, ``proto`` and ``ext`` are always present (0 for a term not in use); the sub-terms and
+    ``clip`` is the image-text term: InfoNCE (``contrastive="infonce"``) or the sigmoid loss
+    (``"sigmoid"``, which needs ``outputs["logit_bias"]``). ``clip``, ``proto`` and ``ext`` are always present (0 for a term not in use); the sub-terms and
     accuracies of a term appear when it is used. Diagnostics (no gradient): ``modality_gap``
     (``||mean(img) - mean(txt)||`` of this rank's normalised tower features), ``feature_std_image`` /
     ``feature_std_text`` (per-dimension std, averaged), ``temperature`` and ``temperature_proto``
-    (``1 / scale``).
+    (``1 / scale``), and ``logit_bias`` with the sigmoid loss.
     """
 
     def __init__(
@@ -186,11 +222,15 @@ class ProtoCLIPLoss(nn.Module):
         w_ext: float = 1.0,
         target_temperature: float = 0.01,
         pbt: bool = True,
+        contrastive: str = "infonce",
     ) -> None:
         super().__init__()
+        if contrastive not in CONTRASTIVE_LOSSES:
+            raise ValueError(f"contrastive must be one of {', '.join(CONTRASTIVE_LOSSES)}, got {contrastive!r}.")
         self.w_clip, self.w_proto, self.w_ext = float(w_clip), float(w_proto), float(w_ext)
         self.pbt = bool(pbt)
-        self.clip_loss = ClipLoss()
+        self.contrastive = contrastive
+        self.clip_loss = ClipLoss() if contrastive == "infonce" else SigLipLoss()
         self.proto_loss = ProtoLoss(target_temperature, pbt)
         self.ext_loss = ExternalTeacherLoss()
 
@@ -209,7 +249,14 @@ class ProtoCLIPLoss(nn.Module):
                 "The external-teacher loss compares features with back-translated teacher clusters and "
                 "needs PBT; set loss.pbt = true or train without a teacher (proto.teacher = '')."
             )
-        terms = self.clip_loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"])
+        if self.contrastive == "sigmoid":
+            if outputs.get("logit_bias") is None:
+                raise ValueError("The sigmoid loss needs outputs['logit_bias']: build the model with contrastive='sigmoid'.")
+            terms = self.clip_loss(
+                outputs["image_features"], outputs["text_features"], outputs["logit_scale"], outputs["logit_bias"]
+            )
+        else:
+            terms = self.clip_loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"])
         zero = terms["clip"].new_zeros(())
         terms["proto"] = terms["ext"] = zero
         total = self.w_clip * terms["clip"]
@@ -247,4 +294,6 @@ class ProtoCLIPLoss(nn.Module):
         }
         if outputs.get("logit_scale_proto") is not None:
             found["temperature_proto"] = 1 / outputs["logit_scale_proto"].detach().float()
+        if outputs.get("logit_bias") is not None:
+            found["logit_bias"] = outputs["logit_bias"].detach().float().reshape(())
         return found

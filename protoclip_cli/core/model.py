@@ -4,6 +4,9 @@ The CLIP branch (L2-normalised tower outputs, ``logit_scale``) is exactly an ope
 open_clip architecture name works and zero-shot evaluation uses it unchanged. The projection heads
 feed the prototype losses only. As in the reference implementation, the heads take the *raw*
 (un-normalised) tower outputs, and their outputs are L2-normalised.
+
+A model for the sigmoid loss (``contrastive="sigmoid"``) has open_clip's own learnable
+``clip.logit_bias`` (as open_clip's SigLIP models), so an export carries it under open_clip's name.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ TINY_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 TINY_ARCHS = tuple(sorted(p.stem for p in TINY_CONFIG_DIR.glob("*.json")))
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = math.log(100)
+# SigLIP's initialisation (Zhai et al. 2023, as open_clip_train's --siglip): logit scale 10, bias -10.
+SIGLIP_INIT_LOGIT_SCALE = math.log(10)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 
 def register_tiny_configs() -> None:
@@ -91,6 +97,19 @@ class ProtoCLIP(nn.Module):
         return self.clip.logit_scale
 
     @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """The sigmoid loss's learnable bias (open_clip's ``logit_bias``), None for InfoNCE models."""
+        return getattr(self.clip, "logit_bias", None)
+
+    def scalar_parameters(self) -> list[nn.Parameter]:
+        """The parameters that scale or shift every logit: both temperatures and the sigmoid bias.
+
+        The losses use them directly, not through a rank's features, so on every rank their gradient
+        is already the whole global batch's (the trainer's gradient scaling treats them apart).
+        """
+        return [p for p in (self.logit_scale, self.logit_scale_proto, self.logit_bias) if p is not None]
+
+    @property
     def has_heads(self) -> bool:
         return self.image_head is not None
 
@@ -107,7 +126,8 @@ class ProtoCLIP(nn.Module):
         return F.normalize(self.clip.encode_text(tokens), dim=-1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """Both branches: normalised tower features and projections, and both scales (``exp()``-ed)."""
+        """Both branches: normalised tower features and projections, both scales (``exp()``-ed) and
+        the sigmoid loss's ``logit_bias`` (None for InfoNCE models)."""
         image_raw = self.clip.encode_image(images)
         text_raw = self.clip.encode_text(tokens)
         image_proj = text_proj = logit_scale_proto = None
@@ -122,6 +142,7 @@ class ProtoCLIP(nn.Module):
             "text_proj": text_proj,
             "logit_scale": self.logit_scale.exp(),
             "logit_scale_proto": logit_scale_proto,
+            "logit_bias": self.logit_bias,
         }
 
     @torch.no_grad()
@@ -165,8 +186,13 @@ def _quiet_random_init_notice():
         logging.getLogger().removeFilter(notice)
 
 
-def build_model(cfg: ModelConfig) -> ProtoCLIP:
-    """Build the towers of ``cfg.arch`` (random init, or from the OpenCLIP checkpoint ``cfg.pretrained``)."""
+def build_model(cfg: ModelConfig, contrastive: str = "infonce") -> ProtoCLIP:
+    """Build the towers of ``cfg.arch`` (random init, or from the OpenCLIP checkpoint ``cfg.pretrained``).
+
+    ``contrastive="sigmoid"`` adds open_clip's ``logit_bias`` and starts from SigLIP's scale and
+    bias (a pretrained checkpoint's own scale and bias win, its missing bias is 0, as in open_clip).
+    ``cfg.grad_checkpointing`` turns on open_clip's activation checkpointing of both towers.
+    """
     register_tiny_configs()
     pretrained = cfg.pretrained or None
     if pretrained is not None and not Path(pretrained).is_file():
@@ -179,15 +205,23 @@ def build_model(cfg: ModelConfig) -> ProtoCLIP:
             f"Unknown model architecture '{cfg.arch}'; set model.arch to an OpenCLIP name such as RN50 or "
             f"ViT-B-32, or to a tiny config of this package ({', '.join(TINY_ARCHS)})."
         )
+    siglip = (
+        {"init_logit_scale": SIGLIP_INIT_LOGIT_SCALE, "init_logit_bias": SIGLIP_INIT_LOGIT_BIAS}
+        if contrastive == "sigmoid" else {}
+    )
     try:
         with _quiet_random_init_notice():
-            clip = open_clip.create_model(cfg.arch, pretrained=pretrained)
+            clip = open_clip.create_model(cfg.arch, pretrained=pretrained, **siglip)
     except RuntimeError as error:
         if pretrained is None:
             raise
         raise ProtoclipError(
             f"Could not load {pretrained} into {cfg.arch} ({error}); use a checkpoint of that architecture."
         ) from error
+    if cfg.grad_checkpointing:
+        # Recompute each transformer block / ResNet stage in the backward pass instead of keeping
+        # its activations (open_clip_train's --grad-checkpointing).
+        clip.set_grad_checkpointing(True)
     return ProtoCLIP(
         clip,
         embed_dim=_embed_dim(clip, cfg.arch),

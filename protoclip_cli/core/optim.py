@@ -19,9 +19,9 @@ NO_DECAY_PREFIXES = ("image_head", "text_head")
 
 
 def _skips_weight_decay(name: str, parameter: nn.Parameter) -> bool:
-    # Decay on gains, biases and norms only shrinks scales; on temperatures it fights the clamp;
-    # the reference recipe also leaves the projection heads undecayed.
-    return parameter.ndim < 2 or "logit_scale" in name or name.startswith(NO_DECAY_PREFIXES)
+    # Decay on gains, biases and norms only shrinks scales; on temperatures (and the sigmoid loss's
+    # logit bias) it fights the loss; the reference recipe also leaves the projection heads undecayed.
+    return parameter.ndim < 2 or "logit_scale" in name or "logit_bias" in name or name.startswith(NO_DECAY_PREFIXES)
 
 
 def _visual_parameter_ids(model: nn.Module) -> set[int]:

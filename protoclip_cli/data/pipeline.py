@@ -40,7 +40,7 @@ Batches are dicts: ``images`` (B, 3, H, W) uint8 (extraction: possibly at the st
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -148,7 +148,7 @@ class StreamConfig:
     """What one rank's loader reads over a run, and how it turns samples into batches."""
 
     episodes: list[list[Path]]  # this rank's shards of every episode, in reading order
-    counts: dict[str, int]  # shard file name -> samples
+    counts: dict[str, int]  # shard id -> samples
     batch_size: int
     extract_batch_size: int
     image_size: int | tuple[int, int]
@@ -158,11 +158,20 @@ class StreamConfig:
     rank: int = 0
     shuffle_buffer: int = 0
     workers: int = 0  # data-loader worker processes (0: read in the training process)
-    teacher_path: str = ""  # a teacher HDF5: training batches also carry each sample's teacher features
+    # Teacher HDF5 files, one per data set in data.datasets order: training batches also carry each
+    # sample's teacher features.
+    teacher_paths: tuple[str, ...] = ()
+    # Several data sets: each shard's id in ``counts`` (default: its file name) and the offset added to
+    # its img2dataset keys (default 0), both by the shard's path (``protoclip_cli.data.sources``).
+    shard_ids: dict[str, str] = field(default_factory=dict)
+    key_offsets: dict[str, int] = field(default_factory=dict)
+
+    def shard_id(self, path: Path) -> str:
+        return self.shard_ids.get(str(path), Path(path).name)
 
     def owed(self, episode: int) -> list[int]:
         """Full batches each worker gives in the episode's training pass."""
-        names = [p.name for p in self.episodes[episode]]
+        names = [self.shard_id(p) for p in self.episodes[episode]]
         return worker_batches(self.counts, names, self.workers, self.batch_size)
 
 
@@ -209,7 +218,7 @@ class EpisodeDataset(IterableDataset):
         self._crop = crop_transform(cfg.augmentation, cfg.image_size)
         self._device_augmentation = device_augmentation(cfg.augmentation, cfg.image_size)
         self._tokenizer = get_tokenizer(cfg.tokenizer_arch)
-        self._teacher = _TeacherLookup(cfg.teacher_path) if cfg.teacher_path else None
+        self._teacher = _TeacherLookup(cfg.teacher_paths) if cfg.teacher_paths else None
         self._ready = True
 
     def __iter__(self) -> Iterator[dict]:
@@ -274,7 +283,7 @@ class EpisodeDataset(IterableDataset):
         from protoclip_cli.data.transforms import decode_image
 
         try:
-            key = int(record["__key__"].rsplit("/", 1)[-1])
+            key = int(record["__key__"].rsplit("/", 1)[-1]) + self.config.key_offsets.get(record.get("__url__", ""), 0)
             caption = record["txt"].decode("utf-8")
             image, params = transform(decode_image(record["jpg"]), key)
         except Exception:  # a broken sample is skipped and counted, never fatal
@@ -284,7 +293,8 @@ class EpisodeDataset(IterableDataset):
     def _augment(self, image: torch.Tensor, key: int, episode: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The augmentation of a sample is a function of (seed, episode, key) only.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.config.seed * _SEED_MIX + episode) * _SEED_MIX + key)
+            # Modulo 2**64 (torch's seed range), which leaves every seed of one data set's keys as it was.
+            torch.manual_seed(((self.config.seed * _SEED_MIX + episode) * _SEED_MIX + key) % (1 << 64))
             image = self._crop(image)
             params = self._device_augmentation.draw() if self._device_augmentation is not None else None
         return image, params
@@ -332,8 +342,27 @@ class _Batcher:
 
 
 class _TeacherLookup:
-    """Rows of a teacher HDF5 (sorted int64 ``keys``, ``embeddings``) by sample key, opened once per worker."""
+    """Rows of the teacher HDF5s (sorted int64 ``keys``, ``embeddings``; one per data set) by sample
+    key, opened once per worker."""
 
+    def __init__(self, paths: tuple[str, ...]):
+        self.lookups = [_TeacherFile(path) for path in paths]
+
+    def rows(self, keys: torch.Tensor) -> torch.Tensor:
+        if len(self.lookups) == 1:
+            return self.lookups[0].rows(keys)
+        from protoclip_cli.data.sources import split_keys
+
+        index, local = (torch.from_numpy(a) for a in split_keys(keys.numpy()))
+        parts = {i: self.lookups[i].rows(local[index == i]) for i in index.unique().tolist()}
+        width = next(iter(parts.values())).shape[1]
+        rows = torch.empty((len(keys), width), dtype=torch.float32)
+        for i, found in parts.items():
+            rows[index == i] = found
+        return rows
+
+
+class _TeacherFile:
     def __init__(self, path: str):
         self.path = path
         self._file = None

@@ -270,6 +270,70 @@ def teacher_rows(teacher_path: str | Path, keys: "torch.Tensor") -> "torch.Tenso
     return torch.from_numpy(embeddings)
 
 
+def run_teacher_rows(teacher_paths: "list[str | Path]", keys: "torch.Tensor") -> "torch.Tensor":
+    """The teacher embeddings of a run's ``keys`` with one teacher file per data set, in
+    ``data.datasets`` order: each key's row is looked up in the file of its data set
+    (``protoclip_cli.data.sources``: the data set's index is in the key's high digits)."""
+    import numpy as np
+    import torch
+
+    from protoclip_cli.data.sources import split_keys
+
+    if len(teacher_paths) == 1:
+        return teacher_rows(teacher_paths[0], keys)
+    index, local = split_keys(keys.cpu().numpy())
+    rows: torch.Tensor | None = None
+    for position, path in enumerate(teacher_paths):
+        members = np.flatnonzero(index == position)
+        if not members.size:
+            continue
+        found = teacher_rows(path, torch.from_numpy(local[members]))
+        if rows is None:
+            rows = torch.zeros((len(index), found.shape[1]), dtype=torch.float32)
+        rows[torch.from_numpy(members)] = found
+    if rows is None:  # no keys: the width of the first file
+        import h5py
+
+        with h5py.File(teacher_paths[0], "r") as f:
+            rows = torch.zeros((0, f["embeddings"].shape[1]), dtype=torch.float32)
+    return rows
+
+
+def check_same_space(teacher_paths: "list[str | Path]") -> None:
+    """The teacher files of several data sets must give features of one space: same model, same
+    width, and no per-data-set PCA (each file's PCA is fitted to its own data set, a different basis)."""
+    import h5py
+    import numpy as np
+
+    if len(teacher_paths) < 2:
+        return
+    described = []
+    for path in teacher_paths:
+        with h5py.File(path, "r") as f:
+            components = f["pca_components"][:] if "pca_components" in f else None
+            described.append((Path(path), _plain(f.attrs.get("model", "")), int(f["embeddings"].shape[1]), components))
+    first_path, model, width, components = described[0]
+    for path, other_model, other_width, other_components in described[1:]:
+        if other_width != width:
+            raise ProtoclipError(
+                f"Teacher files {first_path} and {path} have {width} and {other_width} dimensions; embed every data "
+                "set of data.datasets with the same model and --pca-dim."
+            )
+        if other_model != model:
+            raise ProtoclipError(
+                f"Teacher files {first_path} and {path} come from different models ({model}, {other_model}); embed "
+                "every data set of data.datasets with the same model."
+            )
+        same_pca = (components is None and other_components is None) or (
+            components is not None and other_components is not None and np.array_equal(components, other_components)
+        )
+        if not same_pca:
+            raise ProtoclipError(
+                f"Teacher files {first_path} and {path} were reduced by different PCAs (each fitted to its own data "
+                "set), so their features are not comparable; embed the data sets with --pca-dim 0 to train them together."
+            )
+
+
 # -- checks --------------------------------------------------------------------------------------
 
 

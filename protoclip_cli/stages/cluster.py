@@ -106,7 +106,7 @@ def cluster_feature_file(config: ClusterConfig) -> dict[str, Any]:
 def report_episode(config: ClusterConfig, workspace: Workspace) -> dict[str, Any]:
     import numpy as np
 
-    from protoclip_cli.data.shards import iter_samples
+    from protoclip_cli.data.sources import iter_run_samples, run_datasets
     from protoclip_cli.evaluation import prototype_report as pr
     from protoclip_cli.evaluation.clustering import agreement, size_histogram, size_summary
     from protoclip_cli.runs import resolve
@@ -116,10 +116,12 @@ def report_episode(config: ClusterConfig, workspace: Workspace) -> dict[str, Any
     train_config = run.config()
     number, h5_path = run.pick_episode(config.episode)
     episode = pr.read_episode(h5_path)
-    dataset = train_config.data.dataset
-    shards = workspace.shards(dataset, train_config.data.split)
-    has_truth = "ground_truth" in workspace.dataset_manifest(dataset)
-    truth, samples = pr.ground_truth_of(iter_samples(shards, images=False, meta=True), episode.keys)
+    # The run's keys: with several data sets, each data set's index is in its keys' high digits.
+    def run_samples(images: bool, meta: bool):
+        return iter_run_samples(workspace, train_config.data, images=images, meta=meta)
+
+    has_truth = all("ground_truth" in workspace.dataset_manifest(name) for name in run_datasets(train_config.data).names)
+    truth, samples = pr.ground_truth_of(run_samples(False, True), episode.keys)
     info(f"Episode {number} of {run.name}: {len(episode.keys)} samples, clusterings: {', '.join(episode.labels)}.")
 
     report: dict[str, Any] = {"run": run.name, "episode": number, "samples": int(len(episode.keys)),
@@ -139,19 +141,18 @@ def report_episode(config: ClusterConfig, workspace: Workspace) -> dict[str, Any
 
     out_dir = Path(config.out) if config.out else run.cluster_dir(number)
     with atomic_dir(out_dir) as tmp:
-        files = _figures(config, resolved, episode, shards, samples, truth if has_truth else None, tmp)
+        files = _figures(config, resolved, episode, run_samples, samples, truth if has_truth else None, tmp)
         report["files"] = [str(out_dir / name) for name in [*files, "report.json"]]
         write_json(tmp / "report.json", report)
     return {"stage": "cluster", "mode": "report", "out": str(out_dir), **report}
 
 
-def _figures(config, resolved, episode, shards, samples, truth, folder: Path) -> list[str]:
+def _figures(config, resolved, episode, run_samples, samples, truth, folder: Path) -> list[str]:
     """Grids of the largest image and text clusters, and the t-SNE map; returns the file names."""
     import numpy as np
     import torch
 
     from protoclip_cli.core.distributed import resolve_device
-    from protoclip_cli.data.shards import iter_samples
     from protoclip_cli.data.transforms import decode_image, eval_transform
     from protoclip_cli.evaluation import prototype_report as pr
 
@@ -174,7 +175,7 @@ def _figures(config, resolved, episode, shards, samples, truth, folder: Path) ->
         model, train_config, checkpoint = resolved.run.load_model(resolved.checkpoint, device=str(device))
     transform = eval_transform(model.image_size if model is not None else 64)
     images: dict[int, torch.Tensor] = {}
-    for sample in iter_samples(shards, images=True, meta=False):
+    for sample in run_samples(True, False):
         if sample.key in wanted and sample.image is not None:
             images[sample.key] = decode_image(sample.image)
     files = []

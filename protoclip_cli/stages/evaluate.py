@@ -182,7 +182,9 @@ def _default_dataset(model, workspace: Workspace) -> str:
     if model.run_dir is not None:
         from protoclip_cli.runs import RunDir
 
-        return RunDir(model.run_dir).config().data.dataset
+        from protoclip_cli.data.sources import run_datasets
+
+        return run_datasets(RunDir(model.run_dir).config().data).names[0]  # the first of several
     return workspace.resolve_dataset(None)
 
 

@@ -3,7 +3,9 @@
 The file holds the ``state_dict`` of the open_clip model inside :class:`ProtoCLIP` (``.clip``),
 with open_clip's own parameter names and nothing else (no projection heads, no optimiser), so
 ``open_clip.create_model_and_transforms(ARCH, pretrained=FILE)`` loads it. This package's tiny
-architectures must be registered first (``protoclip_cli.core.model.register_tiny_configs()``).
+architectures must be registered first (``protoclip_cli.core.model.register_tiny_configs()``). A run
+trained with the sigmoid loss also exports its ``logit_bias``, which open_clip loads into a model
+created with a bias (``init_logit_bias=...``, the value is then the file's), as its SigLIP models.
 After writing, the export is loaded back through open_clip and its embeddings compared with the
 run's on a random batch; the largest difference is recorded in the manifest.
 """
@@ -38,6 +40,7 @@ def run(config: ExportConfig, workspace: Workspace) -> dict[str, Any]:
     """Write the export and its ``manifest.json``; returns the manifest."""
     import torch
 
+    from protoclip_cli.core.model import SIGLIP_INIT_LOGIT_BIAS
     from protoclip_cli.runs import resolve
 
     resolved = resolve(workspace, config.run, config.checkpoint)
@@ -46,7 +49,9 @@ def run(config: ExportConfig, workspace: Workspace) -> dict[str, Any]:
     out = Path(config.out) if config.out else resolved.run.export_file(arch)
     with atomic_path(out) as tmp:
         torch.save({name: tensor.detach().clone() for name, tensor in model.clip.state_dict().items()}, tmp)
-    difference = round_trip_difference(model, arch, out)
+    # open_clip builds a logit_bias only when asked; its value then comes from the file.
+    open_clip_kwargs = {"init_logit_bias": SIGLIP_INIT_LOGIT_BIAS} if model.logit_bias is not None else {}
+    difference = round_trip_difference(model, arch, out, **open_clip_kwargs)
     if difference > ROUND_TRIP_ATOL:
         out.unlink()
         raise ProtoclipError(
@@ -57,12 +62,13 @@ def run(config: ExportConfig, workspace: Workspace) -> dict[str, Any]:
         out.parent, "export", config=to_dict(config), inputs={"checkpoint": info["path"]},
         file=str(out), format=config.format, arch=arch, sha256=file_sha256(out), episode=info["episode"],
         global_step=info["global_step"], round_trip_max_abs_difference=difference,
-        load_with=f"open_clip.create_model_and_transforms({arch!r}, pretrained={str(out)!r})",
+        load_with=f"open_clip.create_model_and_transforms({arch!r}, pretrained={str(out)!r}"
+        + "".join(f", {name}={value!r}" for name, value in open_clip_kwargs.items()) + ")",
         needs_registration=arch.startswith("protoclip-"),
     )
 
 
-def round_trip_difference(model, arch: str, path: Path) -> float:
+def round_trip_difference(model, arch: str, path: Path, **open_clip_kwargs) -> float:
     """Largest absolute difference of the normalised embeddings of a random batch (images and
     texts) between the run's model and the export loaded through ``open_clip.create_model_and_transforms``."""
     import open_clip
@@ -71,7 +77,7 @@ def round_trip_difference(model, arch: str, path: Path) -> float:
     from protoclip_cli.core.model import get_tokenizer, register_tiny_configs
 
     register_tiny_configs()
-    reloaded, _, _ = open_clip.create_model_and_transforms(arch, pretrained=str(path))
+    reloaded, _, _ = open_clip.create_model_and_transforms(arch, pretrained=str(path), **open_clip_kwargs)
     reloaded.eval()
     model.eval()
     size = model.image_size if isinstance(model.image_size, tuple) else (model.image_size, model.image_size)

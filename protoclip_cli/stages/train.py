@@ -24,17 +24,20 @@ from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.runs import RunDir
 from protoclip_cli.workspace import Workspace
 
-# Fields that may change between a run and its resumption: they do not change what is computed.
-RESUMABLE_CHANGES = ("device", "model.compile", "data.extract_batch_size", "logging.")
+# Fields that may change between a run and its resumption: they do not change what is computed
+# (gradient checkpointing recomputes the same activations; it only trades memory for time).
+RESUMABLE_CHANGES = ("device", "model.compile", "model.grad_checkpointing", "data.extract_batch_size", "logging.")
 
 
 @dataclass
 class TrainInputs:
-    dataset_dir: Path
-    shard_paths: dict[str, Path]  # shard file name -> path
-    counts: dict[str, int]  # shard file name -> samples
-    teacher_path: Path | None
-    teacher_trusted: bool = False  # of another version of the data set, accepted by --trust-teacher
+    dataset_dirs: list[Path]  # one per data set of the run, in data.datasets order
+    shard_paths: dict[str, Path]  # shard id -> path
+    counts: dict[str, int]  # shard id -> samples
+    teacher_paths: list[Path]  # one per data set, or none without an external teacher
+    key_offsets: dict[str, int]  # shard id -> offset added to its img2dataset keys (0 with one data set)
+    weights: dict[str, float] | None  # shard id -> upsampling weight; None when all data sets weigh the same
+    teacher_trusted: bool = False  # of another version of a data set, accepted by --trust-teacher
 
 
 def use_teacher(config: TrainConfig) -> bool:
@@ -49,47 +52,81 @@ def warn_about_recipe(config: TrainConfig) -> None:
 
 
 def check_inputs(config: TrainConfig, workspace: Workspace, trust_teacher: bool = False) -> TrainInputs:
-    """The data set, its shards and the teacher file, checked before anything heavy is built.
+    """The data sets, their shards and teacher files, checked before anything heavy is built.
 
-    The teacher file must come from this version of the data set (the manifest hash it recorded);
+    A teacher file must come from this version of its data set (the manifest hash it recorded);
     ``trust_teacher`` accepts one of another version whose captions the user knows are the same,
     after checking that it covers every sample.
     """
-    from protoclip_cli.training.episodes import shard_keys, shard_sample_count
+    from protoclip_cli.data.sources import run_datasets
+    from protoclip_cli.training.episodes import shard_sample_count
 
     warn_about_recipe(config)
-    name = config.data.dataset
-    shards = workspace.shards(name, config.data.split)  # raises, naming `protoclip download`
-    if not shards:
-        raise ProtoclipError(f"Data set '{name}' lists no shards for split '{config.data.split}'; rerun `protoclip download {name}`.")
-    missing = [p for p in shards if not p.is_file()]
-    if missing:
-        raise MissingInputError(f"Shard {missing[0]} of data set '{name}' is missing; rerun `protoclip download {name}`.")
-    counts = {p.name: shard_sample_count(p) for p in shards}
-    teacher_path, trusted = None, False
-    if use_teacher(config):
-        from protoclip_cli.data import teacher_file
-
-        teacher_path = workspace.teacher_file(name, config.proto.teacher)
-        if not teacher_path.is_file():
-            raise MissingInputError(
-                f"No teacher features at {teacher_path}; run `protoclip teacher-embed {name} --model "
-                f"{config.proto.teacher}` first, or set proto.teacher = '' to train without a teacher."
+    datasets = run_datasets(config.data)
+    inputs = TrainInputs([], {}, {}, [], {}, None)
+    weights: dict[str, float] = {}
+    for index, name in enumerate(datasets.names):
+        shards = workspace.shards(name, config.data.split)  # raises, naming `protoclip download`
+        if not shards:
+            raise ProtoclipError(f"Data set '{name}' lists no shards for split '{config.data.split}'; rerun `protoclip download {name}`.")
+        missing = [p for p in shards if not p.is_file()]
+        if missing:
+            raise MissingInputError(f"Shard {missing[0]} of data set '{name}' is missing; rerun `protoclip download {name}`.")
+        datasets.check_key_digits(index, shards[0])
+        inputs.dataset_dirs.append(workspace.dataset_dir(name))
+        samples = 0
+        for path in shards:
+            shard = datasets.shard_id(index, path.name)
+            inputs.shard_paths[shard] = path
+            inputs.counts[shard] = shard_sample_count(path)
+            inputs.key_offsets[shard] = datasets.key_offset(index)
+            weights[shard] = datasets.weights[index]
+            samples += inputs.counts[shard]
+        if use_teacher(config):
+            path, trusted = _check_teacher(config, workspace, name, shards, samples, trust_teacher)
+            inputs.teacher_paths.append(path)
+            inputs.teacher_trusted |= trusted
+    if not datasets.uniform:
+        inputs.weights = weights
+        if config.data.episode_size >= sum(inputs.counts.values()):
+            raise ProtoclipError(
+                f"data.weights need episodes of part of the union, but data.episode_size = {config.data.episode_size} "
+                f"covers all {sum(inputs.counts.values())} samples; lower data.episode_size."
             )
-        manifest_path = workspace.dataset_dir(name) / MANIFEST
-        if not teacher_file.same_dataset_version(teacher_path, manifest_path):
-            trusted = True
-            if not trust_teacher:
-                raise ProtoclipError(
-                    f"Teacher features {teacher_path} were embedded from another version of data set '{name}' (its "
-                    f"manifest.json changed since); run `protoclip teacher-embed {name} --model {config.proto.teacher} "
-                    "--force`, or pass --trust-teacher if you know its captions are unchanged."
-                )
-            warn(f"--trust-teacher: using {teacher_path}, embedded from another version of data set '{name}'.")
-        if not teacher_file.embedded_from(teacher_path, manifest_path, config.data.split, sum(counts.values())):
-            keys = [key for p in shards for key in shard_keys(p)]  # reads every shard's tar headers
-            teacher_file.check_teacher_covers(teacher_path, keys, manifest_path)
-    return TrainInputs(workspace.dataset_dir(name), {p.name: p for p in shards}, counts, teacher_path, trusted)
+    if len(inputs.teacher_paths) > 1:
+        from protoclip_cli.data.teacher_file import check_same_space
+
+        check_same_space(inputs.teacher_paths)
+    return inputs
+
+
+def _check_teacher(config: TrainConfig, workspace: Workspace, name: str, shards: list[Path], samples: int,
+                   trust_teacher: bool) -> tuple[Path, bool]:
+    """The teacher file of data set ``name``, checked to cover its shards, and whether it was trusted."""
+    from protoclip_cli.data import teacher_file
+    from protoclip_cli.training.episodes import shard_keys
+
+    teacher_path = workspace.teacher_file(name, config.proto.teacher)
+    if not teacher_path.is_file():
+        raise MissingInputError(
+            f"No teacher features at {teacher_path}; run `protoclip teacher-embed {name} --model "
+            f"{config.proto.teacher}` first, or set proto.teacher = '' to train without a teacher."
+        )
+    manifest_path = workspace.dataset_dir(name) / MANIFEST
+    trusted = False
+    if not teacher_file.same_dataset_version(teacher_path, manifest_path):
+        trusted = True
+        if not trust_teacher:
+            raise ProtoclipError(
+                f"Teacher features {teacher_path} were embedded from another version of data set '{name}' (its "
+                f"manifest.json changed since); run `protoclip teacher-embed {name} --model {config.proto.teacher} "
+                "--force`, or pass --trust-teacher if you know its captions are unchanged."
+            )
+        warn(f"--trust-teacher: using {teacher_path}, embedded from another version of data set '{name}'.")
+    if not teacher_file.embedded_from(teacher_path, manifest_path, config.data.split, samples):
+        keys = [key for p in shards for key in shard_keys(p)]  # reads every shard's tar headers
+        teacher_file.check_teacher_covers(teacher_path, keys, manifest_path)
+    return teacher_path, trusted
 
 
 def check_plan(config: TrainConfig, plan, world_size: int) -> None:
@@ -104,9 +141,12 @@ def check_plan(config: TrainConfig, plan, world_size: int) -> None:
                 "or launch fewer processes."
             )
         if layout.steps[episode] < 1:
+            accumulated = config.optim.accum_freq > 1
             raise ProtoclipError(
-                f"Episode {episode} ({plan.samples(episode)} samples) gives no full batch of {config.data.batch_size} "
-                f"per data worker; lower data.batch_size or data.workers, or raise data.episode_size."
+                f"Episode {episode} ({plan.samples(episode)} samples) gives no full batch of {config.data.batch_size}"
+                + (f" x {config.optim.accum_freq} micro-batches" if accumulated else "")
+                + " per data worker; lower data.batch_size" + (", optim.accum_freq" if accumulated else "")
+                + " or data.workers, or raise data.episode_size."
             )
         phase = episode_phase(config, episode, use_teacher(config))
         k_needed = max(config.proto.k, config.proto.teacher_k if phase.use_ext else 0)
@@ -197,7 +237,8 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
                 if resume_from is not None and run_dir.plan_file.is_file():
                     plan = EpisodePlan.load(run_dir.plan_file)
                 else:
-                    plan = plan_episodes(inputs.counts, config.schedule.episodes, config.data.episode_size, config.seed)
+                    plan = plan_episodes(inputs.counts, config.schedule.episodes, config.data.episode_size, config.seed,
+                                         weights=inputs.weights)
                 check_plan(config, plan, world_size)
                 note_episode_size(config, plan, world_size)
                 write_text(run_dir.config_file, config_io.dumps(config))
@@ -213,7 +254,8 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
         plan = EpisodePlan.load(run_dir.plan_file)
         if config.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
-        trainer = Trainer(config, run_dir.path, plan, inputs.shard_paths, inputs.teacher_path, resume_from)
+        trainer = Trainer(config, run_dir.path, plan, inputs.shard_paths, inputs.teacher_paths, resume_from,
+                          key_offsets=inputs.key_offsets)
         info(
             f"Training run '{config.name}': {config.schedule.episodes} episodes, {trainer.layout.total_steps} steps, "
             f"{world_size} process(es) on {trainer.device}, global batch {config.data.batch_size * world_size}."
@@ -270,7 +312,21 @@ def _record_stop(config: TrainConfig, run_dir: RunDir, inputs: TrainInputs, worl
 def _write_run_manifest(config: TrainConfig, run_dir: RunDir, inputs: TrainInputs, world_size: int, status: str, summary: dict) -> dict:
     # The teacher file is recorded by path: hashing a multi-gigabyte HDF5 on every start costs too much.
     return write_manifest(
-        run_dir.path, "train", config=config_io.to_dict(config), inputs={"dataset": inputs.dataset_dir},
-        teacher_file=str(inputs.teacher_path) if inputs.teacher_path else None,
-        **({"teacher_trusted": True} if inputs.teacher_trusted else {}), status=status, world_size=world_size, command=" ".join(sys.argv), **summary,
+        run_dir.path, "train", config=config_io.to_dict(config), inputs=_input_records(inputs),
+        **_teacher_fields(inputs), **({"teacher_trusted": True} if inputs.teacher_trusted else {}), status=status,
+        world_size=world_size, command=" ".join(sys.argv), **summary,
     )
+
+
+def _input_records(inputs: TrainInputs) -> dict[str, Path]:
+    """The manifest's inputs: ``dataset`` with one data set (as before), ``dataset:<name>`` for each of several."""
+    if len(inputs.dataset_dirs) == 1:
+        return {"dataset": inputs.dataset_dirs[0]}
+    return {f"dataset:{d.name}": d for d in inputs.dataset_dirs}
+
+
+def _teacher_fields(inputs: TrainInputs) -> dict[str, Any]:
+    """``teacher_file`` (one data set, or none: null), or ``teacher_files`` in data.datasets order."""
+    if len(inputs.teacher_paths) > 1:
+        return {"teacher_files": [str(p) for p in inputs.teacher_paths]}
+    return {"teacher_file": str(inputs.teacher_paths[0]) if inputs.teacher_paths else None}

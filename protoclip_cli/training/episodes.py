@@ -51,22 +51,28 @@ def shard_keys(shard: Path) -> list[int]:
 
 @dataclass(frozen=True)
 class EpisodePlan:
-    """Shard names of every episode (in reading order) and the per-shard sample counts."""
+    """Shard ids of every episode (in reading order), the per-shard sample counts and, for several
+    data sets, each shard's upsampling weight."""
 
     episodes: list[list[str]]
     counts: dict[str, int]
     seed: int
     episode_size: int
+    weights: dict[str, float] | None = None
 
     def samples(self, episode: int) -> int:
         return sum(self.counts[s] for s in self.episodes[episode])
 
     def to_json(self) -> dict:
-        return {"seed": self.seed, "episode_size": self.episode_size, "counts": self.counts, "episodes": self.episodes}
+        data = {"seed": self.seed, "episode_size": self.episode_size, "counts": self.counts, "episodes": self.episodes}
+        if self.weights is not None:
+            data["weights"] = self.weights
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "EpisodePlan":
-        return cls(data["episodes"], {k: int(v) for k, v in data["counts"].items()}, data["seed"], data["episode_size"])
+        weights = {k: float(v) for k, v in data["weights"].items()} if "weights" in data else None
+        return cls(data["episodes"], {k: int(v) for k, v in data["counts"].items()}, data["seed"], data["episode_size"], weights)
 
     def save(self, path: Path) -> None:
         write_json(path, self.to_json())
@@ -76,17 +82,24 @@ class EpisodePlan:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
-def plan_episodes(counts: dict[str, int], episodes: int, episode_size: int, seed: int) -> EpisodePlan:
+def plan_episodes(counts: dict[str, int], episodes: int, episode_size: int, seed: int,
+                  weights: dict[str, float] | None = None) -> EpisodePlan:
     """Draw ``episodes`` shard subsets of about ``episode_size`` samples each.
 
     A shard is added while that brings the episode's total closer to ``episode_size`` (at least one
-    shard per episode). Shards come from a queue refilled with a fresh seeded permutation when empty;
-    shards already in the current episode go to the back of the new permutation, so an episode never
-    reads a shard twice.
+    shard per episode). Shards come from a queue refilled with a fresh seeded permutation of a round
+    when no queued shard is left that the episode does not already hold; shards already in the
+    current episode go to the back of the new round, so an episode never reads a shard twice.
+
+    Without ``weights`` a round holds every shard once, so every shard is used once before any is
+    reused. ``weights`` (shard -> upsampling factor, OpenCLIP's ``::`` weights) make a round hold a
+    shard ``w / min(w)`` times, the fractional part drawn: a shard of weight 2 is read twice as often
+    as one of weight 1. Equal weights plan exactly as none.
     """
     names = sorted(counts)
     rng = np.random.default_rng(seed)
     total = sum(counts.values())
+    repeats = _repeats(names, weights)
     plan: list[list[str]] = []
     queue: list[str] = []
     for _ in range(episodes):
@@ -96,18 +109,41 @@ def plan_episodes(counts: dict[str, int], episodes: int, episode_size: int, seed
         chosen: list[str] = []
         size = 0
         while len(chosen) < len(names):
-            if not queue:
-                fresh = [names[i] for i in rng.permutation(len(names))]
-                queue = [s for s in fresh if s not in chosen] + [s for s in fresh if s in chosen]
-            candidate = queue[0]
-            if candidate in chosen:
-                break
+            pick = next((i for i, s in enumerate(queue) if s not in chosen), None)
+            if pick is None:
+                fresh = _round(names, repeats, rng)
+                queue += [s for s in fresh if s not in chosen] + [s for s in fresh if s in chosen]
+                continue
+            candidate = queue[pick]
             if chosen and abs(size + counts[candidate] - episode_size) >= abs(size - episode_size):
                 break
-            chosen.append(queue.pop(0))
+            chosen.append(queue.pop(pick))
             size += counts[candidate]
         plan.append(chosen)
-    return EpisodePlan(plan, dict(counts), seed, episode_size)
+    return EpisodePlan(plan, dict(counts), seed, episode_size, dict(weights) if weights is not None else None)
+
+
+def _repeats(names: list[str], weights: dict[str, float] | None) -> "np.ndarray | None":
+    """Each shard's weight relative to the smallest (>= 1), or None when all are equal."""
+    if weights is None:
+        return None
+    values = np.array([float(weights[n]) for n in names])
+    if values.min() <= 0:
+        raise ValueError("shard weights must be positive")
+    relative = values / values.min()
+    return None if np.all(relative == 1.0) else relative
+
+
+def _round(names: list[str], repeats: "np.ndarray | None", rng: np.random.Generator) -> list[str]:
+    """One round of the queue: every shard ``floor(r)`` times plus once more with probability ``r - floor(r)``, shuffled."""
+    if repeats is None:
+        return [names[i] for i in rng.permutation(len(names))]
+    whole = np.floor(repeats).astype(int)
+    fraction = repeats - whole
+    if np.any(fraction > 0):
+        whole = whole + (rng.random(len(names)) < fraction)
+    pool = [name for name, n in zip(names, whole) for _ in range(n)]
+    return [pool[i] for i in rng.permutation(len(pool))]
 
 
 def steps_in_episode(plan: EpisodePlan, episode: int, world_size: int, workers: int, batch_size: int) -> int:
@@ -168,8 +204,9 @@ def episode_phase(config: TrainConfig, episode: int, use_teacher: bool) -> Phase
 
 
 def run_layout(config: TrainConfig, plan: EpisodePlan, world_size: int) -> RunLayout:
+    """Optimiser steps per episode: its batches per rank, in whole steps of ``optim.accum_freq`` micro-batches."""
     steps = [
-        steps_in_episode(plan, e, world_size, config.data.workers, config.data.batch_size)
+        steps_in_episode(plan, e, world_size, config.data.workers, config.data.batch_size) // config.optim.accum_freq
         for e in range(config.schedule.episodes)
     ]
     return RunLayout(steps, lit_start_episode(config))

@@ -26,7 +26,7 @@ from protoclip_cli.console import info, progress
 from protoclip_cli.core import distributed as dist_utils
 from protoclip_cli.core.distributed import resolve_device
 from protoclip_cli.data.pipeline import EpisodeStream, Position, StreamConfig, batches_to_skip, split_for_rank
-from protoclip_cli.data.teacher_file import teacher_rows
+from protoclip_cli.data.teacher_file import run_teacher_rows
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.runs import RunDir
@@ -41,6 +41,7 @@ from protoclip_cli.training.prototypes import (
     save_prototypes,
 )
 from protoclip_cli.training.single_pass import FeatureRecorder, OnlineLabels
+from protoclip_cli.training.step import Stepper, micro_batches
 
 
 def _autocast_factory(config: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -64,25 +65,6 @@ def sync_batchnorm(model: torch.nn.Module, which: str) -> int:
     return sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
 
 
-def backward(total: torch.Tensor, model: torch.nn.Module, world_size: int, mode: str) -> None:
-    """Backpropagate the global-batch loss ``total`` computed on this rank.
-
-    Every loss term covers the global batch (features gathered from all ranks), but its gradient
-    reaches only this rank's features, and DDP averages the ranks' gradients. 'reference' leaves it at
-    that, as the reference implementation does: the weights' gradient is 1/world size of the
-    global-batch loss's. 'global-batch' scales the loss by the world size, which makes it exactly the
-    gradient of one process seeing the whole global batch; the temperatures scale every rank's
-    logits, so their gradient is already the global one on each rank and is scaled back.
-    """
-    if mode == "global-batch" and world_size > 1:
-        (total * world_size).backward()
-        for scale in (model.logit_scale, model.logit_scale_proto):
-            if scale is not None and scale.grad is not None:
-                scale.grad.div_(world_size)
-    else:
-        total.backward()
-
-
 def _is_convolutional(arch: str) -> bool:
     lowered = arch.lower()
     return lowered.startswith("rn") or "convnext" in lowered
@@ -95,9 +77,10 @@ class Trainer:
     config: TrainConfig
     run_dir: Path
     plan: EpisodePlan
-    shard_paths: dict[str, Path]
-    teacher_path: Path | None
+    shard_paths: dict[str, Path]  # shard id (the plan's) -> path
+    teacher_paths: list[Path]  # one per data set of the run (data.datasets order); empty: no external teacher
     resume_from: Path | None = None
+    key_offsets: dict[str, int] = field(default_factory=dict)  # shard id -> offset of its keys (several data sets)
     stats: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,7 +104,7 @@ class Trainer:
         self.layout = run_layout(cfg, self.plan, self.world_size)
 
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, contrastive=cfg.loss.contrastive)
         if self.world_size > 1 and self.device.type == "cuda":
             sync_batchnorm(model, cfg.model.sync_batchnorm)
         model.to(self.device)
@@ -136,7 +119,8 @@ class Trainer:
             "visual": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, total, end_step=lit_step),
         }
         self.loss_fn = ProtoCLIPLoss(
-            cfg.loss.w_clip, cfg.loss.w_proto, cfg.loss.w_ext, cfg.loss.target_temperature, cfg.loss.pbt
+            cfg.loss.w_clip, cfg.loss.w_proto, cfg.loss.w_ext, cfg.loss.target_temperature, cfg.loss.pbt,
+            contrastive=cfg.loss.contrastive,
         )
         self.train_model: torch.nn.Module = model
         if self.world_size > 1:
@@ -154,6 +138,11 @@ class Trainer:
         # The extraction pass runs the bare model in eval mode; compiled for one batch shape when asked.
         self.extract_forward = torch.compile(model, dynamic=False) if compiled else model
         self.augmentation = device_augmentation(cfg.data.augmentation, model.image_size)
+        self.stepper = Stepper(
+            model, self.train_model, self.optimizer, self.loss_fn, self.autocast, self._model_input,
+            world_size=self.world_size, ddp_gradients=cfg.optim.ddp_gradients, grad_clip=cfg.optim.grad_clip,
+            no_sync=getattr(self.train_model, "no_sync", None),
+        )
         self.single_pass = cfg.proto.enabled and cfg.proto.single_pass
         self.stream = EpisodeStream(
             StreamConfig(
@@ -169,7 +158,9 @@ class Trainer:
                 shuffle_buffer=cfg.data.shuffle_buffer,
                 workers=cfg.data.workers,
                 # Single-pass labels a batch's teacher cluster online, from its teacher features.
-                teacher_path=str(self.teacher_path) if (self.single_pass and self.teacher_path) else "",
+                teacher_paths=tuple(str(p) for p in self.teacher_paths) if self.single_pass else (),
+                shard_ids={str(path): shard for shard, path in self.shard_paths.items()},
+                key_offsets={str(self.shard_paths[shard]): offset for shard, offset in self.key_offsets.items() if offset},
             ),
             pin_memory=self.device.type == "cuda",
         )
@@ -201,7 +192,7 @@ class Trainer:
         elif "loader" in state:
             self.position = Position.from_json(state["loader"][self.rank])
         else:  # a checkpoint of an older version: batches only, no record counts
-            given = batches_to_skip(self.stream.config.owed(episode), done)
+            given = batches_to_skip(self.stream.config.owed(episode), done * self.config.optim.accum_freq)
             self.position = Position(tuple(g * self.config.data.batch_size for g in given), tuple(given))
         if "recorded" in state and done > 0:
             self.recorder.restore(state["recorded"], self.device)
@@ -255,7 +246,7 @@ class Trainer:
 
     def _first_pass(self, episode: int) -> str:
         """'extract' when the episode clusters its own samples before training, else 'train'."""
-        phase = episode_phase(self.config, episode, self.teacher_path is not None)
+        phase = episode_phase(self.config, episode, bool(self.teacher_paths))
         if phase.use_proto and not self._prototype_path(episode).is_file():
             return "extract"
         return "train"
@@ -319,8 +310,8 @@ class Trainer:
                  source_episode: int | None = None) -> EpisodePrototypes:
         """k-means and PBT of ``features`` (this rank's rows of ``keys``), saved as the episode's prototypes."""
         cfg = self.config
-        if use_ext and self.teacher_path is not None:
-            features = {**features, "teacher": teacher_rows(self.teacher_path, keys).to(self.device)}
+        if use_ext and self.teacher_paths:
+            features = {**features, "teacher": run_teacher_rows(self.teacher_paths, keys).to(self.device)}
         prototypes = build_prototypes(episode, keys, features, cfg.proto, cfg.seed)
         prototypes.source_episode = source_episode
         if self.rank == 0:
@@ -332,7 +323,7 @@ class Trainer:
         """Whether this training pass records features for the prototypes of ``episode`` (single-pass)."""
         if not self.single_pass or episode >= self.config.schedule.episodes:
             return False
-        phase = episode_phase(self.config, episode, self.teacher_path is not None)
+        phase = episode_phase(self.config, episode, bool(self.teacher_paths))
         return phase.use_proto and not self._prototype_path(episode).is_file()
 
     def _check_finite(self, total: torch.Tensor) -> None:
@@ -348,32 +339,32 @@ class Trainer:
             # LiT: the image tower is frozen, BatchNorm statistics included.
             self.model.clip.visual.eval()
 
-    def _step(self, batch: dict, phase: Phase, prototypes: EpisodePrototypes | None, protos, online) -> tuple[dict, dict, dict]:
-        """One optimiser step on ``batch``; returns the loss terms, the model outputs and the learning rates."""
-        from protoclip_cli.core.optim import set_learning_rates
+    def _model_input(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's images (augmented and normalised on the device) and tokens."""
         from protoclip_cli.data.transforms import to_model_input
 
-        lrs = set_learning_rates(self.optimizer, self.global_step, self.schedules)
         images = to_model_input(
             batch["images"], self.model.image_mean, self.model.image_std, self.device,
             self.augmentation, batch.get("augment"), self.channels_last,
         )
-        tokens = batch["tokens"].to(self.device, non_blocking=True)
-        with self.autocast():
-            outputs = self.train_model(images, tokens)
-        labels = None
-        if protos is not None:
+        return images, batch["tokens"].to(self.device, non_blocking=True)
+
+    def _step(self, batches: list[dict], phase: Phase, prototypes: EpisodePrototypes | None, protos, online) -> tuple[dict, dict, dict]:
+        """One optimiser step on ``batches`` (its micro-batches); returns the loss terms, the outputs
+        of the whole step and the learning rates."""
+        from protoclip_cli.core.optim import set_learning_rates
+
+        lrs = set_learning_rates(self.optimizer, self.global_step, self.schedules)
+
+        def labeller(outputs: dict, step_batches: list[dict]) -> dict | None:
+            if protos is None:
+                return None
             if online is not None:
-                labels = online(outputs, batch.get("teacher"))
-            else:
-                labels = prototypes.lookup(batch["keys"].to(self.device))
-        terms = self.loss_fn(outputs, labels=labels, protos=protos, use_proto=phase.use_proto, use_ext=phase.use_ext)
-        self.optimizer.zero_grad(set_to_none=True)
-        backward(terms["total"], self.model, self.world_size, self.config.optim.ddp_gradients)
-        if self.config.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
-        self.optimizer.step()
-        self.model.clamp_temperatures()
+                teacher = [b["teacher"] for b in step_batches if "teacher" in b]
+                return online(outputs, torch.cat(teacher) if teacher else None)
+            return prototypes.lookup(torch.cat([b["keys"] for b in step_batches]).to(self.device))
+
+        terms, outputs = self.stepper.step(batches, phase, labeller, protos)
         return terms, outputs, lrs
 
     def _train_episode(self, episode: int, phase: Phase, prototypes: EpisodePrototypes | None, bar) -> float:
@@ -393,15 +384,18 @@ class Trainer:
         task = bar.add_task(f"episode {episode}: train ({phase.name})", total=steps, completed=done, rate="")
         start = time.perf_counter()
         window_start, window_samples = time.perf_counter(), 0
-        global_batch = cfg.data.batch_size * self.world_size
-        for batch in batches:
+        global_batch = cfg.data.batch_size * self.world_size * cfg.optim.accum_freq
+        for step_batches in micro_batches(batches, cfg.optim.accum_freq):
             if done >= steps:
                 break
-            self._count_broken(episode, int(batch["broken"]))
-            terms, outputs, lrs = self._step(batch, phase, prototypes, protos, online)
-            self.position = self.position.advanced(batch)
+            for batch in step_batches:
+                self._count_broken(episode, int(batch["broken"]))
+            terms, outputs, lrs = self._step(step_batches, phase, prototypes, protos, online)
+            for batch in step_batches:
+                self.position = self.position.advanced(batch)
             if record:
-                self.recorder.add(batch["keys"], outputs["image_proj"], outputs["text_proj"])
+                keys = torch.cat([batch["keys"] for batch in step_batches])
+                self.recorder.add(keys, outputs["image_proj"], outputs["text_proj"])
             self.global_step += 1
             done += 1
             window_samples += global_batch
@@ -444,14 +438,14 @@ class Trainer:
         start = time.perf_counter()
         keys, features = self.recorder.tensors()
         self.recorder.clear()
-        phase = episode_phase(self.config, episode, self.teacher_path is not None)
+        phase = episode_phase(self.config, episode, bool(self.teacher_paths))
         self._cluster(episode, keys, features, phase.use_ext, source_episode=episode - 1)
         return time.perf_counter() - start
 
     def fit(self) -> dict[str, Any]:
         """Train from ``start_episode`` to the end; returns a summary for the run manifest."""
         cfg = self.config
-        use_teacher = self.teacher_path is not None
+        use_teacher = bool(self.teacher_paths)
         with progress() as bar:
             if self.start_episode < cfg.schedule.episodes:
                 self._start(self.start_episode, self._first_pass(self.start_episode))
