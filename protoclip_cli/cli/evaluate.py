@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -48,6 +49,9 @@ def print_results(written: dict[str, dict]) -> None:
     out.print(table)
     for record in written.values():
         info(f"wrote {record['path']}")
+    folders = sorted({str(Path(p).parent) for record in written.values() for p in record.get("clip_benchmark", [])})
+    for folder in folders:
+        info(f"CLIP_benchmark records in {folder} (`clip_benchmark build {folder}` makes their CSV)")
 
 
 command = stage_command(

@@ -71,8 +71,11 @@ def linear_probe(
     train_x = image_features(model, train, cache_dir, batch_size, workers).to(model.device)
     test_x = image_features(model, test, cache_dir, batch_size, workers).to(model.device)
     result = fit_and_score(train_x, train_y, test_x, test_y, weight_decays=weight_decays, method=method, seed=seed)
+    metrics = {"top1": result.top1, "mean_per_class_recall": result.mean_per_class_recall}
+    if result.top5 is not None:
+        metrics["top5"] = result.top5
     return {
-        "metrics": {"top1": round(100.0 * result.top1, 4)},
+        "metrics": _percent(metrics),
         "weight_decay": result.weight_decay,
         "validation_top1": {str(wd): round(100.0 * v, 4) for wd, v in result.validation_top1.items()},
         "train_images": result.train_size,

@@ -4,7 +4,8 @@ The model is a run of this project (its latest or a named checkpoint) or an Open
 Results go to ``runs/<run>/eval/<name>.json`` (``<workspace>/eval/<model>/`` for OpenCLIP
 checkpoints), one file per task, and ``eval/manifest.json`` lists them all. ``<name>`` is the task
 as given (``zeroshot``, ``imagenet-zeroshot``), with ``-<dataset>`` added when ``--dataset`` names
-another data set than the default one.
+another data set than the default one. Every result is also written in CLIP_benchmark's schema to
+``eval/clip_benchmark/`` (``evaluation/results.py``), which ``clip_benchmark build`` collects.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from protoclip_cli import __version__
-from protoclip_cli.artifacts import MANIFEST, write_json, write_manifest
+from protoclip_cli.artifacts import MANIFEST, write_manifest
 from protoclip_cli.config import ConfigError, option, require, to_dict
 from protoclip_cli.console import info
 from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.evaluation.results import write_result
 from protoclip_cli.workspace import Workspace, slugify
 
 BASE_TASKS = ("zeroshot", "linear-probe", "retrieval", "clustering", "modality-gap")
@@ -215,14 +217,15 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
             "name": name,
             "dataset": data.get(dataset).name if task != "linear-probe" else
             f"{data.get(dataset, 'train').name} -> {data.get(dataset).name}",
+            "data": data.get(dataset).name,
             "model": {"name": model.name, **{k: v for k, v in model.info.items()}},
             "protoclip_version": __version__,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **result,
         }
         path = _result_path(config, eval_dir, name)
-        write_json(path, record)
-        written[name] = {"path": str(path), **record}
+        benchmark_files = write_result(path, record)
+        written[name] = {"path": str(path), "clip_benchmark": [str(p) for p in benchmark_files], **record}
     return _record_manifest(eval_dir, config, model, written)
 
 
