@@ -52,6 +52,11 @@ def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
     from protoclip_cli.training.episodes import shard_keys, shard_sample_count
 
     warn_about_recipe(config)
+    if config.logging.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ProtoclipError("logging.wandb is on but wandb is not installed; `pip install wandb`, or set logging.wandb = false.")
     name = config.data.dataset
     shards = workspace.shards(name, config.data.split)  # raises, naming `protoclip download`
     if not shards:
