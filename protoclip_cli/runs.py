@@ -14,6 +14,7 @@ docs/training.md); the formats of the files are their writers' (``training/check
     eval/<task>.json, eval/cache/  evaluate's results and cached features
     cluster/episode-<n>/           cluster's report on episode n
     export/<run>-<arch>.pt         export's OpenCLIP checkpoint
+    export/<run>-<arch>-hf/        export's OpenCLIP hub folder (open_clip_config.json, weights, README.md)
 
 :func:`resolve` is the one way every stage turns a target (a run name, a run folder or a
 checkpoint file) into a :class:`ResolvedRun`.
@@ -120,6 +121,10 @@ class RunDir:
 
     def export_file(self, arch: str) -> Path:
         return self.path / "export" / f"{self.name}-{arch}.pt"
+
+    def hub_export_dir(self, arch: str) -> Path:
+        """export's OpenCLIP hub folder (``--format hf``)."""
+        return self.path / "export" / f"{self.name}-{arch}-hf"
 
     def training_state(self) -> list[Path]:
         """What a fresh start of the run deletes: checkpoints, episodes, metrics, TensorBoard events and
