@@ -48,10 +48,12 @@ def print_results(written: dict[str, dict]) -> None:
             table.add_row(name if i == 0 else "", record["dataset"] if i == 0 else "", metric, f"{value:.4f}")
     out.print(table)
     for record in written.values():
-        info(f"wrote {record['path']}")
+        info(f"wrote {record['path']}", soft_wrap=True)
+        for plot in record.get("plots", []):
+            info(f"plot {plot}", soft_wrap=True)
     folders = sorted({str(Path(p).parent) for record in written.values() for p in record.get("clip_benchmark", [])})
     for folder in folders:
-        info(f"CLIP_benchmark records in {folder} (`clip_benchmark build {folder}` makes their CSV)")
+        info(f"CLIP_benchmark records in {folder} (`clip_benchmark build {folder}` makes their CSV)", soft_wrap=True)
 
 
 command = stage_command(

@@ -24,12 +24,17 @@ def _require_labels(data: ImageSet, task: str) -> np.ndarray:
     return data.labels
 
 
+TOPK_CURVE = 10  # the zero-shot top-k curve goes up to k = 10 (or the number of classes)
+
+
 def zeroshot(
-    model: EvalModel, data: ImageSet, templates: Sequence | None, cache_dir: Path | None, batch_size: int, workers: int
+    model: EvalModel, data: ImageSet, templates: Sequence | None, cache_dir: Path | None, batch_size: int, workers: int,
+    figures: dict | None = None,
 ) -> dict:
-    """Top-1/top-5 accuracy of classifying ``data`` by its class names put into ``templates``."""
+    """Top-1/top-5 accuracy of classifying ``data`` by its class names put into ``templates``, the
+    top-k curve, and (into ``figures``, when given) the image features, labels and class scores."""
     from protoclip_cli.evaluation import imagenet
-    from protoclip_cli.evaluation.zeroshot import class_embeddings, prompts_for, zeroshot_scores
+    from protoclip_cli.evaluation.zeroshot import class_embeddings, prompts_for, topk_accuracy, zeroshot_scores
 
     labels = _require_labels(data, "zero-shot classification")
     templates = list(templates or data.templates or imagenet.templates())
@@ -38,8 +43,13 @@ def zeroshot(
     prompt_features = text_features(model, prompts, f"{data.name}-prompts", cache_dir)
     classes = class_embeddings(lambda texts: prompt_features, data.classnames, templates)
     metrics = _percent(zeroshot_scores(images, classes, torch.from_numpy(labels), ks=(1, 5)))
+    scores = torch.nn.functional.normalize(images.float(), dim=-1) @ torch.nn.functional.normalize(classes.float(), dim=-1).T
+    curve = topk_accuracy(scores, torch.from_numpy(labels), ks=range(1, min(TOPK_CURVE, len(data.classnames)) + 1))
+    if figures is not None:
+        figures.update(features=images, labels=labels, scores=scores)
     return {
         "metrics": metrics,
+        "topk_curve": {k[3:]: v for k, v in _percent(curve).items()},
         "images": data.size,
         "classes": len(data.classnames),
         "templates": len(templates),
@@ -93,11 +103,15 @@ def _pairs(model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size:
     return images, captions, owners
 
 
-def retrieval(model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size: int, workers: int) -> dict:
-    """Image-text recall@1/5/10 both ways and their mean."""
+def retrieval(
+    model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size: int, workers: int, figures: dict | None = None
+) -> dict:
+    """Image-text recall@1/5/10 both ways and their mean (features into ``figures``, when given)."""
     from protoclip_cli.evaluation.retrieval import retrieval_recall
 
     images, captions, owners = _pairs(model, data, cache_dir, batch_size, workers)
+    if figures is not None:
+        figures.update(features=images, captions=captions, owners=owners)
     return {
         "metrics": _percent(retrieval_recall(images, captions, owners, ks=(1, 5, 10))),
         "images": data.size,
@@ -114,7 +128,8 @@ def modality_gap(model: EvalModel, data: ImageSet, cache_dir: Path | None, batch
 
 
 def clustering(
-    model: EvalModel, data: ImageSet, k: int, cache_dir: Path | None, batch_size: int, workers: int, seed: int
+    model: EvalModel, data: ImageSet, k: int, cache_dir: Path | None, batch_size: int, workers: int, seed: int,
+    figures: dict | None = None,
 ) -> dict:
     """k-means of the image features against the ground-truth classes: ARI, AMI, purity."""
     from protoclip_cli.core.kmeans import kmeans
@@ -127,6 +142,8 @@ def clustering(
     features = image_features(model, data, cache_dir, batch_size, workers)
     result = kmeans(features.to(model.device), k, iterations=50, restarts=3, seed=seed, distributed=False)
     scores = agreement(result.labels.cpu().numpy(), labels)
+    if figures is not None:
+        figures.update(features=features, labels=labels, clusters=result.labels.cpu().numpy())
     return {
         "metrics": {"ari": scores["ari"], "ami": scores["ami"], "purity": round(100.0 * scores["purity"], 4)},
         "images": data.size,

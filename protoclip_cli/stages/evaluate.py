@@ -60,6 +60,8 @@ class EvaluateConfig:
         (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), "Weight decays tried on the linear probe's validation split."
     )
     seed: int = option(0, "Seed of the validation split and of k-means.")
+    plots: bool = option(True, "Write PNG plots next to each result (curves, t-SNE maps, sample grids) and print their paths.")
+    tsne_points: int = option(1000, "Image features in each t-SNE map (a seeded sample; 0 = no t-SNE).")
 
     def __post_init__(self) -> None:
         base_tasks, dataset, _ = parse_task(self.task, self.dataset)
@@ -81,6 +83,7 @@ class EvaluateConfig:
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}.")
         require(self.workers >= 0, f"--workers must be 0 (decode in this process) or more, got {self.workers}.")
         require(self.clusters >= 0, f"--clusters must be 0 (the number of classes) or more, got {self.clusters}.")
+        require(self.tsne_points >= 0, f"--tsne-points must be 0 (no t-SNE) or more, got {self.tsne_points}.")
 
 
 def parse_task(task: str, dataset: str) -> tuple[list[str], str, str]:
@@ -174,24 +177,26 @@ def _default_dataset(model, workspace: Workspace) -> str:
     return workspace.resolve_dataset(None)
 
 
-def _run_task(task: str, dataset: str, model, data: _Data, config: EvaluateConfig, cache_dir: Path | None) -> dict:
+def _run_task(
+    task: str, dataset: str, model, data: _Data, config: EvaluateConfig, cache_dir: Path | None, figures: dict | None
+) -> dict:
     from protoclip_cli.evaluation import tasks
     from protoclip_cli.evaluation.datasets import read_templates
 
     common = dict(cache_dir=cache_dir, batch_size=config.batch_size, workers=config.workers)
     if task == "zeroshot":
         templates = read_templates(config.templates) if config.templates else None
-        return tasks.zeroshot(model, data.get(dataset), templates, **common)
+        return tasks.zeroshot(model, data.get(dataset), templates, figures=figures, **common)
     if task == "linear-probe":
         return tasks.linear_probe(
             model, data.get(dataset, "train"), data.get(dataset), method=config.probe_method,
             weight_decays=config.probe_weight_decays, seed=config.seed, **common,
         )
     if task == "retrieval":
-        return tasks.retrieval(model, data.get(dataset), **common)
+        return tasks.retrieval(model, data.get(dataset), figures=figures, **common)
     if task == "modality-gap":
         return tasks.modality_gap(model, data.get(dataset), **common)
-    return tasks.clustering(model, data.get(dataset), config.clusters, seed=config.seed, **common)
+    return tasks.clustering(model, data.get(dataset), config.clusters, seed=config.seed, figures=figures, **common)
 
 
 def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
@@ -208,22 +213,31 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
     default_dataset = dataset if dataset in EXTERNAL else (dataset or _default_dataset(model, workspace))
     data = _Data(config, workspace, default_dataset)
 
+    drawer = None
+    if config.plots:
+        from protoclip_cli.evaluation.result_plots import ResultPlots
+
+        drawer = ResultPlots(model.name, model.image_size, config.tsne_points, config.seed)
     written: dict[str, dict] = {}
     for task in base_tasks:
         name = preset or (task if not config.dataset else f"{task}-{slugify(config.dataset)}")
-        result = _run_task(task, dataset, model, data, config, cache_dir)
+        figures: dict = {}
+        result = _run_task(task, dataset, model, data, config, cache_dir, figures)
+        test_set = data.get(dataset).name
+        described = test_set if task != "linear-probe" else f"{data.get(dataset, 'train').name} -> {test_set}"
         record = {
             "task": task,
             "name": name,
-            "dataset": data.get(dataset).name if task != "linear-probe" else
-            f"{data.get(dataset, 'train').name} -> {data.get(dataset).name}",
-            "data": data.get(dataset).name,
+            "dataset": described,
+            "data": test_set,
             "model": {"name": model.name, **{k: v for k, v in model.info.items()}},
             "protoclip_version": __version__,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **result,
         }
         path = _result_path(config, eval_dir, name)
+        if drawer is not None:
+            record["plots"] = [str(p) for p in drawer.write(path.with_suffix(""), task, record, data.get(dataset), figures)]
         benchmark_files = write_result(path, record)
         written[name] = {"path": str(path), "clip_benchmark": [str(p) for p in benchmark_files], **record}
     return _record_manifest(eval_dir, config, model, written)
