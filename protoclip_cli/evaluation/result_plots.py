@@ -1,7 +1,7 @@
 """The plots of ``evaluate``'s results, written next to each result's JSON and listed in its record.
 
 ``<result>.png``: the zero-shot top-k curve, the linear probe's validation top-1 per weight decay,
-or retrieval recall@k both ways.
+retrieval recall@k both ways, or the zero-shot suite's top-1 per data set with their mean.
 ``<result>-tsne.png``: t-SNE of (a seeded sample of) the image features coloured by true class and
 by zero-shot prediction or k-means cluster. ``<result>-samples.png``: images with their true and
 predicted class (green when right, red when wrong). Figures are drawn by :mod:`plots`.
@@ -58,6 +58,11 @@ class ResultPlots:
             ))  # fmt: skip
         elif task == "clustering":
             written += self._tsne(stem, data, figures, {"class": figures["labels"], "k-means cluster": figures["clusters"]}, title)
+        elif task == "zeroshot-suite":
+            top1 = {m["suite"]: m["metrics"]["top1"] for m in result["members"] if m["task"] == "zeroshot"}
+            if top1:
+                written.append(plots.bars_png(stem.with_suffix(".png"), top1, "zero-shot top-1 (%)",
+                                              f"{title}: zero-shot suite", mean_label="mean"))  # fmt: skip
         return written
 
     def _tsne(self, stem: Path, data: ImageSet, figures: dict, colourings: dict, title: str) -> list[Path]:

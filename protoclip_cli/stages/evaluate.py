@@ -24,7 +24,10 @@ from protoclip_cli.evaluation.results import write_result
 from protoclip_cli.workspace import Workspace, slugify
 
 BASE_TASKS = ("zeroshot", "linear-probe", "retrieval", "clustering", "modality-gap")
-TASKS = BASE_TASKS + ("all",)
+SUITE_TASK = "zeroshot-suite"  # the reference's ten zero-shot data sets and COCO retrieval, under --root
+TASKS = BASE_TASKS + ("all", SUITE_TASK)
+SUITE_DATASETS = ("imagenet", "cifar10", "cifar100", "stl10", "birdsnap", "country211", "flowers102", "gtsrb",
+                  "stanford_cars", "ucf101", "coco")  # fmt: skip
 # Data sets a preset task name may start with ("imagenet-zeroshot"); "synthetic" = the default one.
 PRESET_DATASETS = ("imagenet", "cifar10", "cifar100", "stl10", "coco", "flickr30k", "synthetic")
 EXTERNAL = ("imagenet", "cifar10", "cifar100", "stl10", "coco", "flickr30k", "folder", "webdataset")
@@ -62,8 +65,17 @@ class EvaluateConfig:
     seed: int = option(0, "Seed of the validation split and of k-means.")
     plots: bool = option(True, "Write PNG plots next to each result (curves, t-SNE maps, sample grids) and print their paths.")
     tsne_points: int = option(1000, "Image features in each t-SNE map (a seeded sample; 0 = no t-SNE).")
+    suite_datasets: tuple[str, ...] = option(
+        (), f"Data sets of --task {SUITE_TASK} (default: every one found under --root): {', '.join(SUITE_DATASETS)}."
+    )
 
     def __post_init__(self) -> None:
+        if self.task == SUITE_TASK:
+            require(bool(self.root), f"--task {SUITE_TASK} needs --root: the folder holding its data sets (see docs/evaluation.md).")
+            require(not self.dataset, f"--task {SUITE_TASK} finds its data sets under --root; drop --dataset {self.dataset}.")
+        unknown = [name for name in self.suite_datasets if name not in SUITE_DATASETS]
+        require(not unknown, f"--suite-datasets {unknown[0] if unknown else ''} is not one of {', '.join(SUITE_DATASETS)}.")
+        require(not self.suite_datasets or self.task == SUITE_TASK, f"--suite-datasets applies to --task {SUITE_TASK} only.")
         base_tasks, dataset, _ = parse_task(self.task, self.dataset)
         require(self.probe_method in ("lbfgs", "adam"), f"--probe-method {self.probe_method} is not lbfgs or adam.")
         require(
@@ -184,6 +196,10 @@ def _run_task(
     from protoclip_cli.evaluation.datasets import read_templates
 
     common = dict(cache_dir=cache_dir, batch_size=config.batch_size, workers=config.workers)
+    if task == SUITE_TASK:
+        from protoclip_cli.evaluation.suite import run_suite
+
+        return run_suite(model, config.root, config.suite_datasets, **common)
     if task == "zeroshot":
         templates = read_templates(config.templates) if config.templates else None
         return tasks.zeroshot(model, data.get(dataset), templates, figures=figures, **common)
@@ -210,7 +226,8 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
     info(f"Evaluating {model.name} on {model.device}.")
     eval_dir = RunDir(model.run_dir).eval_dir if model.run_dir else workspace.eval_dir(model.name.replace("@", "-"))
     cache_dir = eval_dir / "cache" if config.cache else None
-    default_dataset = dataset if dataset in EXTERNAL else (dataset or _default_dataset(model, workspace))
+    external = dataset in EXTERNAL or config.task == SUITE_TASK  # the suite reads only --root
+    default_dataset = dataset if external else (dataset or _default_dataset(model, workspace))
     data = _Data(config, workspace, default_dataset)
 
     drawer = None
@@ -223,8 +240,11 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
         name = preset or (task if not config.dataset else f"{task}-{slugify(config.dataset)}")
         figures: dict = {}
         result = _run_task(task, dataset, model, data, config, cache_dir, figures)
-        test_set = data.get(dataset).name
-        described = test_set if task != "linear-probe" else f"{data.get(dataset, 'train').name} -> {test_set}"
+        if task == SUITE_TASK:
+            described, test_set = f"{len(result['members'])} data sets under {config.root}", SUITE_TASK
+        else:
+            test_set = data.get(dataset).name
+            described = test_set if task != "linear-probe" else f"{data.get(dataset, 'train').name} -> {test_set}"
         record = {
             "task": task,
             "name": name,
@@ -237,7 +257,8 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
         }
         path = _result_path(config, eval_dir, name)
         if drawer is not None:
-            record["plots"] = [str(p) for p in drawer.write(path.with_suffix(""), task, record, data.get(dataset), figures)]
+            test_data = None if task == SUITE_TASK else data.get(dataset)
+            record["plots"] = [str(p) for p in drawer.write(path.with_suffix(""), task, record, test_data, figures)]
         benchmark_files = write_result(path, record)
         written[name] = {"path": str(path), "clip_benchmark": [str(p) for p in benchmark_files], **record}
     return _record_manifest(eval_dir, config, model, written)
