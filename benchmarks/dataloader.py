@@ -163,11 +163,9 @@ def time_device_augmentation(args: argparse.Namespace, batches: list[dict]) -> d
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from train_step import machine_info, resolve_device
+    from train_step import machine_info, prepare_device
 
-    device = resolve_device(args.device)
+    device = prepare_device(args)
     loader, batches = time_loader(args)
     device_part = time_device_augmentation(args, batches)
     record = {

@@ -278,9 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from train_step import machine_info, resolve_device
+    from train_step import machine_info, prepare_device
 
-    device = resolve_device(args.device)
+    device = prepare_device(args)
     device_name = "cuda" if device.type == "cuda" else "cpu"
     workspace = make_dataset(args)
     if args.prepare_only:

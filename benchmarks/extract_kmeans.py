@@ -206,6 +206,7 @@ def time_pbt(labels: torch.Tensor, args: argparse.Namespace, device: torch.devic
 def time_episode(args: argparse.Namespace, device: torch.device) -> dict:
     """The trainer's whole per-episode clustering (``build_prototypes``) on random features."""
     from protoclip_cli.core.kmeans import resolve_backend
+    from protoclip_cli.recipes import ProtoConfig
     from protoclip_cli.training.prototypes import build_prototypes
 
     features = {
@@ -216,9 +217,10 @@ def time_episode(args: argparse.Namespace, device: torch.device) -> dict:
         features["teacher"] = random_features(args.n, args.teacher_dim, device, seed=args.seed + 5)
     keys = torch.arange(args.n, dtype=torch.int64)
     backend = resolve_backend(args.episode_backend, device, distributed=False)
+    proto = ProtoConfig(k=args.k, teacher_k=args.k, iterations=args.iterations, restarts=args.restarts, backend=backend)
     warm_up_kmeans(backend, device, args.d)
     prototypes, seconds = timed(
-        lambda: build_prototypes(0, keys, features, args.k, args.k, args.iterations, args.restarts, args.seed, backend),
+        lambda: build_prototypes(0, keys, features, proto, args.seed),
         device,
     )
     return {

@@ -43,6 +43,11 @@ class ModelConfig:
     projection_n_layers: int = option(1, "Hidden Linear-BatchNorm-ReLU blocks per head (0: one Linear).")
     compile: bool = option(False, "torch.compile the model (CUDA only).")
     channels_last: bool = option(True, "channels_last memory format for convolutional image towers on CUDA.")
+    sync_batchnorm: Literal["none", "heads", "all"] = option(
+        "none",
+        "Under DDP on CUDA, which BatchNorm layers normalise over the global batch: 'none' (per GPU, as the "
+        "reference), 'heads' (the projection heads'), 'all' (also the image tower's). CPU runs keep them per process.",
+    )
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,10 @@ class ProtoConfig:
     init: Literal["random", "kmeans++"] = option(
         "random", "k-means initialisation: random points (reference) or k-means++ (better for small k, k sequential steps)."
     )
-    backend: Literal["auto", "torch", "faiss"] = option("auto", "k-means backend; auto: torch on CUDA, else faiss.")
+    backend: Literal["auto", "torch", "faiss"] = option(
+        "auto", "k-means backend; auto = torch (CPU, CUDA, across ranks: seeded CPU runs repeat bit for bit); "
+        "faiss: one process, its results vary with its BLAS threads and CPU kernels."
+    )
     teacher: str = option(
         "", "External teacher: model slug of datasets/<dataset>/teacher/<slug>.h5 ('' = no external teacher)."
     )
@@ -84,6 +92,12 @@ class OptimConfig:
     beta2: float = option(0.999, "AdamW beta2.")
     eps: float = option(1e-8, "AdamW epsilon.")
     grad_clip: float = option(10.0, "Gradient-norm clipping (0 = off).")
+    ddp_gradients: Literal["reference", "global-batch"] = option(
+        "reference",
+        "Gradients under DDP: 'reference' = DDP's mean over ranks of each rank's gradient of the global-batch "
+        "loss, as the reference (feature gradients 1/world size of the global-batch loss's); 'global-batch' = "
+        "the gradient one process with the whole global batch would get, whatever the world size.",
+    )
 
 
 @dataclass(frozen=True)
@@ -94,7 +108,8 @@ class ScheduleConfig:
     lit_start_episode: int = option(
         -1,
         "Episode (0-based) from which the image tower is locked (lr 0) and only the CLIP loss is used. "
-        "-1: the last episode; a value >= episodes turns the LiT finish off.",
+        "Negative counts from the end: -1 the last episode, -2 the last two (the reference's "
+        "--lit-start-epoch 99 of 100); a value >= episodes turns the LiT finish off.",
     )
 
 

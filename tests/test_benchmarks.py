@@ -131,7 +131,7 @@ def test_extract_kmeans_reports_extraction_kmeans_pbt_and_episode(extract_kmeans
     assert record["pbt"]["nonzero_means"] == k
     episode = record["episode"]
     assert (episode["clusterings"], episode["restarts"], episode["pbt_means"]) == (3, 1, 4)
-    assert episode["backend"] == "faiss"
+    assert episode["backend"] == "torch"  # the recipe default (auto) on CPU
     assert episode["extraction_seconds"] == pytest.approx(n / extraction["samples_per_s"])
     assert episode["overhead_seconds"] == pytest.approx(episode["extraction_seconds"] + episode["seconds"])
     assert "k-means torch" in stdout and "episode overhead" in stdout

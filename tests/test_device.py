@@ -41,3 +41,22 @@ def test_init_distributed_outside_torchrun_does_nothing(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_distributed("cpu") is False
     assert not torch.distributed.is_initialized()
+
+
+def test_one_process_started_by_torchrun_joins_a_process_group(monkeypatch):
+    """torchrun --nproc_per_node 1 goes through the same start-up as more processes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        assert init_distributed("cpu") is True
+        assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+        assert init_distributed("cpu") is False  # already joined
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

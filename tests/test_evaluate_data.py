@@ -98,7 +98,7 @@ def test_imagenet_zeroshot_task_embeds_1000_by_80_prompts(fake_imagenet, tiny_op
     result = tasks.zeroshot(model, imagenet(fake_imagenet), None, tmp_path, batch_size=4, workers=0)
     assert model.clip.texts_seen == 80_000
     assert result["classes"] == 1000 and result["templates"] == 80 and result["images"] == 9
-    assert set(result["metrics"]) == {"top1", "top5"}
+    assert set(result["metrics"]) == {"top1", "top5", "mean_per_class_recall"}
     # Cached: the second call embeds nothing.
     tasks.zeroshot(model, imagenet(fake_imagenet), None, tmp_path, batch_size=4, workers=0)
     assert model.clip.texts_seen == 80_000
@@ -157,7 +157,7 @@ def test_cli_folder_tasks_write_results(folder_set, tiny_open_clip, tmp_path):
     assert written == ["clustering-folder.json", "linear-probe-folder.json", "manifest.json", "zeroshot-folder.json"]
     zeroshot = json.loads((eval_dir / "zeroshot-folder.json").read_text())
     assert zeroshot["classes"] == 3 and zeroshot["templates"] == 2 and zeroshot["images"] == 12
-    assert set(zeroshot["metrics"]) == {"top1"}  # top-5 of 3 classes is skipped
+    assert set(zeroshot["metrics"]) == {"top1", "mean_per_class_recall"}  # top-5 of 3 classes is skipped
     correct = zeroshot["metrics"]["top1"] * 12 / 100
     assert abs(correct - round(correct)) < 1e-3 and 0 <= round(correct) <= 12
     probe = json.loads((eval_dir / "linear-probe-folder.json").read_text())
@@ -200,3 +200,98 @@ def test_run_without_checkpoint_is_a_clear_error(tmp_path):
     result = _cli("evaluate", "empty-run", "--task", "zeroshot", "--workspace", str(tmp_path / "ws"))
     assert result.exit_code == 1
     assert "error: Run " in result.output and "has no checkpoint yet; train it first" in " ".join(result.output.split())
+
+
+def _torchvision_files(root: Path, name: str, classes: list[str], count: int, seed: int) -> None:
+    """CIFAR-10/100 or STL-10 test files in torchvision's formats (pickles; STL-10 binaries)."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(classes), count)
+    if name == "stl10":
+        folder = root / "stl10_binary"
+        folder.mkdir(parents=True)
+        rng.integers(0, 255, (count, 3, 96, 96), dtype=np.uint8).tofile(folder / "test_X.bin")
+        (labels + 1).astype(np.uint8).tofile(folder / "test_y.bin")  # STL-10 labels are 1-based on disk
+        (folder / "class_names.txt").write_text("\n".join(classes) + "\n")
+        return
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    data = rng.integers(0, 255, (count, 3072), dtype=np.uint8)
+    label_key, names_key = ("labels", "label_names") if name == "cifar10" else ("fine_labels", "fine_label_names")
+    with open(folder / ("test_batch" if name == "cifar10" else "test"), "wb") as f:
+        pickle.dump({"data": data, label_key: labels.tolist()}, f)
+    with open(folder / ("batches.meta" if name == "cifar10" else "meta"), "wb") as f:
+        pickle.dump({names_key: classes}, f)
+
+
+@pytest.fixture
+def official_files_accepted(monkeypatch):
+    """torchvision checks the md5 of the official archives; these small files stand in for them."""
+    import torchvision.datasets.cifar as cifar
+    import torchvision.datasets.stl10 as stl10
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    monkeypatch.setattr(stl10, "check_integrity", lambda *args, **kwargs: True)
+
+
+@pytest.mark.parametrize(
+    "name, classes, templates, some_prompts",
+    [
+        ("cifar10", 10, 18, {0: "a photo of a airplane.", 17: "a photo of the big airplane.", 179: "a photo of the big truck."}),
+        ("cifar100", 100, 18, {17: "a photo of the big apple.", 29: "a black and white photo of the aquarium fish."}),
+        ("stl10", 10, 2, {0: "a photo of a airplane.", 1: "a photo of the airplane.", 15: "a photo of the monkey."}),
+    ],
+)
+def test_cifar_and_stl_zeroshot_prompt_their_own_templates_times_class_names(
+    name, classes, templates, some_prompts, official_files_accepted, tiny_open_clip, tmp_path
+):
+    from protoclip_cli.evaluation import tasks
+    from protoclip_cli.evaluation.datasets import torchvision_set
+    from protoclip_cli.evaluation.models import load_open_clip
+    from protoclip_cli.evaluation.prompts import CLASSNAMES, TEMPLATES
+
+    on_disk = [c.replace(" ", "_") for c in CLASSNAMES[name]]  # as the official meta files spell them
+    _torchvision_files(tmp_path / "data", name, on_disk, count=6, seed=classes)
+    data = torchvision_set(name, tmp_path / "data", train=False)
+    model = load_open_clip("protoclip-tiny", str(tiny_open_clip), "cpu")
+    seen: list[str] = []
+    encode = model.encode_texts
+    model.encode_texts = lambda texts: (seen.extend(texts), encode(texts))[1]
+    result = tasks.zeroshot(model, data, None, None, batch_size=4, workers=0)
+
+    assert len(CLASSNAMES[name]) == classes and len(TEMPLATES[name]) == templates
+    assert seen == [t.format(c) for c in CLASSNAMES[name] for t in TEMPLATES[name]]
+    assert {i: seen[i] for i in some_prompts} == some_prompts
+    assert (result["templates"], result["templates_from"], result["classes"]) == (templates, "dataset", classes)
+
+
+def test_torchvision_set_with_another_class_list_is_refused(official_files_accepted, tmp_path):
+    from protoclip_cli.evaluation.datasets import torchvision_set
+
+    _torchvision_files(tmp_path, "cifar10", ["cat", "dog"], count=4, seed=0)
+    with pytest.raises(ProtoclipError, match="is not cifar10's"):
+        torchvision_set("cifar10", tmp_path, train=False)
+
+
+def test_cli_reference_protocol_results_name_their_protocol(folder_set, tiny_open_clip, tmp_path):
+    common = ["evaluate", "--open-clip", "protoclip-tiny", "--pretrained", str(tiny_open_clip), "--dataset", "folder",
+              "--root", str(folder_set), "--workers", "0", "--workspace", str(tmp_path / "ws")]
+    for task in ("linear-probe", "clustering"):
+        assert _cli(*common, "--task", task).exit_code == 0
+        result = _cli(*common, "--task", task, "--protocol", "reference")
+        assert result.exit_code == 0, result.output
+    eval_dir = tmp_path / "ws" / "eval" / "protoclip-tiny-tiny.pt"
+    default = json.loads((eval_dir / "linear-probe-folder.json").read_text())
+    reference = json.loads((eval_dir / "linear-probe-reference-folder.json").read_text())
+    assert (default["protocol"], default["features"], default["method"]) == ("default", "normalised", "lbfgs")
+    assert (reference["protocol"], reference["features"], reference["method"]) == ("reference", "raw", "sgd")
+    per_epoch = reference["test_top1_per_epoch"]
+    assert reference["epochs"] == len(per_epoch) == 100
+    assert reference["metrics"]["top1"] == max(per_epoch) == per_epoch[reference["best_epoch"] - 1]
+    clusters = json.loads((eval_dir / "clustering-folder.json").read_text())
+    clusters_ref = json.loads((eval_dir / "clustering-reference-folder.json").read_text())
+    assert (clusters["protocol"], clusters["iterations"], clusters["restarts"]) == ("default", 50, 3)
+    assert (clusters_ref["protocol"], clusters_ref["iterations"], clusters_ref["restarts"]) == ("reference", 100, 5)
+    manifest = json.loads((eval_dir / "manifest.json").read_text())
+    assert {"linear-probe-folder", "linear-probe-reference-folder", "clustering-reference-folder"} <= set(manifest["results"])

@@ -176,7 +176,9 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_backend_resolution():
-    assert resolve_backend("auto", torch.device("cpu"), distributed=False) == "faiss"
+    # torch on CPU too: faiss's distances depend on its BLAS threads and kernels (machine-dependent).
+    assert resolve_backend("auto", torch.device("cpu"), distributed=False) == "torch"
+    assert resolve_backend("faiss", torch.device("cpu"), distributed=False) == "faiss"
     assert resolve_backend("auto", torch.device("cuda", 0), distributed=False) == "torch"
     assert resolve_backend("auto", torch.device("cpu"), distributed=True) == "torch"
     assert resolve_backend("torch", torch.device("cpu"), distributed=False) == "torch"
@@ -250,3 +252,23 @@ def test_cuda_matches_cpu_and_stays_on_the_device():
     by_faiss = kmeans(x.cuda(), 8, iterations=10, restarts=2, seed=0, backend="faiss", init="kmeans++")
     assert by_faiss.labels.is_cuda
     assert adjusted_rand_score(truth.numpy(), by_faiss.labels.cpu().numpy()) == pytest.approx(1.0)
+
+
+def test_torch_backend_does_not_depend_on_the_thread_count():
+    # The default CPU backend: its labels, centroids and objective must not change with the number of
+    # threads (machines differ in cores), so a seeded run repeats bit for bit (test_train.py).
+    gen = torch.Generator().manual_seed(21)
+    centres = torch.randn(40, 64, generator=gen)
+    noisy = centres[torch.randint(0, 40, (6000,), generator=gen)] + 1.5 * torch.randn(6000, 64, generator=gen)
+    x = torch.nn.functional.normalize(noisy, dim=1)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(kmeans(x, 50, iterations=10, restarts=2, seed=5, backend="auto"))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert torch.equal(other.labels, results[0].labels) and torch.equal(other.centroids, results[0].centroids)
+        assert other.objective == results[0].objective and other.history == results[0].history

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from protoclip_cli.evaluation.clustering import agreement, purity, size_histogram, size_summary
-from protoclip_cli.evaluation.linear_probe import linear_probe
+from protoclip_cli.evaluation.linear_probe import linear_probe, reference_linear_probe
 from protoclip_cli.evaluation.modality import modality_gap
 from protoclip_cli.evaluation.retrieval import retrieval_recall
 from protoclip_cli.evaluation.zeroshot import class_embeddings, topk_accuracy, zeroshot_scores
@@ -179,3 +179,67 @@ def test_linear_probe_picks_weight_decay_on_validation():
     result = linear_probe(x[:150], y[:150], x[150:], y[150:], weight_decays=(1e-3, 1e3))
     assert result.weight_decay == 1e-3
     assert result.validation_top1[1e3] < result.validation_top1[1e-3]
+
+
+def _reference_probe_in_numpy(x, y, tx, ty, w0, epochs, batch_size, lr=0.1, momentum=0.9, wd=1e-6):
+    """The reference probe written out in float64: softmax cross-entropy gradients, PyTorch's SGD
+    (d = g + wd * p; buf = momentum * buf + d, buf = d on the first step; p -= lr * buf), the lr of
+    epoch e = lr * (1 + cos(pi * e / epochs)) / 2, unshuffled batches, test top-1 after every epoch."""
+    w, b = w0.astype(np.float64), np.zeros(w0.shape[0])
+    buf_w = buf_b = None
+    history = []
+    for epoch in range(epochs):
+        rate = lr * (1 + np.cos(np.pi * epoch / epochs)) / 2
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            logits = xb @ w.T + b
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            p[np.arange(len(yb)), yb] -= 1
+            d_w, d_b = p.T @ xb / len(yb) + wd * w, p.sum(axis=0) / len(yb) + wd * b
+            buf_w, buf_b = (d_w, d_b) if buf_w is None else (momentum * buf_w + d_w, momentum * buf_b + d_b)
+            w, b = w - rate * buf_w, b - rate * buf_b
+        history.append(float(np.mean((tx @ w.T + b).argmax(axis=1) == ty)))
+    return w, b, history
+
+
+def test_reference_linear_probe_follows_the_references_sgd_and_reports_the_best_epoch():
+    gen = torch.Generator().manual_seed(11)
+    centres = torch.randn(3, 6, generator=gen) * 2
+    y = torch.randint(0, 3, (90,), generator=gen)
+    x = centres[y] + torch.randn(90, 6, generator=gen) * 2.0 + 3.0  # raw, uncentred features
+    train_x, train_y, test_x, test_y = x[:70], y[:70], x[70:], y[70:]
+    result = reference_linear_probe(train_x, train_y, test_x, test_y, epochs=9, batch_size=32, seed=5)
+    w0 = (torch.randn(3, 6, generator=torch.Generator().manual_seed(5)) * 0.01).numpy()
+    w, b, history = _reference_probe_in_numpy(
+        train_x.double().numpy(), train_y.numpy(), test_x.double().numpy(), test_y.numpy(), w0, epochs=9, batch_size=32
+    )  # 70 samples in batches of 32: the last batch of every epoch has 6
+    np.testing.assert_allclose(result.weight.numpy(), w, atol=1e-5)
+    np.testing.assert_allclose(result.bias.numpy(), b, atol=1e-5)
+    assert result.test_top1 == pytest.approx(history, abs=1e-6) and result.epochs == 9  # steps of 1/20
+    assert result.top1 == max(result.test_top1) and result.best_epoch == history.index(max(history)) + 1
+
+
+def test_reference_linear_probe_defaults_are_the_references_and_scores_the_best_of_100_epochs():
+    gen = torch.Generator().manual_seed(12)
+    centres = torch.randn(4, 10, generator=gen) * 3
+    y = torch.randint(0, 4, (500,), generator=gen)
+    x = centres[y] + torch.randn(500, 10, generator=gen) * 3
+    result = reference_linear_probe(x[:400], y[:400], x[400:], y[400:])
+    assert result.epochs == 100 and len(result.test_top1) == 100
+    assert result.top1 == max(result.test_top1) > 0.5
+    assert result.test_top1[result.best_epoch - 1] == result.top1
+    assert result.test_top1[-1] < result.top1  # on these data the last epoch is not the best: the best is reported
+
+
+def test_reference_kmeans_labels_recover_separated_blobs():
+    from protoclip_cli.evaluation.clustering import PROTOCOLS, reference_kmeans_labels
+
+    assert PROTOCOLS == {"default": {"iterations": 50, "restarts": 3}, "reference": {"iterations": 100, "restarts": 5}}
+    rng = np.random.default_rng(13)
+    centres = rng.normal(size=(5, 16)) * 10
+    truth = rng.integers(0, 5, 2000)  # 2000 points > 256 per centroid: faiss trains on a sample, then assigns all
+    features = centres[truth] + rng.normal(size=(2000, 16))
+    predicted = reference_kmeans_labels(features, 5)
+    assert predicted.shape == (2000,) and predicted.dtype == np.int64
+    assert agreement(predicted, truth)["ari"] == pytest.approx(1.0)

@@ -198,6 +198,44 @@ def test_rerun_with_another_config_is_refused(trained, synthetic_workspace):
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
+def test_a_seeded_cpu_run_repeats_bit_for_bit(trained, synthetic_teacher, synthetic_workspace):
+    """The same recipe again, in another process (another hash seed, another moment under whatever
+    load the machine has), with the teacher and the default CPU k-means: every prototype and every
+    weight and optimiser state of the final checkpoint must be identical (docs/training.md)."""
+    import os
+
+    config, run_dir, _ = trained
+    name = "repeat-of-" + config.name
+    overrides = [*SMALL, f"proto.teacher='{Path(synthetic_teacher).stem}'", f"name={name}"]
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "2"}  # the fixture runs on 2 threads
+    result = subprocess.run(
+        [sys.executable, "-m", "protoclip_cli", "train", str(RECIPE), *[a for o in overrides for a in ("--set", o)],
+         "--workspace", str(synthetic_workspace.root)],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    again = synthetic_workspace.run_dir(name)
+    assert config.proto.backend == "auto" and config.proto.teacher
+
+    def datasets(path: Path) -> dict:
+        with h5py.File(path) as f:
+            found = {}
+            f.visititems(lambda key, item: found.__setitem__(key, item[()]) if isinstance(item, h5py.Dataset) else None)
+            return found, dict(f.attrs)
+
+    first, second = datasets(run_dir / "episodes/1/prototypes.h5"), datasets(again / "episodes/1/prototypes.h5")
+    assert first[0].keys() == second[0].keys() and "teacher/labels" in first[0]
+    assert all(np.array_equal(first[0][k], second[0][k]) for k in first[0])
+    assert first[1] == second[1]  # attributes, the k-means objectives included
+    a = torch.load(run_dir / "checkpoints/step-00000024.pt", weights_only=True)
+    b = torch.load(again / "checkpoints/step-00000024.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    states = [(x, y) for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
+              for x, y in zip(s.values(), t.values())]
+    assert states and all(torch.equal(x, y) for x, y in states)
+
+
 # -- bad inputs ------------------------------------------------------------------------------------
 
 def _cli(workspace: Path, *args: str) -> subprocess.CompletedProcess:

@@ -18,6 +18,9 @@ BatchNorm normalises per process on CPU, which would make the prototype terms di
 by rounding. AdamW's epsilon is raised to 1e-3 so that an update depends on the gradient's size (with
 the default 1e-8 an update is nearly sign(gradient) and a wrong gradient scale would go unseen) and
 rounding noise in gradients that are zero in exact arithmetic is not amplified to a full step.
+Both runs use ``optim.ddp_gradients = 'global-batch'``, under which the distributed gradient is the
+one-process gradient by definition; the reference's default scaling is pinned in
+test_ddp_gradients.py.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ COMMON = [
     "data.shuffle_buffer=64", "data.extract_batch_size=96",
     "model.projection_dim=32", "model.projection_hidden_dim=64", "model.projection_n_layers=0",
     "proto.k=8", "proto.teacher_k=6", "proto.iterations=5", "proto.restarts=2", "proto.backend='torch'",
-    "optim.lr=1e-3", "optim.eps=1e-3", "optim.grad_clip=10.0",
+    "optim.lr=1e-3", "optim.eps=1e-3", "optim.grad_clip=10.0", "optim.ddp_gradients='global-batch'",
     f"schedule.episodes={EPISODES}", "schedule.warmup_steps=2", "schedule.infonce_warmup_episodes=1",
     "schedule.lit_start_episode=-1",
     "logging.log_every_steps=1", "logging.checkpoint_every_steps=0", f"logging.keep_checkpoints={EPISODES}",

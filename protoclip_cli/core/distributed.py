@@ -40,10 +40,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def launched_by_torchrun() -> bool:
+    """torchrun (and torch.distributed.launch) set these for every process it starts."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def init_distributed(device: str) -> bool:
-    """Join the torchrun process group when launched with ``WORLD_SIZE`` > 1: NCCL on CUDA, gloo
-    on the CPU. Returns True when this call created the group (the caller then destroys it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    """Join the torchrun process group: NCCL on CUDA, gloo on the CPU. Started by torchrun, even one
+    process joins (``--nproc_per_node 1`` goes through the same start-up as eight); a world of one
+    then trains as a single process. Returns True when this call created the group (the caller
+    then destroys it)."""
+    if dist.is_initialized() or not (launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         return False
     cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:

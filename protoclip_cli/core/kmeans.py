@@ -57,7 +57,7 @@ def kmeans(
     ``distributed=None`` follows torch.distributed (on when it is initialised with more than one
     rank); then ``x`` is this rank's part of the data, every rank must call with the same ``k``,
     ``iterations``, ``restarts`` and ``seed``, all ranks get identical centroids and each its own
-    labels. ``backend="auto"`` picks torch for CUDA inputs or distributed runs, else faiss.
+    labels. ``backend="auto"`` is torch (``"faiss"`` must be asked for).
     ``restarts`` runs use seeds ``seed, seed + 1, ...``; the lowest final objective is kept.
     ``init`` is ``"random"`` (k distinct random points, as faiss and the reference do) or
     ``"kmeans++"`` (D^2 sampling: better optima for small k, but k sequential steps, so slow for
@@ -87,11 +87,14 @@ def kmeans(
 
 
 def resolve_backend(backend: str, device: torch.device, distributed: bool) -> str:
-    """The backend ``kmeans`` uses: torch on CUDA or across ranks, faiss otherwise for ``auto``."""
+    """The backend ``kmeans`` uses: ``auto`` is torch (on CPU, CUDA and across ranks)."""
     if backend not in BACKENDS:
         raise ProtoclipError(f"Unknown k-means backend {backend!r}; use one of {', '.join(BACKENDS)}.")
     if backend == "auto":
-        return "torch" if distributed or torch.device(device).type == "cuda" else "faiss"
+        # torch everywhere: on CPU its results depend only on torch's kernels (the ones the training
+        # step uses), while faiss's distances change with its own BLAS threads, BLAS kernel and SIMD
+        # level, which differ from machine to machine (see docs/kmeans-and-pbt.md).
+        return "torch"
     if backend == "faiss" and distributed:
         raise ProtoclipError(
             "The faiss k-means backend runs on one process only; set proto.backend to 'torch' or 'auto' "

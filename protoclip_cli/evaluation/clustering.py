@@ -29,6 +29,27 @@ def agreement(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     }
 
 
+# The clustering task's k-means: this project's default, and the reference's (niter=100, nredo=5 in
+# clustering_evaluation of megvii-research/protoclip src/training/evaluations/zero_shot.py).
+PROTOCOLS = {"default": {"iterations": 50, "restarts": 3}, "reference": {"iterations": 100, "restarts": 5}}
+
+
+def reference_kmeans_labels(features: np.ndarray, k: int) -> np.ndarray:
+    """Cluster labels as the reference's ``clustering_evaluation`` makes them: ``faiss.Kmeans(d, k,
+    niter=100, nredo=5)`` with faiss's other defaults (seed 1234, training on a random sample of at
+    most 256 points per centroid), then every point's nearest centroid. The reference ran faiss on a
+    GPU; here faiss runs on a GPU when its build has one."""
+    import faiss
+
+    points = np.ascontiguousarray(features, dtype=np.float32)
+    gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    model = faiss.Kmeans(points.shape[1], int(k), niter=PROTOCOLS["reference"]["iterations"],
+                         nredo=PROTOCOLS["reference"]["restarts"], verbose=False, gpu=gpu)
+    model.train(points)
+    _, nearest = model.index.search(points, 1)
+    return nearest[:, 0].astype(np.int64)
+
+
 def size_summary(labels: np.ndarray, k: int) -> dict:
     """Sizes of the ``k`` clusters (``sizes[j]`` = members of cluster j), empty count and spread."""
     sizes = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)

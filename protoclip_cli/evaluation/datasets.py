@@ -242,14 +242,24 @@ def torchvision_set(name: str, root: str | Path, train: bool) -> ImageSet:
         raise MissingInputError(
             f"{name} is not in {root} ({error}); extract the official archive so that {Path(root) / folder} exists."
         ) from error
+    from protoclip_cli.evaluation.prompts import CLASSNAMES, TEMPLATES
+
+    # Zero-shot uses the data set's own CLIP class names and templates; the files' class list must
+    # be the one they describe, in the same order.
+    if [c.replace("_", " ") for c in data.classes] != list(CLASSNAMES[name]):
+        raise ProtoclipError(
+            f"The class list of {name} in {root} is not {name}'s ({len(data.classes)} classes, first "
+            f"'{data.classes[0] if data.classes else ''}'); extract the official archive there."
+        )
     return ImageSet(
         name=f"{name}-{split}",
         fingerprint=_hash(name, Path(root).resolve(), split, len(array)),
         size=len(array),
         images=lambda transform: _ArrayImages(array, channels_first, transform),
         labels=labels.astype(np.int64),
-        classnames=[c.replace("_", " ") for c in data.classes],
-        details={"root": str(root), "split": split},
+        classnames=list(CLASSNAMES[name]),
+        templates=list(TEMPLATES[name]),
+        details={"root": str(root), "split": split, "templates": f"OpenAI CLIP {name} ({len(TEMPLATES[name])})"},
     )
 
 

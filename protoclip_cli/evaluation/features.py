@@ -56,11 +56,14 @@ def image_features(
     cache_dir: Path | None = None,
     batch_size: int = 256,
     workers: int = 0,
+    normalized: bool = True,
 ) -> torch.Tensor:
-    """(N, D) float32 normalised image features of ``images`` in row order (cached)."""
+    """(N, D) float32 image features of ``images`` in row order (cached): L2-normalised, or the raw
+    image tower outputs with ``normalized=False``."""
     from protoclip_cli.data.transforms import eval_transform
 
-    cache = _cache_file(cache_dir, model, f"{images.name}-image", images.fingerprint)
+    label = f"{images.name}-image" if normalized else f"{images.name}-image-raw"
+    cache = _cache_file(cache_dir, model, label, images.fingerprint)
     cached = _load(cache, images.size)
     if cached is not None:
         return cached
@@ -77,7 +80,7 @@ def image_features(
     with progress() as bar:
         task = bar.add_task(f"image features {images.name}", total=images.size, rate="")
         for rows, batch in loader:
-            encoded = model.encode_images(batch)
+            encoded = model.encode_images(batch, normalized=normalized)
             if features is None:
                 features = torch.empty(images.size, encoded.shape[1], dtype=torch.float32)
             features[rows] = encoded

@@ -46,13 +46,22 @@ class EvalModel:
         # bf16 on CUDA halves the memory traffic of extraction; features are returned in float32.
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
+    def _image_tower(self) -> nn.Module:
+        # A run's ProtoCLIP normalises in encode_image; its open_clip model gives the raw outputs.
+        from protoclip_cli.core.model import ProtoCLIP
+
+        return self.clip.clip if isinstance(self.clip, ProtoCLIP) else self.clip
+
     @torch.no_grad()
-    def encode_images(self, uint8_batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 at the model's size -> (B, D) normalised float32 features on the CPU."""
+    def encode_images(self, uint8_batch: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) uint8 at the model's size -> (B, D) float32 features on the CPU, L2-normalised
+        unless ``normalized`` is false (the raw image tower outputs)."""
         from protoclip_cli.data.transforms import normalize
 
         images = normalize(uint8_batch, self.mean, self.std, self.device)
         with self._autocast():
+            if not normalized:
+                return self._image_tower().encode_image(images).float().cpu()
             features = self.clip.encode_image(images)
         return F.normalize(features.float(), dim=-1).cpu()
 

@@ -1,6 +1,7 @@
 """The plots of ``evaluate``'s results, written next to each result's JSON and listed in its record.
 
-``<result>.png``: the zero-shot top-k curve, the linear probe's validation top-1 per weight decay,
+``<result>.png``: the zero-shot top-k curve, the linear probe's validation top-1 per weight decay
+(``--protocol reference``: its test top-1 per epoch),
 retrieval recall@k both ways, or the zero-shot suite's top-1 per data set with their mean.
 ``<result>-tsne.png``: t-SNE of (a seeded sample of) the image features coloured by true class and
 by zero-shot prediction or k-means cluster. ``<result>-samples.png``: images with their true and
@@ -38,6 +39,13 @@ class ResultPlots:
             predicted = figures["scores"].argmax(dim=1).numpy()
             written += self._tsne(stem, data, figures, {"class": figures["labels"], "zero-shot prediction": predicted}, title)
             written.append(self._samples(stem, data, figures["labels"], predicted, title))
+        elif task == "linear-probe" and result.get("protocol") == "reference":
+            per_epoch = result["test_top1_per_epoch"]
+            written.append(plots.curves_png(
+                stem.with_suffix(".png"), {"test top-1": (list(range(1, len(per_epoch) + 1)), per_epoch)}, "epoch",
+                "top-1 (%)", f"{title}: reference linear probe (best {result['metrics']['top1']:.2f})",
+                marks={"best epoch": result["best_epoch"]},
+            ))  # fmt: skip
         elif task == "linear-probe":
             decays = sorted(result["validation_top1"], key=float)
             written.append(plots.curves_png(

@@ -37,6 +37,7 @@ def zeroshot(
     from protoclip_cli.evaluation.zeroshot import class_embeddings, prompts_for, topk_accuracy, zeroshot_scores
 
     labels = _require_labels(data, "zero-shot classification")
+    source = "file" if templates else ("dataset" if data.templates else "openai-imagenet")
     templates = list(templates or data.templates or imagenet.templates())
     prompts = [p for per_class in prompts_for(data.classnames, templates) for p in per_class]
     images = image_features(model, data, cache_dir, batch_size, workers)
@@ -53,6 +54,9 @@ def zeroshot(
         "images": data.size,
         "classes": len(data.classnames),
         "templates": len(templates),
+        # file: --templates; dataset: the data set's own (CIFAR/STL-10: OpenAI CLIP's, ImageNet: the 80);
+        # openai-imagenet: the 80 ImageNet templates, for a data set without its own.
+        "templates_from": source,
         "chance_top1": round(100.0 / len(data.classnames), 4),
     }
 
@@ -67,9 +71,16 @@ def linear_probe(
     method: str,
     weight_decays: Sequence[float],
     seed: int,
+    protocol: str = "default",
 ) -> dict:
-    """Top-1 of logistic regression on frozen image features, weight decay chosen on a train split."""
+    """Top-1 of logistic regression on frozen image features.
+
+    ``protocol="default"``: normalised features, weight decay chosen on a validation split of train,
+    refit, scored once on test. ``"reference"``: the ProtoCLIP reference's SGD probe on the raw
+    features, best test top-1 over its 100 epochs (see :func:`reference_linear_probe`).
+    """
     from protoclip_cli.evaluation.linear_probe import linear_probe as fit_and_score
+    from protoclip_cli.evaluation.linear_probe import reference_linear_probe
 
     train_y = torch.from_numpy(_require_labels(train, "the linear probe"))
     test_y = torch.from_numpy(_require_labels(test, "the linear probe"))
@@ -78,8 +89,21 @@ def linear_probe(
             f"Train ({train.name}) has {len(train.classnames)} classes but test ({test.name}) has "
             f"{len(test.classnames)}; both splits need the same class folders."
         )
-    train_x = image_features(model, train, cache_dir, batch_size, workers).to(model.device)
-    test_x = image_features(model, test, cache_dir, batch_size, workers).to(model.device)
+    normalized = protocol != "reference"  # the reference probes the raw image tower outputs
+    train_x = image_features(model, train, cache_dir, batch_size, workers, normalized=normalized).to(model.device)
+    test_x = image_features(model, test, cache_dir, batch_size, workers, normalized=normalized).to(model.device)
+    common = {"train_images": int(train_x.shape[0]), "test_images": int(test_x.shape[0]),
+              "classes": len(train.classnames), "protocol": protocol,
+              "chance_top1": round(100.0 / len(train.classnames), 4)}
+    if protocol == "reference":
+        ref = reference_linear_probe(train_x, train_y, test_x, test_y, seed=seed)
+        return {
+            "metrics": {"top1": round(100.0 * ref.top1, 4)},
+            "method": "sgd", "features": "raw", "epochs": ref.epochs, "best_epoch": ref.best_epoch,
+            "test_top1_per_epoch": [round(100.0 * v, 4) for v in ref.test_top1],
+            "selection": "best test top-1 over the epochs (the reference's; not a held-out estimate)",
+            **common,
+        }
     result = fit_and_score(train_x, train_y, test_x, test_y, weight_decays=weight_decays, method=method, seed=seed)
     metrics = {"top1": result.top1, "mean_per_class_recall": result.mean_per_class_recall}
     if result.top5 is not None:
@@ -88,11 +112,10 @@ def linear_probe(
         "metrics": _percent(metrics),
         "weight_decay": result.weight_decay,
         "validation_top1": {str(wd): round(100.0 * v, 4) for wd, v in result.validation_top1.items()},
-        "train_images": result.train_size,
-        "test_images": result.test_size,
-        "classes": len(train.classnames),
         "method": method,
-        "chance_top1": round(100.0 / len(train.classnames), 4),
+        "features": "normalised",
+        "selection": "weight decay on a 20% validation split of train, refit, scored once on test",
+        **common,
     }
 
 
@@ -129,24 +152,37 @@ def modality_gap(model: EvalModel, data: ImageSet, cache_dir: Path | None, batch
 
 def clustering(
     model: EvalModel, data: ImageSet, k: int, cache_dir: Path | None, batch_size: int, workers: int, seed: int,
-    figures: dict | None = None,
+    protocol: str = "default", figures: dict | None = None,
 ) -> dict:
-    """k-means of the image features against the ground-truth classes: ARI, AMI, purity."""
+    """k-means of the normalised image features against the ground-truth classes: ARI, AMI, purity.
+
+    ``protocol="default"``: this package's k-means, 50 iterations, 3 restarts; ``"reference"``: the
+    ProtoCLIP reference's faiss k-means, 100 iterations, 5 restarts (:func:`reference_kmeans_labels`).
+    """
     from protoclip_cli.core.kmeans import kmeans
-    from protoclip_cli.evaluation.clustering import agreement
+    from protoclip_cli.evaluation.clustering import PROTOCOLS, agreement, reference_kmeans_labels
 
     labels = _require_labels(data, "clustering evaluation")
     k = k or len(data.classnames)
     if k > data.size:
         raise ProtoclipError(f"Cannot make {k} clusters of {data.size} images; pass a smaller --clusters.")
     features = image_features(model, data, cache_dir, batch_size, workers)
-    result = kmeans(features.to(model.device), k, iterations=50, restarts=3, seed=seed, distributed=False)
-    scores = agreement(result.labels.cpu().numpy(), labels)
+    settings = PROTOCOLS[protocol]
+    if protocol == "reference":
+        predicted = reference_kmeans_labels(features.numpy(), k)
+    else:
+        result = kmeans(features.to(model.device), k, iterations=settings["iterations"],
+                        restarts=settings["restarts"], seed=seed, distributed=False)
+        predicted = result.labels.cpu().numpy()
+    scores = agreement(predicted, labels)
     if figures is not None:
-        figures.update(features=features, labels=labels, clusters=result.labels.cpu().numpy())
+        figures.update(features=features, labels=labels, clusters=predicted)
     return {
         "metrics": {"ari": scores["ari"], "ami": scores["ami"], "purity": round(100.0 * scores["purity"], 4)},
         "images": data.size,
         "k": k,
         "classes": len(data.classnames),
+        "protocol": protocol,
+        "iterations": settings["iterations"],
+        "restarts": settings["restarts"],
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from protoclip_cli import __version__
 from protoclip_cli.artifacts import MANIFEST, write_manifest
@@ -33,6 +33,9 @@ PRESET_DATASETS = ("imagenet", "cifar10", "cifar100", "stl10", "coco", "flickr30
 EXTERNAL = ("imagenet", "cifar10", "cifar100", "stl10", "coco", "flickr30k", "folder", "webdataset")
 LABELLED = ("imagenet", "cifar10", "cifar100", "stl10", "folder")
 PAIRED = ("coco", "flickr30k", "webdataset")
+PROTOCOLS = ("default", "reference")
+# Tasks whose protocol --protocol chooses; their results carry it in their name.
+PROTOCOL_TASKS = ("linear-probe", "clustering")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,14 @@ class EvaluateConfig:
         (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), "Weight decays tried on the linear probe's validation split."
     )
     seed: int = option(0, "Seed of the validation split and of k-means.")
+    protocol: Literal["default", "reference"] = option(
+        "default",
+        "Protocol of the linear probe and the clustering task. default: L-BFGS (or --probe-method) on "
+        "normalised features, weight decay chosen on a 20% validation split, scored once on test; k-means "
+        "with 50 iterations and 3 restarts. reference: the ProtoCLIP reference's, to compare with the "
+        "paper: SGD for 100 epochs on the raw features reporting the best test top-1 over the epochs; faiss "
+        "k-means with 100 iterations and 5 restarts. Results are named <task>-reference.",
+    )
     plots: bool = option(True, "Write PNG plots next to each result (curves, t-SNE maps, sample grids) and print their paths.")
     tsne_points: int = option(1000, "Image features in each t-SNE map (a seeded sample; 0 = no t-SNE).")
     suite_datasets: tuple[str, ...] = option(
@@ -78,6 +89,7 @@ class EvaluateConfig:
         require(not self.suite_datasets or self.task == SUITE_TASK, f"--suite-datasets applies to --task {SUITE_TASK} only.")
         base_tasks, dataset, _ = parse_task(self.task, self.dataset)
         require(self.probe_method in ("lbfgs", "adam"), f"--probe-method {self.probe_method} is not lbfgs or adam.")
+        require(self.protocol in PROTOCOLS, f"--protocol {self.protocol} is not {' or '.join(PROTOCOLS)}.")
         require(
             self.task == "all" or _supports(dataset, base_tasks[0]),
             f"Data set {dataset} has no data for the {base_tasks[0]} task; see docs/evaluation.md.",
@@ -206,13 +218,14 @@ def _run_task(
     if task == "linear-probe":
         return tasks.linear_probe(
             model, data.get(dataset, "train"), data.get(dataset), method=config.probe_method,
-            weight_decays=config.probe_weight_decays, seed=config.seed, **common,
+            weight_decays=config.probe_weight_decays, seed=config.seed, protocol=config.protocol, **common,
         )
     if task == "retrieval":
         return tasks.retrieval(model, data.get(dataset), figures=figures, **common)
     if task == "modality-gap":
         return tasks.modality_gap(model, data.get(dataset), **common)
-    return tasks.clustering(model, data.get(dataset), config.clusters, seed=config.seed, figures=figures, **common)
+    return tasks.clustering(model, data.get(dataset), config.clusters, seed=config.seed, protocol=config.protocol,
+                            figures=figures, **common)
 
 
 def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
@@ -237,7 +250,7 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
         drawer = ResultPlots(model.name, model.image_size, config.tsne_points, config.seed)
     written: dict[str, dict] = {}
     for task in base_tasks:
-        name = preset or (task if not config.dataset else f"{task}-{slugify(config.dataset)}")
+        name = _result_name(task, preset, config)
         figures: dict = {}
         result = _run_task(task, dataset, model, data, config, cache_dir, figures)
         if task == SUITE_TASK:
@@ -262,6 +275,16 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
         benchmark_files = write_result(path, record)
         written[name] = {"path": str(path), "clip_benchmark": [str(p) for p in benchmark_files], **record}
     return _record_manifest(eval_dir, config, model, written)
+
+
+def _result_name(task: str, preset: str, config: EvaluateConfig) -> str:
+    """``<task>`` or the preset, ``-reference`` under the reference protocol, ``-<dataset>`` for --dataset."""
+    name = preset or task
+    if config.protocol == "reference" and task in PROTOCOL_TASKS:
+        name += "-reference"
+    if config.dataset and not preset:
+        name += f"-{slugify(config.dataset)}"
+    return name
 
 
 def _result_path(config: EvaluateConfig, eval_dir: Path, name: str) -> Path:

@@ -50,6 +50,39 @@ def _autocast_factory(config: TrainConfig, device: torch.device) -> Callable[[],
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def sync_batchnorm(model: torch.nn.Module, which: str) -> int:
+    """Turn the BatchNorm layers ``which`` names ('none', 'heads', 'all') into SyncBatchNorm, in place;
+    returns how many were converted. The reference keeps BatchNorm per GPU ('none')."""
+    convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    if which == "all":
+        for name, child in list(model.named_children()):
+            setattr(model, name, convert(child))
+    elif which == "heads":
+        for name in ("image_head", "text_head"):
+            if getattr(model, name, None) is not None:
+                setattr(model, name, convert(getattr(model, name)))
+    return sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+
+
+def backward(total: torch.Tensor, model: torch.nn.Module, world_size: int, mode: str) -> None:
+    """Backpropagate the global-batch loss ``total`` computed on this rank.
+
+    Every loss term covers the global batch (features gathered from all ranks), but its gradient
+    reaches only this rank's features, and DDP averages the ranks' gradients. 'reference' leaves it at
+    that, as the reference implementation does: the weights' gradient is 1/world size of the
+    global-batch loss's. 'global-batch' scales the loss by the world size, which makes it exactly the
+    gradient of one process seeing the whole global batch; the temperatures scale every rank's
+    logits, so their gradient is already the global one on each rank and is scaled back.
+    """
+    if mode == "global-batch" and world_size > 1:
+        (total * world_size).backward()
+        for scale in (model.logit_scale, model.logit_scale_proto):
+            if scale is not None and scale.grad is not None:
+                scale.grad.div_(world_size)
+    else:
+        total.backward()
+
+
 def _is_convolutional(arch: str) -> bool:
     lowered = arch.lower()
     return lowered.startswith("rn") or "convnext" in lowered
@@ -90,8 +123,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)
         if self.world_size > 1 and self.device.type == "cuda":
-            # The heads' BatchNorm then normalises over the global batch, as one process would.
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            sync_batchnorm(model, cfg.model.sync_batchnorm)
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -289,10 +321,7 @@ class Trainer:
         cfg = self.config
         if use_ext and self.teacher_path is not None:
             features = {**features, "teacher": teacher_rows(self.teacher_path, keys).to(self.device)}
-        prototypes = build_prototypes(
-            episode, keys, features, cfg.proto.k, cfg.proto.teacher_k or cfg.proto.k,
-            cfg.proto.iterations, cfg.proto.restarts, cfg.seed, cfg.proto.backend,
-        )
+        prototypes = build_prototypes(episode, keys, features, cfg.proto, cfg.seed)
         prototypes.source_episode = source_episode
         if self.rank == 0:
             save_prototypes(self._prototype_path(episode), prototypes)
@@ -312,13 +341,6 @@ class Trainer:
             raise ProtoclipError(
                 f"The loss became non-finite at step {self.global_step}; lower optim.lr or raise schedule.warmup_steps."
             )
-
-    def _undo_world_size_on_temperatures(self) -> None:
-        # A temperature scales the logits of the whole global batch on every rank, so each rank's
-        # gradient for it is already the global one: only the features needed the world-size factor.
-        for scale in (self.model.logit_scale, self.model.logit_scale_proto):
-            if scale is not None and scale.grad is not None:
-                scale.grad.div_(self.world_size)
 
     def _lock_visual(self, locked: bool) -> None:
         self.train_model.train()
@@ -347,12 +369,7 @@ class Trainer:
                 labels = prototypes.lookup(batch["keys"].to(self.device))
         terms = self.loss_fn(outputs, labels=labels, protos=protos, use_proto=phase.use_proto, use_ext=phase.use_ext)
         self.optimizer.zero_grad(set_to_none=True)
-        # Every term is a global-batch loss whose gradient reaches only this rank's features, and
-        # DDP averages over ranks: scaling by the world size makes the update that of one process
-        # seeing the whole global batch.
-        (terms["total"] * self.world_size).backward()
-        if self.world_size > 1:
-            self._undo_world_size_on_temperatures()
+        backward(terms["total"], self.model, self.world_size, self.config.optim.ddp_gradients)
         if self.config.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()

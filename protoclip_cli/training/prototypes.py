@@ -16,12 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from protoclip_cli.artifacts import atomic_path
 from protoclip_cli.errors import ProtoclipError
+
+if TYPE_CHECKING:
+    from protoclip_cli.recipes import ProtoConfig
 
 MODALITIES = ("image", "text", "teacher")
 # PBT centroids: (dataset name, clustering whose labels group the samples, feature space averaged).
@@ -114,25 +118,20 @@ def _gather_labels(local_keys: torch.Tensor, local_labels: dict[str, torch.Tenso
 
 
 def build_prototypes(
-    episode: int,
-    keys: torch.Tensor,
-    features: dict[str, torch.Tensor],
-    k: int,
-    teacher_k: int,
-    iterations: int,
-    restarts: int,
-    seed: int,
-    backend: str,
+    episode: int, keys: torch.Tensor, features: dict[str, torch.Tensor], proto: "ProtoConfig", seed: int
 ) -> EpisodePrototypes:
     """Cluster this rank's ``features`` (``image``, ``text``, optional ``teacher``) and back-translate.
 
-    ``features[m]`` are this rank's rows aligned with ``keys``. Returns the episode's prototypes with
-    labels of all ranks' samples.
+    ``features[m]`` are this rank's rows aligned with ``keys``; ``proto`` is the recipe's ``[proto]``
+    section (``k``, ``teacher_k``, ``iterations``, ``restarts``, ``init``, ``backend``). Each
+    clustering's seed derives from ``seed``, the episode and the modality. Returns the episode's
+    prototypes with labels of all ranks' samples.
     """
     from protoclip_cli.core.kmeans import kmeans
     from protoclip_cli.core.pbt import cluster_means
 
-    clusters = {m: (teacher_k if m == "teacher" else k) for m in MODALITIES if m in features}
+    teacher_k = proto.teacher_k or proto.k
+    clusters = {m: (teacher_k if m == "teacher" else proto.k) for m in MODALITIES if m in features}
     centroids: dict[str, np.ndarray] = {}
     labels: dict[str, torch.Tensor] = {}
     objectives: dict[str, float] = {}
@@ -140,10 +139,11 @@ def build_prototypes(
         result = kmeans(
             features[modality].float(),
             count,
-            iterations=iterations,
-            restarts=restarts,
+            iterations=proto.iterations,
+            restarts=proto.restarts,
             seed=seed + 7919 * episode + offset,
-            backend=backend,
+            backend=proto.backend,
+            init=proto.init,
         )
         centroids[modality] = result.centroids.detach().float().cpu().numpy()
         labels[modality] = result.labels.to(features[modality].device)
