@@ -170,6 +170,15 @@ def test_suite_names_and_templates_are_clip_benchmarks_where_it_ships_them():
             assert classes == names[theirs], name
         assert prompts == [t.replace("{c}", "{}") for t in templates[theirs]], name
     assert suite.classes_and_templates("imagenet")[0] == names["imagenet1k"] == list(open_clip.IMAGENET_CLASSNAMES)
+    assert [suite.prompts_source(n) for n in ("imagenet", "cifar10", "gtsrb", "birdsnap")] == [
+        "open_clip", "protoclip_cli.evaluation.prompts", "clip_benchmark", "zeroshot_suite.json"]
+
+
+def test_without_clip_benchmark_the_bundled_lists_are_the_same(monkeypatch):
+    shipped = {name: suite.classes_and_templates(name) for name in suite.CLASSIFICATION}
+    monkeypatch.setattr(suite, "_clip_benchmark", lambda: None)
+    assert {name: suite.classes_and_templates(name) for name in suite.CLASSIFICATION} == shipped
+    assert suite.prompts_source("flowers102") == "zeroshot_suite.json"
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +224,7 @@ def test_zeroshot_suite_gives_one_table_one_mean_and_clip_benchmark_records(suit
     assert {k for k in record["metrics"] if k.endswith("_top1")} == {f"{n}_top1" for n in members if n != "coco"} | {"mean_top1"}
     assert (members["birdsnap"]["classes"], members["birdsnap"]["templates"]) == (3, 1)
     assert (members["flowers102"]["classes"], members["flowers102"]["templates"]) == (102, 1)
+    assert members["flowers102"]["prompts"] == "clip_benchmark" and members["ucf101"]["prompts"] == "zeroshot_suite.json"
     assert (members["ucf101"]["classes"], members["ucf101"]["templates"]) == (3, 48)  # class folders: those present
     assert members["coco"]["images"] == 3 and members["coco"]["captions"] == 6
     assert "mean_top1" in result.stdout

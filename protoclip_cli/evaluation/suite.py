@@ -3,8 +3,8 @@
 The reference (megvii-research/protoclip) reports zero-shot top-1 on ImageNet, CIFAR-10, CIFAR-100,
 STL-10, Birdsnap, Country211, Flowers102, GTSRB, Stanford Cars and UCF101, their mean, and COCO
 retrieval. Each data set is classified with its own class names and prompt templates: those of
-the CLIP paper (``zeroshot_suite.json``, from openai/CLIP ``data/prompts.md``; ImageNet: open_clip's
-names and the 80 OpenAI templates), whatever layout the images come in.
+the CLIP paper, taken from open_clip, :mod:`prompts`, CLIP_benchmark or ``zeroshot_suite.json``
+(see :func:`classes_and_templates`), whatever layout the images come in.
 
 Layouts looked for under ``ROOT``, first match wins (see docs/evaluation.md):
 - CLIP_benchmark's webdataset: ``ROOT/wds_<name>/test/{nshards.txt,0.tar,...}`` (``cls`` labels,
@@ -47,19 +47,61 @@ REFERENCE_SPLIT = {"ucf101": "testlist01"}
 _IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
 
 
+# CLIP_benchmark's names of the data sets whose lists it ships (en_classnames.json, en_zeroshot_...json).
+CLIP_BENCHMARK_LISTS = {"country211": "country211", "flowers102": "flowers", "gtsrb": "gtsrb", "stanford_cars": "cars"}
+
+
 @lru_cache(maxsize=1)
-def _prompts() -> dict:
+def _bundled() -> dict:
     return json.loads((Path(__file__).with_name("zeroshot_suite.json")).read_text())["datasets"]
 
 
+@lru_cache(maxsize=1)
+def _clip_benchmark() -> tuple[dict, dict] | None:
+    """CLIP_benchmark's English class names and templates, when it is installed."""
+    try:
+        import clip_benchmark
+    except ImportError:
+        return None
+    folder = Path(clip_benchmark.__file__).parent / "datasets"
+    try:
+        names = json.loads((folder / "en_classnames.json").read_text())
+        templates = json.loads((folder / "en_zeroshot_classification_templates.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return names, templates
+
+
 def classes_and_templates(name: str) -> tuple[list[str], list]:
-    """The CLIP paper's class names and templates of a suite data set."""
+    """The class names and templates of a suite data set (those of the CLIP paper, which the
+    reference also uses), from the package that ships them: ImageNet open_clip's; CIFAR-10/100 and
+    STL-10 :mod:`protoclip_cli.evaluation.prompts`; Country211, Flowers102, GTSRB and Stanford Cars
+    CLIP_benchmark's (``{c}`` written ``{}``) when it is installed; otherwise, and for Birdsnap and
+    UCF101 (shipped by neither), ``zeroshot_suite.json`` (openai/CLIP ``data/prompts.md``)."""
+    return _lists(name)[:2]
+
+
+def prompts_source(name: str) -> str:
+    """Where :func:`classes_and_templates` takes ``name``'s lists from."""
+    return _lists(name)[2]
+
+
+def _lists(name: str) -> tuple[list[str], list, str]:
     if name == "imagenet":
         from protoclip_cli.evaluation import imagenet
 
-        return imagenet.classnames(), imagenet.templates()
-    entry = _prompts()[name]
-    return list(entry["classes"]), list(entry["templates"])
+        return imagenet.classnames(), imagenet.templates(), "open_clip"
+    from protoclip_cli.evaluation.prompts import CLASSNAMES, TEMPLATES
+
+    if name in CLASSNAMES:
+        return list(CLASSNAMES[name]), list(TEMPLATES[name]), "protoclip_cli.evaluation.prompts"
+    entry, shipped = _bundled()[name], _clip_benchmark()
+    classes, templates, source = list(entry["classes"]), list(entry["templates"]), "zeroshot_suite.json"
+    if shipped is not None and name in CLIP_BENCHMARK_LISTS:
+        key, source = CLIP_BENCHMARK_LISTS[name], "clip_benchmark"
+        classes = list(shipped[0].get(key, classes))  # CLIP_benchmark takes Stanford Cars' from torchvision
+        templates = [t.replace("{c}", "{}") for t in shipped[1][key]]
+    return classes, templates, source
 
 
 # -- images from files or tar members ---------------------------------------------------------------
@@ -273,9 +315,11 @@ def find(root: str | Path, name: str) -> ImageSet | None:
         folder = next((f / split for f in _folders(root, name) if (f / split).is_dir()), None)
         if folder is not None:
             found = _class_folders(folder, canonical, classnames, templates)
-    if found is not None and found.classnames is not None and len(found.classnames) > len(classnames):
+    if found is None:
+        return None
+    if found.classnames is not None and len(found.classnames) > len(classnames):
         raise ProtoclipError(f"{name} under {root} has more classes than the {len(classnames)} it should have.")
-    return found
+    return replace(found, details={**found.details, "prompts": prompts_source(name)})
 
 
 # -- the suite ---------------------------------------------------------------------------------------
