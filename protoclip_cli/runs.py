@@ -11,7 +11,7 @@ docs/training.md); the formats of the files are their writers' (``training/check
     episodes/<n>/prototypes.h5     labels, centroids and PBT centroids of episode n
     metrics.jsonl, tensorboard/    per-step and per-episode metrics
     wandb-run.txt, wandb/          the run's wandb id (a resumed run continues it), wandb's own files
-    eval/<task>.json, eval/cache/  evaluate's results and cached features
+    eval/<task>.json, eval/*.png   evaluate's results and their plots; eval/cache/ its cached features
     cluster/episode-<n>/           cluster's report on episode n
     export/<run>-<arch>.pt         export's OpenCLIP checkpoint
     export/<run>-<arch>-hf/        export's OpenCLIP hub folder (open_clip_config.json, weights, README.md)

@@ -76,5 +76,9 @@ command = stage_command(
       protoclip evaluate protoclip-workspace/runs/synthetic-protoclip --task zeroshot
 
       protoclip evaluate cc3m-protoclip --task imagenet-zeroshot --imagenet-root /data/imagenet
+
+      protoclip evaluate cc3m-protoclip --task zeroshot-suite --root /data/zeroshot
+
+    Each result is a JSON (and a CLIP_benchmark record) with its PNG plots next to it.
     """,
 )
