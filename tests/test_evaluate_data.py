@@ -289,6 +289,10 @@ def test_cli_reference_protocol_results_name_their_protocol(folder_set, tiny_ope
     per_epoch = reference["test_top1_per_epoch"]
     assert reference["epochs"] == len(per_epoch) == 100
     assert reference["metrics"]["top1"] == max(per_epoch) == per_epoch[reference["best_epoch"] - 1]
+    # Its plot is the test top-1 per epoch (the default probe's: validation top-1 per weight decay).
+    assert reference["plots"] == [str(eval_dir / "linear-probe-reference-folder.png")]
+    assert default["plots"] == [str(eval_dir / "linear-probe-folder.png")]
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in reference["plots"] + default["plots"])
     clusters = json.loads((eval_dir / "clustering-folder.json").read_text())
     clusters_ref = json.loads((eval_dir / "clustering-reference-folder.json").read_text())
     assert (clusters["protocol"], clusters["iterations"], clusters["restarts"]) == ("default", 50, 3)
