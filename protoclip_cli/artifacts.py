@@ -1,7 +1,8 @@
 """Artifacts on disk: atomic writes and the ``manifest.json`` every artifact folder carries.
 
 A crash must never leave a half-written file where a later stage would trust it, so every file is
-written to a temporary name in the same folder and renamed into place.
+written to a temporary name in the same folder and renamed into place, with the mode the umask
+gives a new file. A write that fails (full disk, read-only folder) is a one-sentence WriteError.
 """
 
 from __future__ import annotations
@@ -17,26 +18,60 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from protoclip_cli import __version__
-from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.errors import WRITE_ERRNOS, MissingInputError, ProtoclipError, os_error_cause, write_error
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the kernel reports it (``os.umask``
+    sets it for a moment, which a thread creating a file at that instant would see)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    cause = os_error_cause(exc)
+    if cause is not None:
+        return cause.errno in WRITE_ERRNOS
+    # torch.save to a path reports a failed write only as its C++ writer's assertion.
+    return isinstance(exc, RuntimeError) and "inline_container" in str(exc)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed."""
+    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed.
+
+    The file gets the mode a plain ``open()`` would give it (0666 less the umask: temporary files
+    are created 0600). A write that fails for a reason the user can fix (full disk, read-only
+    folder, a file where a folder should be) is a :class:`WriteError` naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, Exception) and not isinstance(exc, ProtoclipError) and _is_write_failure(exc):
+            raise write_error(path, exc) from exc
         raise
 
 
@@ -44,15 +79,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Like :func:`atomic_path` for a folder: built under a temporary name, renamed when complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, ProtoclipError) and _is_write_failure(exc):
+            raise write_error(path, exc) from exc
         raise
 
 

@@ -164,6 +164,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Recipe {path} is a folder; pass a TOML file such as recipes/synthetic.toml.")
     if not path.is_file():
         raise ConfigError(f"Recipe {path} does not exist; pass a TOML file such as recipes/synthetic.toml.")
     try:
@@ -171,6 +173,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}.") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not a text file (byte {exc.start} is not UTF-8); pass a TOML recipe such as recipes/synthetic.toml."
+        ) from exc
 
 
 def load(cls: type[T], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> T:

@@ -9,10 +9,12 @@ so an inconsistent recipe fails when it is loaded, naming the key to change.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 from protoclip_cli.config import check_choices, option, require
+from protoclip_cli.workspace import is_valid_name, name_error
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Consistency no type check catches; each error names the field to change."""
         check_choices(self, label=str)
+        require(is_valid_name(self.name), name_error("Run name", self.name, "--set name=my-run"))
+        require(
+            is_valid_name(self.data.dataset),
+            name_error("data.dataset", self.data.dataset, "--set data.dataset=synthetic"),
+        )
         for section in ("data", "model", "proto", "loss", "optim", "schedule", "logging"):
             check_choices(getattr(self, section), label=lambda name, section=section: f"{section}.{name}")
         require(
@@ -165,3 +172,46 @@ class TrainConfig:
             self.logging.log_every_steps >= 1 and self.logging.keep_checkpoints >= 1,
             "logging.log_every_steps and logging.keep_checkpoints must be at least 1.",
         )
+        for key, value, rule in self._ranges():
+            require(rule(value), f"{key} is {value!r}; it must be {RULES[rule]} (change it with --set {key}=...).")
+
+    def _ranges(self) -> list[tuple[str, float, "Rule"]]:
+        """(key, value, rule) of every numeric field a type cannot bound; checked before any work so
+        that a bad value fails in one sentence rather than inside torch after a warm-up episode."""
+        d, m, p, l, o, s, g = self.data, self.model, self.proto, self.loss, self.optim, self.schedule, self.logging
+        checks = [
+            ("data.episode_size", d.episode_size, _non_negative), ("data.shuffle_buffer", d.shuffle_buffer, _non_negative),
+            ("model.projection_dim", m.projection_dim, _positive),
+            ("model.projection_hidden_dim", m.projection_hidden_dim, _positive),
+            ("model.projection_n_layers", m.projection_n_layers, _non_negative),
+            ("loss.w_clip", l.w_clip, _non_negative), ("loss.w_proto", l.w_proto, _non_negative),
+            ("loss.w_ext", l.w_ext, _non_negative), ("loss.target_temperature", l.target_temperature, _non_negative),
+            ("optim.lr", o.lr, _positive), ("optim.weight_decay", o.weight_decay, _non_negative),
+            ("optim.beta1", o.beta1, _unit), ("optim.beta2", o.beta2, _unit), ("optim.eps", o.eps, _non_negative),
+            ("optim.grad_clip", o.grad_clip, _non_negative),
+            ("schedule.warmup_steps", s.warmup_steps, _non_negative),
+            ("schedule.infonce_warmup_episodes", s.infonce_warmup_episodes, _non_negative),
+            ("logging.checkpoint_every_steps", g.checkpoint_every_steps, _non_negative),
+        ]  # fmt: skip
+        if p.enabled:
+            checks += [("proto.k", p.k, _positive), ("proto.teacher_k", p.teacher_k, _non_negative),
+                       ("proto.iterations", p.iterations, _positive), ("proto.restarts", p.restarts, _positive)]  # fmt: skip
+        return checks
+
+
+Rule = Callable[[float], bool]
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+def _unit(value: float) -> bool:
+    return 0 <= value < 1
+
+
+RULES: dict[Rule, str] = {_positive: "positive", _non_negative: "0 or more", _unit: "in [0, 1)"}

@@ -15,6 +15,13 @@ docs/training.md); the formats of the files are their writers' (``training/check
     cluster/episode-<n>/           cluster's report on episode n
     export/<run>-<arch>.pt         export's OpenCLIP checkpoint
     export/<run>-<arch>-hf/        export's OpenCLIP hub folder (open_clip_config.json, weights, README.md)
+    train.lock                     present while a train process writes the run (pid, host, command)
+
+One process writes a run at a time: ``train`` holds :meth:`RunDir.lock` (an OS lock on
+``train.lock``, which the kernel releases when the process ends, however it ends). A second writer
+is refused naming the holder; a lock file left by a process that died is stale and taken over.
+(:mod:`protoclip_cli.run_lock`). Readers (evaluate, cluster, export) take no lock: every file train writes is renamed into place
+whole, so they read a running run's latest checkpoint as it is.
 
 :func:`resolve` is the one way every stage turns a target (a run name, a run folder or a
 checkpoint file) into a :class:`ResolvedRun`.
@@ -22,11 +29,13 @@ checkpoint file) into a :class:`ResolvedRun`.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.run_lock import RunLock
 
 if TYPE_CHECKING:
     from protoclip_cli.recipes import TrainConfig
@@ -37,6 +46,7 @@ __all__ = ["RunDir", "ResolvedRun", "resolve", "latest_checkpoint", "load_run_co
 CONFIG_FILE = "config.toml"
 CHECKPOINTS = "checkpoints"
 EPISODES = "episodes"
+LOCK_FILE = "train.lock"
 TRAIN_COMMAND = "protoclip train recipes/synthetic.toml"
 
 
@@ -126,11 +136,40 @@ class RunDir:
         """export's OpenCLIP hub folder (``--format hf``)."""
         return self.path / "export" / f"{self.name}-{arch}-hf"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK_FILE
+
     def training_state(self) -> list[Path]:
         """What a fresh start of the run deletes: checkpoints, episodes, metrics, TensorBoard events and
         the wandb id (a fresh start is a new wandb run; wandb's own folder, with offline runs not yet
         synced, stays)."""
         return [self.checkpoints_dir, self.episodes_dir, self.tensorboard_dir, self.metrics_file, self.wandb_id_file]
+
+    # -- the writer's lock ---------------------------------------------------------------------------
+    def lock(self, command: str = "train") -> "RunLock":
+        """Claim the run for this process (see :class:`RunLock`); a :class:`RunLocked` error names the
+        process that holds it. Release with ``.release()`` or use it as a context manager."""
+        return RunLock(self.lock_file, self.name).acquire(command)
+
+    def writer(self) -> dict[str, Any] | None:
+        """The process writing this run now (``pid``, ``host``, ``command``, ``started_at``), or None.
+        It opens the lock file read-only, so it works on a read-only workspace."""
+        return RunLock(self.lock_file, self.name).holder()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files a killed writer left (``.step-*.pt.*.tmp``, ``.prototypes.h5.*.tmp``,
+        ...). Only the lock holder may call this: a live writer's temporaries look the same."""
+        folders = [self.path, self.checkpoints_dir, *(p for p in self.episodes_dir.glob("*") if p.is_dir())]
+        removed = []
+        for folder in folders:
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+        return removed
 
     # -- contents ----------------------------------------------------------------------------------
     def require(self) -> "RunDir":
@@ -209,8 +248,16 @@ class RunDir:
         from protoclip_cli.training.checkpoint import load_checkpoint
 
         config = self.config()
-        path = self.checkpoint(checkpoint)
-        state = load_checkpoint(path)
+        for attempt in range(3):
+            path = self.checkpoint(checkpoint)
+            try:
+                state = load_checkpoint(path)
+                break
+            except ProtoclipError:
+                # A running train deletes its older checkpoints: the newest of a moment ago may be
+                # gone by the time it is opened, so look for the newest again.
+                if checkpoint or path.exists() or attempt == 2:
+                    raise
         model = build_model(config.model)
         model.load_state_dict(state["model"])
         model.to(device).eval()
@@ -253,10 +300,21 @@ def resolve(workspace: "Workspace", target: str | Path | None, checkpoint: str |
 
     chosen = Path(checkpoint) if checkpoint else None
     if not target:
-        return ResolvedRun(RunDir(workspace.run_dir(workspace.resolve_run(None))).require(), chosen, workspace)
+        run = RunDir(workspace.run_dir(workspace.resolve_run(None))).require()
+        _say_if_running(run)
+        return ResolvedRun(run, chosen, workspace)
     path = next((p for p in (Path(target), workspace.root / target) if p.exists()), None)
     if path is None:
-        return ResolvedRun(RunDir(workspace.run_dir(str(target))).require(), chosen, workspace)
+        from protoclip_cli.workspace import is_valid_name
+
+        if not is_valid_name(str(target)):
+            raise MissingInputError(
+                f"{target} is neither a file, a folder nor a run name of {workspace.runs_dir}; pass a run name, "
+                "a run folder or a checkpoint file."
+            )
+        run = RunDir(workspace.run_dir(str(target))).require()
+        _say_if_running(run)
+        return ResolvedRun(run, chosen, workspace)
     if path.is_file():
         run = RunDir(path.parent.parent if path.parent.name == CHECKPOINTS else path.parent)
         if not run.exists():
@@ -267,6 +325,7 @@ def resolve(workspace: "Workspace", target: str | Path | None, checkpoint: str |
         chosen = chosen or path
     else:
         run = RunDir(path).require()
+    _say_if_running(run)
     owner = workspace
     if run.path.resolve().parent.name == "runs":
         owner = Workspace(run.path.resolve().parent.parent)
@@ -275,6 +334,15 @@ def resolve(workspace: "Workspace", target: str | Path | None, checkpoint: str |
 
             info(f"Run {run.path} belongs to the workspace {owner.root}; reading its data sets there.")
     return ResolvedRun(run, chosen, owner)
+
+
+def _say_if_running(run: RunDir) -> None:
+    writer = run.writer()
+    if writer is not None:
+        from protoclip_cli.console import info
+
+        info(f"Run {run.name} is being trained now (process {writer.get('pid', '?')} on {writer.get('host', '?')}); "
+             "reading its latest checkpoint, which later ones will supersede.")
 
 
 # -- the same for a folder path ----------------------------------------------------------------------

@@ -31,10 +31,34 @@ def default_workspace() -> Path:
     return Path(os.environ.get(WORKSPACE_ENV, DEFAULT_WORKSPACE))
 
 
+# Names of data sets, runs and teacher slugs become folder and file names inside the workspace: one
+# path component of portable characters, so a name can neither leave the workspace ('../x') nor nest
+# folders ('a/b'), and it survives shells, URLs and other file systems.
+NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def is_valid_name(name: str) -> bool:
+    """True for a name that is one safe path component (see :data:`NAME_RULE`)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
+def name_error(what: str, name: str, setting: str) -> str:
+    """The one sentence refusing ``name`` as ``what`` (e.g. 'run name'), naming the ``setting`` to change."""
+    return f"{what} {name!r} is not a valid name: use {NAME_RULE} (one folder name, no '/'), e.g. {setting}."
+
+
+def check_name(name: str, what: str, setting: str) -> str:
+    if not is_valid_name(name):
+        raise ProtoclipError(name_error(what, name, setting))
+    return name
+
+
 def slugify(name: str) -> str:
-    """A file-name-safe slug: 'sentence-transformers/all-MiniLM-L6-v2' -> 'all-MiniLM-L6-v2'."""
+    """A file-name-safe slug, always a valid name: 'sentence-transformers/all-MiniLM-L6-v2' -> 'all-MiniLM-L6-v2'."""
     base = name.rstrip("/").split("/")[-1]
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-") or "model"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).lstrip("-._")[:100].rstrip("-.")
+    return slug if is_valid_name(slug) else "model"
 
 
 @dataclass(frozen=True)
@@ -51,7 +75,8 @@ class Workspace:
         return self.root / "datasets"
 
     def dataset_dir(self, name: str) -> Path:
-        return self.datasets_dir / name
+        # Configs check their names with the option to change; this is the last line of defence.
+        return self.datasets_dir / check_name(name, "Data set name", "protoclip download NAME")
 
     def split_dir(self, name: str, split: str = "train") -> Path:
         return self.dataset_dir(name) / ("shards" if split == "train" else split)
@@ -104,7 +129,7 @@ class Workspace:
         return self.root / "runs"
 
     def run_dir(self, name: str) -> Path:
-        return self.runs_dir / name
+        return self.runs_dir / check_name(name, "Run name", "--set name=NAME")
 
     def eval_dir(self, model: str) -> Path:
         """Results of evaluating a model that is not a run of this workspace (an OpenCLIP checkpoint)."""

@@ -92,6 +92,45 @@ def test_missing_and_invalid_files(tmp_path):
         config.load(TrainConfig, write(tmp_path, "[optim\n"))
 
 
+def test_binary_files_and_folders_as_recipes_are_one_sentence(tmp_path):
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"PK\x03\x04\x14\x00\x00\x08\x08\x00\xa7\x9c\xff\xfe archive")
+    with pytest.raises(ConfigError, match=r"model.pt is not a text file \(byte \d+ is not UTF-8\); pass a TOML recipe"):
+        config.load(TrainConfig, binary)
+    with pytest.raises(ConfigError, match="is a folder; pass a TOML file"):
+        config.load(TrainConfig, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=-1", r"optim.lr is -1.0; it must be positive \(change it with --set optim.lr=...\)"),
+        ("optim.lr=0", "optim.lr is 0.0; it must be positive"),
+        ("optim.lr=nan", "optim.lr is nan; it must be positive"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay is -0.1; it must be 0 or more"),
+        ("optim.beta2=1.0", r"optim.beta2 is 1.0; it must be in \[0, 1\)"),
+        ("optim.grad_clip=-1", "optim.grad_clip is -1.0"),
+        ("proto.k=0", "proto.k is 0; it must be positive"),
+        ("proto.iterations=0", "proto.iterations is 0; it must be positive"),
+        ("proto.restarts=0", "proto.restarts is 0"),
+        ("proto.teacher_k=-1", "proto.teacher_k is -1; it must be 0 or more"),
+        ("loss.target_temperature=-0.01", "loss.target_temperature is -0.01; it must be 0 or more"),
+        ("loss.w_proto=-1", "loss.w_proto is -1.0"),
+        ("data.episode_size=-5", "data.episode_size is -5"),
+        ("schedule.warmup_steps=-1", "schedule.warmup_steps is -1"),
+        ("model.projection_dim=0", "model.projection_dim is 0; it must be positive"),
+    ],
+)
+def test_numeric_ranges_are_checked_when_the_recipe_is_loaded(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(TrainConfig, write(tmp_path, ""), [override])
+
+
+def test_prototype_ranges_do_not_bind_a_clip_recipe(tmp_path):
+    clip = config.load(TrainConfig, write(tmp_path, ""), ["proto.enabled=false", "proto.k=0", "model.heads=false"])
+    assert clip.proto.k == 0
+
+
 def test_configs_are_frozen():
     cfg = TrainConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):

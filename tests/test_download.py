@@ -94,12 +94,15 @@ def test_synthetic_rerun_is_incremental_and_keeps_the_data(synthetic_download):
     workspace, _ = synthetic_download
     tar = workspace.split_dir("synthetic") / "00000.tar"
     before = tar.stat().st_mtime_ns
+    manifest = (workspace.dataset_dir("synthetic") / "manifest.json").read_bytes()
     proc = protoclip(
         "synthetic", "-w", str(workspace.root), "--train-size", str(TRAIN), "--heldout-size", str(HELDOUT),
         "--samples-per-shard", str(PER_SHARD), "--seed", "5", "--processes", "1",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert tar.stat().st_mtime_ns == before  # finished shards are not written again
+    # The same data keeps the same manifest, byte for byte: its hash is the version teacher files record.
+    assert (workspace.dataset_dir("synthetic") / "manifest.json").read_bytes() == manifest
     assert workspace.dataset_manifest("synthetic")["count_ok"] == TRAIN + HELDOUT
 
     # Other data settings cannot be mixed into the same shards.
@@ -261,7 +264,7 @@ def test_cc3m_tsv_columns_are_caption_then_url(tmp_path):
 
     tsv = tmp_path / "cc3m.tsv"
     tsv.write_text('a "quoted" dog on grass\thttp://x/1.jpg\nsecond one\thttp://x/2.jpg\n')
-    table = read_url_list(tsv, "tsv", header=HEADERLESS_COLUMNS["cc3m"])
+    table = read_url_list(tsv, "tsv", header=HEADERLESS_COLUMNS["cc3m"]).table
     assert table.column_names == ["url", "caption"]
     assert table.to_pydict() == {
         "url": ["http://x/1.jpg", "http://x/2.jpg"],

@@ -32,3 +32,34 @@ def test_workers_that_split_shards_still_see_every_sample(synthetic_workspace):
     loader = DataLoader(_PerWorkerShards(shards), batch_size=None, num_workers=2)
     keys = sorted(int(k) for k in loader)
     assert keys == sorted(key for key, _ in iter_captions(shards))
+
+
+def _tar(path, captions):
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True)
+    with tarfile.open(path, "w") as tar:
+        for i, caption in enumerate(captions):
+            for ext, data in (("jpg", b"\xff\xd8" + bytes(500)), ("txt", caption)):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_damaged_shard_is_one_sentence_naming_it_and_verify(tmp_path):
+    import pytest
+
+    from protoclip_cli.errors import ProtoclipError
+
+    good = _tar(tmp_path / "mine" / "shards" / "00000.tar", [b"a", b"b"])
+    bad_caption = _tar(tmp_path / "mine" / "heldout" / "00000.tar", [b"a", b"\xff\xfe"])
+    cut = _tar(tmp_path / "other" / "shards" / "00001.tar", [b"a", b"b", b"c"])
+    cut.write_bytes(cut.read_bytes()[:1800])
+    with pytest.raises(ProtoclipError, match=rf"^Shard {bad_caption} is damaged \('utf-8' codec can't decode .*\); "
+                                             r"repair the data set with `protoclip download mine --verify`\.$"):
+        list(iter_samples([good, bad_caption]))
+    with pytest.raises(ProtoclipError, match=rf"^Shard {cut} is damaged \(unexpected end of data\); repair the data "
+                                             r"set with `protoclip download other --verify`\.$"):
+        list(iter_captions([good, cut]))

@@ -32,19 +32,30 @@ def workspace(path: Optional[Path]) -> Workspace:
 
 
 def handle_errors(command: Callable) -> Callable:
-    """Turn a ProtoclipError into one red sentence on stderr and exit status 1 (no traceback)."""
+    """Turn a ProtoclipError, an OSError or Ctrl-C into one red sentence on stderr and an exit
+    status (1; 130 after Ctrl-C), with no traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from protoclip_cli.errors import ProtoclipError
+        from protoclip_cli.errors import Interrupted, ProtoclipError, os_error_sentence
 
         try:
             return command(*args, **kwargs)
         except ProtoclipError as exc:
-            from protoclip_cli.console import console
-
-            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            _say(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            # A write or read the stages do not wrap themselves (an append, a folder being made).
+            _say(os_error_sentence(exc))
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            _say("Interrupted by Ctrl-C; files are written whole or not at all, so rerunning the same command is safe.")
+            raise typer.Exit(Interrupted.exit_code) from None
 
     return wrapper
 
+
+def _say(sentence: str) -> None:
+    from protoclip_cli.console import console
+
+    console.print(f"[red]error:[/red] {escape(sentence)}", soft_wrap=True)

@@ -27,6 +27,7 @@ FLAGS = {
     "source": Flag(hidden=True),  # follows from the name and --tsv / --url-list
     "extra_cols": Flag(("--extra-col",)),
     "incremental": Flag(("--incremental/--overwrite",)),
+    "verify": Flag(("--verify",)),
     "synthetic_train_size": Flag(("--train-size",)),
     "synthetic_heldout_size": Flag(("--heldout-size",)),
     **{field: Flag(note=_list_default(field)) for field in defaults_for("url_list")},
@@ -45,6 +46,8 @@ def run(values: dict[str, Any], overrides: list[str], workspace_path) -> None:
     from protoclip_cli.stages.download import run as download
 
     name = values["name"] or DownloadConfig.name
+    if values.pop("verify"):
+        return _verify(name, values, overrides, workspace_path)
     list_format = values["input_format"] or DownloadConfig.input_format
     source, list_file, list_format = _source(name, values.pop("tsv"), values["url_list"], list_format)
     if source != "synthetic" and any(values[field] is not None for field in EMBEDDED_ONLY):
@@ -55,6 +58,50 @@ def run(values: dict[str, Any], overrides: list[str], workspace_path) -> None:
     manifest = download(config, ws)
     out.print(summary_table(manifest))
     info(f"Data set '{config.name}' is ready in {ws.dataset_dir(config.name)}.")
+
+
+RUN_SETTINGS = ("processes", "threads", "timeout", "retries", "distributor")
+
+
+def _verify(name: str, values: dict[str, Any], overrides: list[str], workspace_path) -> None:
+    """`download NAME --verify`: the data set as downloaded, re-read and repaired."""
+    from protoclip_cli.console import info, out
+    from protoclip_cli.errors import ProtoclipError
+    from protoclip_cli.stages.download import recorded_config, run as download
+
+    given = [key for key, value in values.items() if key not in (*RUN_SETTINGS, "name") and value not in (None, [])]
+    if given or overrides:
+        option = "--set" if overrides else "--" + given[0].replace("_", "-")
+        raise ProtoclipError(
+            f"--verify reads the data set with the settings of its download, so {option} does not apply; pass only "
+            "--processes, --threads, --timeout, --retries or --distributor with it."
+        )
+    ws = workspace(workspace_path)
+    manifest = download(recorded_config(name, ws, **{key: values[key] for key in RUN_SETTINGS}), ws)
+    out.print(verify_table(manifest))
+    dropped = sum(split["dropped"] for split in manifest["verify"].values())
+    found = sum(split["found_bad"] for split in manifest["verify"].values())
+    if not found:
+        info(f"Every sample of data set '{name}' reads and decodes; nothing to repair.")
+    elif dropped:
+        info(f"Data set '{name}' is repaired; {dropped} sample(s) could not be re-fetched and were dropped (the "
+             "manifest lists them). Teacher files of the old version: rerun `protoclip teacher-embed "
+             f"{name} --force`, or train with --trust-teacher (the kept captions are unchanged).")
+    else:
+        info(f"Data set '{name}' is repaired: every broken shard was re-fetched whole.")
+
+
+def verify_table(manifest: dict):
+    """Per split: shards and samples checked, broken samples found, shards re-fetched, samples dropped."""
+    from rich.table import Table
+
+    table = Table(title=f"Verified data set '{manifest['name']}'")
+    for column in ("split", "shards", "samples", "broken found", "damaged tars", "re-fetched shards", "dropped"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, report in manifest["verify"].items():
+        table.add_row(split, str(report["shards"]), str(report["samples"]), str(report["found_bad"]),
+                      str(len(report["damaged_shards"])), str(len(report["refetched"])), str(report["dropped"]))
+    return table
 
 
 def _source(
@@ -113,5 +160,7 @@ command = stage_command(
       protoclip download cc3m --tsv Train_GCC-training.tsv --processes 16 --threads 64
 
       protoclip download mydata --url-list urls.parquet --input-format parquet --url-col URL --caption-col TEXT
+
+      protoclip download cc3m --verify
     """,
 )

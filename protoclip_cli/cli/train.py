@@ -22,6 +22,12 @@ def command(
         show_default=False,
     ),
     explain: bool = typer.Option(False, "--explain", help="Print every recipe field (resolved value, help) and exit."),
+    trust_teacher: bool = typer.Option(
+        False,
+        "--trust-teacher",
+        help="Use the teacher file even though it was embedded from another version of the data set (its manifest "
+        "changed); only when you know the captions are the same. Its coverage of the samples is still checked.",
+    ),
     workspace_path: Optional[Path] = WorkspaceOption,
 ) -> None:
     """Train ProtoCLIP or the CLIP baseline from a TOML recipe; rerunning the command resumes it.
@@ -55,9 +61,15 @@ def command(
     from protoclip_cli.console import is_main_process
     from protoclip_cli.stages.train import run
 
-    manifest = run(config, workspace(workspace_path), resume=resume)
+    manifest = run(config, workspace(workspace_path), resume=resume, trust_teacher=trust_teacher)
     if is_main_process():
-        console.print(f"[green]done:[/green] run '{config.name}' finished at step {manifest.get('global_step')}.")
+        broken = int(manifest.get("broken_samples") or 0)
+        skipped = (
+            f" Broken samples were skipped {broken} time(s) (metrics.jsonl counts them per episode); "
+            f"`protoclip download {config.data.dataset} --verify` repairs the data set."
+            if broken else ""
+        )
+        console.print(f"[green]done:[/green] run '{config.name}' finished at step {manifest.get('global_step')}.{skipped}")
         out.print(manifest.get("final_checkpoint", ""), soft_wrap=True)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from protoclip_cli.console import progress, warn
-from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.errors import Interrupted, ProtoclipError
 
 SHARD_DIGITS = 5  # img2dataset's default oom_shard_count: shard files are 00000.tar, 00001.tar, ...
 
@@ -85,7 +85,7 @@ def download_split(
             )
         except SystemExit as exc:
             # img2dataset turns Ctrl-C into sys.exit(0); a stopped download must not look finished.
-            raise ProtoclipError(f"Download of {label} was interrupted; rerun the same command to continue.") from exc
+            raise Interrupted(f"Download of {label} was interrupted; rerun the same command to continue.") from exc
         except Exception as exc:
             raise ProtoclipError(f"img2dataset failed on {label} ({exc}); see {log}.") from exc
         finally:
@@ -158,6 +158,15 @@ def read_stats(folder: Path) -> dict[int, dict[str, Any]]:
     return stats
 
 
+def readable_reason(reason: str) -> str:
+    """img2dataset's failure reason as a user reads it: OpenCV's assertion on an empty buffer is an
+    empty response body (a 200 with no bytes, an empty file)."""
+    reason = " ".join(reason.split())
+    if "!buf.empty()" in reason:
+        return "empty body"
+    return reason
+
+
 def unfinished_shards(folder: Path, rows: int, samples_per_shard: int) -> list[int]:
     """Shard numbers without img2dataset's *_stats.json (which it writes when a shard is done)."""
     done = read_stats(folder)
@@ -168,7 +177,8 @@ def collect_split(folder: Path, *, name: str, split: str, rows: int, samples_per
     """Sum the per-shard stats of a finished split; keep only complete, non-empty shards.
 
     Returns the split's manifest record: ``shards`` (file names), ``count_ok``, ``count_failed``,
-    ``failed_to_download``, ``failed_to_resize`` and ``failures`` (reason -> count, commonest first).
+    ``failed_to_download``, ``failed_to_resize``, ``failures`` (reason -> count, commonest first)
+    and, once ``download --verify`` dropped samples, ``dropped`` (``count``, ``reasons``, ``keys``).
     """
     stats = read_stats(folder)
     expected = math.ceil(rows / samples_per_shard)
@@ -180,14 +190,21 @@ def collect_split(folder: Path, *, name: str, split: str, rows: int, samples_per
         )
     shards, reasons = [], {}
     ok = failed_download = failed_resize = 0
+    dropped: dict[str, Any] = {"count": 0, "reasons": {}, "keys": []}
     for shard_id in range(expected):
         shard = stats[shard_id]
         ok += shard["successes"]
+        verify = shard.get("verify")  # samples `download --verify` dropped (data/shard_verify.py)
+        if verify:
+            dropped["count"] += verify["dropped"]
+            dropped["keys"] += verify["keys"]
+            for reason, n in verify["reasons"].items():
+                dropped["reasons"][reason] = dropped["reasons"].get(reason, 0) + n
         failed_download += shard["failed_to_download"]
         failed_resize += shard["failed_to_resize"]
         for reason, n in shard.get("status_dict", {}).items():
             if reason != "success":
-                reasons[reason] = reasons.get(reason, 0) + n
+                reasons[readable_reason(reason)] = reasons.get(readable_reason(reason), 0) + n
         tar = folder / f"{shard_id:0{SHARD_DIGITS}d}.tar"
         if shard["successes"] == 0:
             # An empty tar would only trip a reader later; img2dataset's stats keep the record.
@@ -205,7 +222,7 @@ def collect_split(folder: Path, *, name: str, split: str, rows: int, samples_per
     failed = failed_download + failed_resize
     if failed:
         warn(f"{failed} of {rows} samples of {name}/{split} failed; the manifest lists the reasons.")
-    return {
+    record = {
         "shards": shards,
         "count_ok": ok,
         "count_failed": failed,
@@ -213,3 +230,6 @@ def collect_split(folder: Path, *, name: str, split: str, rows: int, samples_per
         "failed_to_resize": failed_resize,
         "failures": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
     }
+    if dropped["count"]:
+        record["dropped"] = {**dropped, "keys": sorted(dropped["keys"])}
+    return record

@@ -38,15 +38,36 @@ def _wds(shards: Iterable[str | Path]):
 
 
 def iter_samples(shards: Iterable[str | Path], images: bool = True, meta: bool = True) -> Iterator[Sample]:
-    """Stream the samples of ``shards`` in order (shard order, then position in the shard)."""
-    for record in _wds(shards):
-        caption = record.get("txt", b"").decode("utf-8")
-        yield Sample(
-            key=int(record["__key__"]),
-            caption=caption,
-            image=record.get("jpg") if images else None,
-            meta=json.loads(record["json"]) if meta and "json" in record else {},
-        )
+    """Stream the samples of ``shards`` in order (shard order, then position in the shard).
+
+    A damaged shard (a cut tar, a caption that is not UTF-8, metadata that is not JSON) is a
+    :class:`ProtoclipError` naming it and ``protoclip download NAME --verify``, which repairs it:
+    the stages that read every sample (teacher-embed, cluster, evaluation) need every sample whole.
+    """
+    shards = [str(p) for p in shards]
+    _wds(shards)  # every shard exists, before the first is read
+    for shard in shards:  # one at a time, so that an error names its shard
+        try:
+            for record in _wds([shard]):
+                caption = record.get("txt", b"").decode("utf-8")
+                yield Sample(
+                    key=int(record["__key__"]),
+                    caption=caption,
+                    image=record.get("jpg") if images else None,
+                    meta=json.loads(record["json"]) if meta and "json" in record else {},
+                )
+        except Exception as exc:  # tarfile, webdataset, UTF-8 and JSON errors all mean a damaged shard
+            raise ProtoclipError(
+                f"Shard {shard} is damaged ({_reason(exc)}); repair the data set with "
+                f"`protoclip download {Path(shard).parent.parent.name or 'NAME'} --verify`."
+            ) from exc
+
+
+def _reason(exc: Exception) -> str:
+    # webdataset re-raises a tar error with (message, stream, url) as its arguments.
+    wrapped = not isinstance(exc, UnicodeError) and len(exc.args) == 3 and isinstance(exc.args[0], str)
+    text = (exc.args[0].split(" @ ")[0] if wrapped else str(exc)).strip().splitlines()
+    return text[0][:160] if text else type(exc).__name__
 
 
 def iter_captions(shards: Iterable[str | Path]) -> Iterator[tuple[int, str]]:

@@ -286,6 +286,14 @@ def check_reusable(target: Path, wanted: dict[str, Any]) -> dict[str, Any]:
     return attrs
 
 
+def same_dataset_version(teacher_path: Path, dataset_manifest_path: Path) -> bool:
+    """Whether the teacher file was embedded from the data set as its manifest is now (the sha256
+    the file recorded equals the manifest's). Another version (a new download, another seed, a
+    repair that dropped samples) may hold other captions under the same keys."""
+    _, _, attrs = load_teacher(teacher_path, embeddings=False)
+    return attrs.get("dataset_manifest_sha256") == file_sha256(dataset_manifest_path)
+
+
 def embedded_from(teacher_path: Path, dataset_manifest_path: Path, split: str, samples: int) -> bool:
     """True when the teacher file was embedded from this very download of the train split and holds
     one row per sample: then it covers the data and the shards need not be scanned for their keys."""

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from protoclip_cli.artifacts import atomic_path, write_json
-from protoclip_cli.console import info, progress
+from protoclip_cli.console import info, progress, warn
 from protoclip_cli.errors import ProtoclipError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Column order of the header-less Conceptual Captions TSV files.
 HEADERLESS_COLUMNS: dict[str, tuple[str, str]] = {
@@ -31,6 +36,25 @@ RESERVED_COLUMNS = frozenset(
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class UrlList:
+    """A checked URL list (columns ``url``, ``caption``, extras) and what the checks found."""
+
+    table: "pa.Table"
+    duplicate_urls: int = 0  # rows whose URL an earlier row has (kept: each row is its own sample)
+    repaired_captions: int = 0  # captions with bytes that are not UTF-8, decoded with U+FFFD
+    repaired_urls: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
+
+    def report(self) -> dict[str, int]:
+        """The counts recorded in the data set's manifest."""
+        return {"rows": self.rows, "duplicate_urls": self.duplicate_urls,
+                "non_utf8_captions": self.repaired_captions, "non_utf8_urls": self.repaired_urls}  # fmt: skip
+
+
 def read_url_list(
     path: Path,
     input_format: str,
@@ -38,16 +62,21 @@ def read_url_list(
     caption_col: str = "caption",
     extra_cols: list[str] | None = None,
     header: tuple[str, ...] | None = None,
-):
-    """Read and check a URL list; return a pyarrow Table with columns ``url``, ``caption``, extras.
+) -> UrlList:
+    """Read and check a URL list into columns ``url``, ``caption`` and the extras.
 
     ``header`` names the columns of a file without a header row (the raw CC3M / CC12M TSVs).
+    Bytes that are not UTF-8 in a caption or URL are decoded with the replacement character and
+    counted; rows repeating an earlier row's URL are counted and kept (each is its own sample).
     """
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
 
     extra_cols = list(extra_cols or [])
+    if path.is_dir():
+        raise ProtoclipError(f"URL list {path} is a folder; pass the list file itself (tsv, csv or parquet).")
     if not path.is_file():
         raise ProtoclipError(f"URL list {path} does not exist; check the path.")
     try:
@@ -78,12 +107,55 @@ def read_url_list(
         )
     if table.num_rows == 0:
         raise ProtoclipError(f"URL list {path} has no rows; it needs one row per image.")
-    columns = {
-        "url": table[url_col].cast(pa.string()),
-        "caption": table[caption_col].cast(pa.string()),
-        **{c: table[c] for c in extra_cols},
-    }
-    return pa.table(columns)
+    urls, repaired_urls = _text(table[url_col], path, url_col)
+    captions, repaired_captions = _text(table[caption_col], path, caption_col)
+    checked = UrlList(
+        pa.table({"url": urls, "caption": captions, **{c: table[c] for c in extra_cols}}),
+        duplicate_urls=table.num_rows - pc.count_distinct(urls).as_py(),
+        repaired_captions=repaired_captions,
+        repaired_urls=repaired_urls,
+    )
+    if repaired_captions or repaired_urls:
+        warn(
+            f"{repaired_captions} caption(s) and {repaired_urls} URL(s) of {path} hold bytes that are not UTF-8; "
+            "they were decoded with the replacement character \ufffd (the manifest counts them)."
+        )
+    if checked.duplicate_urls:
+        warn(
+            f"{checked.duplicate_urls} row(s) of {path} repeat the URL of an earlier row; they are kept, each "
+            "downloaded as its own sample (deduplicate the list to avoid that)."
+        )
+    return checked
+
+
+def _text(column, path: Path, name: str):
+    """``column`` as UTF-8 strings and how many values needed the replacement character."""
+    import pyarrow as pa
+
+    try:
+        return column.cast(pa.string()), 0
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+            raise ProtoclipError(f"Column '{name}' of URL list {path} is not text ({column.type}); name another column.") from exc
+    # Only a list with invalid bytes gets here: decode value by value, replacing what is not UTF-8.
+    values, repaired = [], 0
+    for value in column.to_pylist():
+        if value is None:
+            values.append("")
+            continue
+        try:
+            values.append(value.decode("utf-8"))
+        except UnicodeDecodeError:
+            values.append(value.decode("utf-8", errors="replace"))
+            repaired += 1
+    return pa.chunked_array([pa.array(values, pa.string())]), repaired
+
+
+def row_count(url_file: Path) -> int:
+    """Rows of a parquet URL list (from its metadata)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(url_file).metadata.num_rows
 
 
 def write_url_list(table, target: Path) -> Path:

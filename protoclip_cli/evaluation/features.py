@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from protoclip_cli.artifacts import atomic_path
-from protoclip_cli.console import progress
+from protoclip_cli.console import progress, warn
+from protoclip_cli.errors import WriteError
 from protoclip_cli.evaluation.datasets import ImageSet
 from protoclip_cli.evaluation.models import EvalModel
 
@@ -42,8 +43,11 @@ def _load(path: Path | None, rows: int) -> torch.Tensor | None:
 def _save(path: Path | None, features: torch.Tensor, model: EvalModel, label: str) -> None:
     if path is None:
         return
-    with atomic_path(path) as tmp:
-        torch.save({"features": features, "model": model.name, "data": label}, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({"features": features, "model": model.name, "data": label}, tmp)
+    except WriteError as exc:  # the cache only saves time: evaluate on without it
+        warn(f"{exc} The features are not cached (--no-cache skips the cache).")
 
 
 def _rate(done: int, started: float, unit: str) -> str:

@@ -79,9 +79,8 @@ def from_run(run: "RunDir", checkpoint: Path | None, device: str) -> EvalModel:
     found it."""
     from protoclip_cli.core.model import get_tokenizer
 
-    checkpoint_path = run.checkpoint(checkpoint)
     torch_device = resolve_device(device)
-    proto, config, info = run.load_model(checkpoint_path, device=str(torch_device))
+    proto, config, info = run.load_model(checkpoint, device=str(torch_device))
     return EvalModel(
         name=f"{run.name}@{Path(info['path']).name}",
         fingerprint=file_fingerprint(Path(info["path"])),
@@ -113,8 +112,11 @@ def load_open_clip(arch: str, pretrained: str, device: str) -> EvalModel:
     torch_device = resolve_device(device)
     try:
         clip = open_clip.create_model(arch, pretrained=str(weights), device=torch_device)
-    except RuntimeError as error:
-        raise ProtoclipError(f"Could not load {weights} into {arch} ({error}); use a checkpoint of that architecture.") from error
+    except Exception as error:  # torch.load and open_clip raise many types for a file that is not a checkpoint
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if len(reason) > 120:  # torch.load's messages run to paragraphs: their first words say what failed
+            reason = reason[:120].rsplit(" ", 1)[0] + " ..."
+        raise ProtoclipError(f"Could not load {weights} into {arch} ({reason}); use a checkpoint of that architecture.") from error
     clip.eval()
     preprocess = open_clip.get_model_preprocess_cfg(clip)
     size = preprocess["size"]

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from protoclip_cli.artifacts import MANIFEST, write_json, write_manifest
+from protoclip_cli.artifacts import MANIFEST, write_json, write_manifest, write_text
 from protoclip_cli.config import check_choices, option, require
 from protoclip_cli.console import info
 from protoclip_cli.data.url_lists import RESERVED_COLUMNS
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.workspace import Workspace
+from protoclip_cli.workspace import Workspace, is_valid_name, name_error
 
 Source = Literal["synthetic", "cc3m", "cc12m", "url_list"]
 
@@ -74,9 +74,15 @@ class DownloadConfig:
     synthetic_train_size: int = option(4096, "Embedded set: training samples.")
     synthetic_heldout_size: int = option(1024, "Embedded set: held-out samples (evaluation).")
     seed: int = option(0, "Embedded set: generator seed (the held-out split uses its own streams).")
+    verify: bool = option(
+        False,
+        "Re-read every shard of a downloaded data set (tar records, JPEG decodes, UTF-8 captions); re-fetch "
+        "broken shards from the URL list where it allows, else drop the broken samples; the manifest stays true.",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
+        require(is_valid_name(self.name), name_error("Data set name", self.name, "protoclip download my-data"))
         for name in ("image_size", "processes", "threads", "samples_per_shard", "timeout"):
             value = getattr(self, name)
             require(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}.")
@@ -121,13 +127,18 @@ def make_config(name: str, source: Source, **settings: Any) -> DownloadConfig:
 
 
 def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
-    """Download ``config``'s data set into ``workspace``; return the written manifest."""
+    """Download ``config``'s data set into ``workspace`` (or verify it: ``config.verify``); return
+    the written manifest."""
+    if config.verify:
+        return verify(config, workspace)
     _check_environment(config)
     _check_settings(config, workspace)
     from protoclip_cli.data import downloader
 
-    lists = _prepare_url_lists(config, workspace)
+    checks: dict[str, dict[str, int]] = {}
+    lists = _prepare_url_lists(config, workspace, checks)
     dataset_dir = workspace.dataset_dir(config.name)
+    previous = _previous_manifest(dataset_dir / MANIFEST)
     # From here on the data set is in flux: later stages must refuse it until the new manifest lands.
     (dataset_dir / MANIFEST).unlink(missing_ok=True)
     write_json(workspace.download_settings_file(config.name), _data_settings(config))
@@ -139,17 +150,14 @@ def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
             # img2dataset's own overwrite mode deletes its temporary folder too; clear it here instead.
             shutil.rmtree(folder)
         if downloader.unfinished_shards(folder, rows, config.samples_per_shard):
-            downloader.download_split(
-                url_file, folder, label=f"{config.name}/{split}", rows=rows, extra_cols=extra_cols, log=log,
-                image_size=config.image_size, resize_mode=config.resize_mode, encode_quality=config.encode_quality,
-                processes=config.processes, threads=config.threads, samples_per_shard=config.samples_per_shard,
-                timeout=config.timeout, retries=config.retries, distributor=config.distributor,
-            )  # fmt: skip
+            _img2dataset(config, workspace, split, url_file, rows, extra_cols)
         else:
             info(f"{config.name}/{split}: every shard is already downloaded.")
         splits[split] = downloader.collect_split(
             folder, name=config.name, split=split, rows=rows, samples_per_shard=config.samples_per_shard, log=log
         )
+        if split in checks:
+            splits[split]["url_list"] = checks[split]
 
     fields: dict[str, Any] = {
         "name": config.name,
@@ -168,7 +176,43 @@ def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
             "templates": list(synthetic.TEMPLATES),
             "attributes": list(synthetic.ATTRIBUTE_COLUMNS),
         }
+    if previous is not None and _same_data(previous[1], config, fields):
+        # A rerun that changed nothing keeps the manifest byte for byte: its sha256 is the data
+        # set's version, which teacher files record, so a no-op rerun must not make them stale.
+        write_text(dataset_dir / MANIFEST, previous[0])
+        return previous[1]
     return write_manifest(dataset_dir, "download", dataclasses.asdict(config), **fields)
+
+
+def _previous_manifest(path: Path) -> tuple[str, dict[str, Any]] | None:
+    try:
+        text = path.read_text()
+        return text, json.loads(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _same_data(previous: dict[str, Any], config: DownloadConfig, fields: dict[str, Any]) -> bool:
+    """The previous manifest describes the same shards: same data settings and the same summary."""
+    settings = _data_settings(config)
+    old_settings = {**previous.get("config", {}), "extra_cols": list(previous.get("config", {}).get("extra_cols", []))}
+    if config.url_list and old_settings.get("url_list"):
+        old_settings["url_list"] = str(Path(old_settings["url_list"]).resolve())
+    same_settings = all(old_settings.get(key) == settings[key] for key in DATA_SETTINGS)
+    return same_settings and all(previous.get(key) == value for key, value in fields.items())
+
+
+def _img2dataset(config: DownloadConfig, workspace: Workspace, split: str, url_file: Path, rows: int, extra_cols: list[str]) -> None:
+    """Download the shards of ``split`` that have no ``*_stats.json`` yet."""
+    from protoclip_cli.data import downloader
+
+    downloader.download_split(
+        url_file, workspace.split_dir(config.name, split), label=f"{config.name}/{split}", rows=rows,
+        extra_cols=extra_cols, log=workspace.download_log(config.name, split), image_size=config.image_size,
+        resize_mode=config.resize_mode, encode_quality=config.encode_quality, processes=config.processes,
+        threads=config.threads, samples_per_shard=config.samples_per_shard, timeout=config.timeout,
+        retries=config.retries, distributor=config.distributor,
+    )  # fmt: skip
 
 
 def _check_environment(config: DownloadConfig) -> None:
@@ -208,8 +252,11 @@ def _check_settings(config: DownloadConfig, workspace: Workspace) -> None:
 # -- URL lists -----------------------------------------------------------------------------------
 
 
-def _prepare_url_lists(config: DownloadConfig, workspace: Workspace) -> dict[str, tuple[Path, int, list[str]]]:
-    """split -> (parquet URL list for img2dataset, its row count, extra columns to keep)."""
+def _prepare_url_lists(
+    config: DownloadConfig, workspace: Workspace, checks: dict[str, dict[str, int]]
+) -> dict[str, tuple[Path, int, list[str]]]:
+    """split -> (parquet URL list for img2dataset, its row count, extra columns to keep); a user's
+    list's checks (rows, duplicate URLs, repaired text) go to ``checks`` by split."""
     from protoclip_cli.data import url_lists
 
     cache = workspace.cache_dir(config.name)
@@ -223,7 +270,7 @@ def _prepare_url_lists(config: DownloadConfig, workspace: Workspace) -> dict[str
             for split, count in sizes.items()
         }  # fmt: skip
         return {split: (rendered[split], sizes[split], list(synthetic.ATTRIBUTE_COLUMNS)) for split in sizes}
-    table = url_lists.read_url_list(
+    checked = url_lists.read_url_list(
         Path(config.url_list),
         config.input_format if config.source == "url_list" else "tsv",
         config.url_col,
@@ -231,5 +278,87 @@ def _prepare_url_lists(config: DownloadConfig, workspace: Workspace) -> dict[str
         list(config.extra_cols),
         header=url_lists.HEADERLESS_COLUMNS.get(config.source),
     )
-    target = url_lists.write_url_list(table, cache / "urls.parquet")
-    return {"train": (target, table.num_rows, list(config.extra_cols))}
+    target = url_lists.write_url_list(checked.table, cache / "urls.parquet")
+    checks["train"] = checked.report()
+    return {"train": (target, checked.rows, list(config.extra_cols))}
+
+
+# -- verify and repair -------------------------------------------------------------------------------
+
+
+def recorded_config(name: str, workspace: Workspace, **run_settings: Any) -> DownloadConfig:
+    """The config of data set ``name``'s download (its recorded data settings) with ``verify`` on and
+    the run settings given now (processes, threads, timeout, retries, distributor; None: default)."""
+    path = workspace.download_settings_file(name)
+    if not path.is_file():
+        raise ProtoclipError(f"Data set '{name}' has no {path.name}; download it with `protoclip download {name}` first.")
+    settings = json.loads(path.read_text())
+    settings["extra_cols"] = tuple(settings.get("extra_cols", ()))
+    given = {key: value for key, value in run_settings.items() if value is not None}
+    return DownloadConfig(**{**defaults_for(settings["source"]), **settings, **given, "name": name, "verify": True})
+
+
+def verify(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
+    """Re-read every shard of the data set; re-fetch the broken shards where the URL list allows it,
+    drop the broken samples that remain; rewrite the manifest only if something changed.
+
+    Returns the manifest with ``verify``: per split the shards and samples checked, the broken
+    samples found, the shards re-fetched and the samples dropped (not stored in the manifest, whose
+    ``dropped`` records keep what was removed)."""
+    from protoclip_cli.data import downloader, shard_verify
+
+    dataset_dir = workspace.dataset_dir(config.name)
+    manifest = workspace.dataset_manifest(config.name)  # a data set that finished downloading
+    previous = _previous_manifest(dataset_dir / MANIFEST)
+
+    def in_flux() -> None:
+        # Before the first shard changes: later stages must refuse the data set until the new manifest lands.
+        (dataset_dir / MANIFEST).unlink(missing_ok=True)
+
+    splits, reports = dict(manifest["splits"]), {}
+    for split, record in manifest["splits"].items():
+        folder = workspace.split_dir(config.name, split)
+        report = shard_verify.repair_split(
+            [folder / shard for shard in record["shards"]], label=f"{config.name}/{split}",
+            processes=config.processes, refetch=lambda shards, split=split: _refetch(config, workspace, split),
+            before_change=in_flux,
+        )  # fmt: skip
+        reports[split] = report
+        if report.changed:
+            rows = sum(stats["count"] for stats in downloader.read_stats(folder).values())
+            splits[split] = {**record, **downloader.collect_split(
+                folder, name=config.name, split=split, rows=rows, samples_per_shard=config.samples_per_shard,
+                log=workspace.download_log(config.name, split),
+            )}  # fmt: skip
+    summary = {split: {"shards": r.shards, "samples": r.samples, "found_bad": r.found_bad,
+                       "damaged_shards": r.damaged_shards, "refetched": r.refetched, "dropped": len(r.dropped)}
+               for split, r in reports.items()}  # fmt: skip
+    fields = {"splits": splits, "count_ok": sum(s["count_ok"] for s in splits.values()),
+              "count_failed": sum(s["count_failed"] for s in splits.values())}  # fmt: skip
+    if all(manifest.get(key) == value for key, value in fields.items()):
+        # Nothing dropped (or re-fetched shards identical): the manifest, and with it the data
+        # set's version that teacher files record, stays as it was.
+        if previous is not None and not (dataset_dir / MANIFEST).is_file():
+            write_text(dataset_dir / MANIFEST, previous[0])
+        return {**manifest, "verify": summary}
+    own = ("stage", "schema_version", "protoclip_version", "created_at", "config", "inputs")
+    kept = {key: value for key, value in manifest.items() if key not in own}
+    written = write_manifest(dataset_dir, "download", manifest.get("config", {}), **{**kept, **fields})
+    return {**written, "verify": summary}
+
+
+def _refetch(config: DownloadConfig, workspace: Workspace, split: str) -> None:
+    """Download again the shards of ``split`` whose files were set aside (they have no stats)."""
+    from protoclip_cli.data import url_lists
+
+    try:
+        lists = _prepare_url_lists(config, workspace, {})
+    except ProtoclipError:
+        # The user's list is gone: the checked copy download made of it serves as well.
+        cached = workspace.cache_dir(config.name) / "urls.parquet"
+        if config.source == "synthetic" or split != "train" or not cached.is_file():
+            raise
+        lists = {"train": (cached, url_lists.row_count(cached), list(config.extra_cols))}
+    url_file, rows, extra_cols = lists[split]
+    _img2dataset(config, workspace, split, url_file, rows, extra_cols)
+

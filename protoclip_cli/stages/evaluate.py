@@ -21,7 +21,7 @@ from protoclip_cli.config import ConfigError, option, require, to_dict
 from protoclip_cli.console import info
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.evaluation.results import write_result
-from protoclip_cli.workspace import Workspace, slugify
+from protoclip_cli.workspace import Workspace, is_valid_name, name_error, slugify
 
 BASE_TASKS = ("zeroshot", "linear-probe", "retrieval", "clustering", "modality-gap")
 SUITE_TASK = "zeroshot-suite"  # the reference's ten zero-shot data sets and COCO retrieval, under --root
@@ -96,6 +96,8 @@ class EvaluateConfig:
         )
         if dataset in EXTERNAL:  # before any model is loaded
             _require_root(self, dataset)
+        else:
+            require(not dataset or is_valid_name(dataset), name_error("--dataset", dataset, "--dataset synthetic"))
         require(
             not self.pretrained or bool(self.open_clip),
             "--pretrained needs --open-clip ARCH (the OpenCLIP architecture of the checkpoint).",
@@ -274,6 +276,9 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
             record["plots"] = [str(p) for p in drawer.write(path.with_suffix(""), task, record, test_data, figures)]
         benchmark_files = write_result(path, record)
         written[name] = {"path": str(path), "clip_benchmark": [str(p) for p in benchmark_files], **record}
+    if config.out:
+        # The results are where the user asked; the run's folder (perhaps read-only) is not touched.
+        return {"stage": "evaluate", "results": {n: r["metrics"] for n, r in written.items()}, "written": written}
     return _record_manifest(eval_dir, config, model, written)
 
 

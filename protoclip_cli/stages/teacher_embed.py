@@ -25,7 +25,7 @@ from protoclip_cli.config import option, require
 from protoclip_cli.console import info, progress
 from protoclip_cli.data import teacher_file
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.workspace import Workspace
+from protoclip_cli.workspace import Workspace, is_valid_name, name_error
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,6 +54,10 @@ class TeacherConfig:
     force: bool = option(False, "Recompute even when a finished teacher file exists.")
 
     def __post_init__(self) -> None:
+        require(
+            self.dataset is None or is_valid_name(self.dataset),
+            name_error("Data set name", str(self.dataset), "protoclip teacher-embed synthetic"),
+        )
         for name in ("batch_size", "chunk_size"):
             value = getattr(self, name)
             require(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}.")

@@ -19,7 +19,7 @@ from typing import Any
 from protoclip_cli import config as config_io
 from protoclip_cli.artifacts import MANIFEST, write_manifest, write_text
 from protoclip_cli.console import info, warn
-from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.errors import Interrupted, MissingInputError, ProtoclipError
 from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.runs import RunDir
 from protoclip_cli.workspace import Workspace
@@ -34,6 +34,7 @@ class TrainInputs:
     shard_paths: dict[str, Path]  # shard file name -> path
     counts: dict[str, int]  # shard file name -> samples
     teacher_path: Path | None
+    teacher_trusted: bool = False  # of another version of the data set, accepted by --trust-teacher
 
 
 def use_teacher(config: TrainConfig) -> bool:
@@ -47,8 +48,13 @@ def warn_about_recipe(config: TrainConfig) -> None:
         warn("proto.teacher is set but loss.pbt = false: the external-teacher loss needs PBT and is skipped.")
 
 
-def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
-    """The data set, its shards and the teacher file, checked before anything heavy is built."""
+def check_inputs(config: TrainConfig, workspace: Workspace, trust_teacher: bool = False) -> TrainInputs:
+    """The data set, its shards and the teacher file, checked before anything heavy is built.
+
+    The teacher file must come from this version of the data set (the manifest hash it recorded);
+    ``trust_teacher`` accepts one of another version whose captions the user knows are the same,
+    after checking that it covers every sample.
+    """
     from protoclip_cli.training.episodes import shard_keys, shard_sample_count
 
     warn_about_recipe(config)
@@ -65,7 +71,7 @@ def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
     if missing:
         raise MissingInputError(f"Shard {missing[0]} of data set '{name}' is missing; rerun `protoclip download {name}`.")
     counts = {p.name: shard_sample_count(p) for p in shards}
-    teacher_path = None
+    teacher_path, trusted = None, False
     if use_teacher(config):
         from protoclip_cli.data import teacher_file
 
@@ -76,10 +82,19 @@ def check_inputs(config: TrainConfig, workspace: Workspace) -> TrainInputs:
                 f"{config.proto.teacher}` first, or set proto.teacher = '' to train without a teacher."
             )
         manifest_path = workspace.dataset_dir(name) / MANIFEST
+        if not teacher_file.same_dataset_version(teacher_path, manifest_path):
+            trusted = True
+            if not trust_teacher:
+                raise ProtoclipError(
+                    f"Teacher features {teacher_path} were embedded from another version of data set '{name}' (its "
+                    f"manifest.json changed since); run `protoclip teacher-embed {name} --model {config.proto.teacher} "
+                    "--force`, or pass --trust-teacher if you know its captions are unchanged."
+                )
+            warn(f"--trust-teacher: using {teacher_path}, embedded from another version of data set '{name}'.")
         if not teacher_file.embedded_from(teacher_path, manifest_path, config.data.split, sum(counts.values())):
             keys = [key for p in shards for key in shard_keys(p)]  # reads every shard's tar headers
             teacher_file.check_teacher_covers(teacher_path, keys, manifest_path)
-    return TrainInputs(workspace.dataset_dir(name), {p.name: p for p in shards}, counts, teacher_path)
+    return TrainInputs(workspace.dataset_dir(name), {p.name: p for p in shards}, counts, teacher_path, trusted)
 
 
 def check_plan(config: TrainConfig, plan, world_size: int) -> None:
@@ -105,6 +120,17 @@ def check_plan(config: TrainConfig, plan, world_size: int) -> None:
                 f"proto.k = {k_needed} exceeds the {plan.samples(episode)} samples of episode {episode}; lower "
                 "proto.k (and proto.teacher_k) or raise data.episode_size."
             )
+
+
+def note_episode_size(config: TrainConfig, plan, world_size: int) -> None:
+    """Say so when the episodes are larger than asked because ``episode_size`` is under one batch."""
+    size, batch = config.data.episode_size, config.data.batch_size * world_size
+    if 0 < size < batch:
+        smallest = min(plan.samples(e) for e in range(len(plan.episodes)))
+        warn(
+            f"data.episode_size = {size} is smaller than one global batch ({batch}); episodes are made of whole "
+            f"shards, so each holds at least {smallest} samples (raise data.episode_size or lower data.batch_size)."
+        )
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -145,30 +171,40 @@ def prepare_run_dir(config: TrainConfig, run_dir: RunDir, resume: bool | None) -
     return checkpoint
 
 
-def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -> dict[str, Any]:
-    """Train the recipe ``config`` in ``workspace``; returns the run's manifest."""
+def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, trust_teacher: bool = False) -> dict[str, Any]:
+    """Train the recipe ``config`` in ``workspace``; returns the run's manifest. ``trust_teacher``:
+    see :func:`check_inputs`.
+
+    Rank 0 holds the run's lock (:meth:`RunDir.lock`) from before the folder is touched to the end,
+    so a second ``train`` of the same run is refused instead of interleaving with this one.
+    """
     import torch
 
     from protoclip_cli.core import distributed as dist_utils
     from protoclip_cli.training.episodes import EpisodePlan, plan_episodes
     from protoclip_cli.training.loop import Trainer
 
-    inputs = check_inputs(config, workspace)
+    inputs = check_inputs(config, workspace, trust_teacher)
     run_dir = RunDir(workspace.run_dir(config.name))
     if resume is True and not run_dir.exists():
         info(f"Nothing to resume in {run_dir.path}; starting the run.")
     created_group = dist_utils.init_distributed(config.device)
+    lock = None
     try:
         rank, world_size = dist_utils.rank(), dist_utils.world_size()
         decision: list[Any] = [None, None]
         if rank == 0:
             try:
+                lock = run_dir.lock("train")
+                # Only the lock holder may delete temporaries: a live writer's look the same.
+                run_dir.remove_stale_temporaries()
                 resume_from = prepare_run_dir(config, run_dir, resume)
                 if resume_from is not None and run_dir.plan_file.is_file():
                     plan = EpisodePlan.load(run_dir.plan_file)
                 else:
                     plan = plan_episodes(inputs.counts, config.schedule.episodes, config.data.episode_size, config.seed)
                 check_plan(config, plan, world_size)
+                note_episode_size(config, plan, world_size)
                 write_text(run_dir.config_file, config_io.dumps(config))
                 plan.save(run_dir.plan_file)
                 _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
@@ -187,7 +223,15 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
             f"Training run '{config.name}': {config.schedule.episodes} episodes, {trainer.layout.total_steps} steps, "
             f"{world_size} process(es) on {trainer.device}, global batch {config.data.batch_size * world_size}."
         )
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        except BaseException as exc:
+            if rank == 0:
+                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                _record_stop(config, run_dir, inputs, world_size, status, trainer)
+            if isinstance(exc, KeyboardInterrupt):
+                raise Interrupted(_where_it_stopped(run_dir, trainer)) from None
+            raise
         summary["broken_samples"] = trainer.stats.get("broken", 0)
         manifest = {}
         if rank == 0:
@@ -195,15 +239,43 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None) -
             manifest = _write_run_manifest(config, run_dir, inputs, world_size, "complete", summary)
         return dist_utils.broadcast_object(manifest)
     finally:
+        if lock is not None:
+            lock.release()
         if created_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
 
 
+def _where_it_stopped(run_dir: RunDir, trainer) -> str:
+    """The sentence for Ctrl-C: the step reached, and the checkpoint a rerun resumes from."""
+    layout = trainer.layout
+    step = trainer.global_step
+    episode = next((e for e in range(len(layout.steps)) if layout.first_step(e + 1) > step), len(layout.steps) - 1)
+    checkpoint = run_dir.latest_checkpoint()
+    if checkpoint is None:
+        resume = "no checkpoint was written yet, so rerunning the same command starts the run again"
+    else:
+        resume = f"rerunning the same command resumes from {checkpoint.name} (step {int(checkpoint.stem.split('-')[1])})"
+    return f"Training stopped by Ctrl-C at step {step} of {layout.total_steps} (episode {episode}); {resume}."
+
+
+def _record_stop(config: TrainConfig, run_dir: RunDir, inputs: TrainInputs, world_size: int, status: str, trainer) -> None:
+    """Mark the run manifest ``interrupted`` or ``failed`` (best effort: the disk may be what failed)."""
+    checkpoint = run_dir.latest_checkpoint()
+    summary = {"global_step": trainer.global_step, "total_steps": trainer.layout.total_steps,
+               "last_checkpoint": str(checkpoint) if checkpoint else None,
+               "broken_samples": trainer.stats.get("broken", 0)}  # fmt: skip
+    try:
+        _write_run_manifest(config, run_dir, inputs, world_size, status, summary)
+    except (OSError, ProtoclipError):
+        pass
+
+
 def _write_run_manifest(config: TrainConfig, run_dir: RunDir, inputs: TrainInputs, world_size: int, status: str, summary: dict) -> dict:
     # The teacher file is recorded by path: hashing a multi-gigabyte HDF5 on every start costs too much.
     return write_manifest(
         run_dir.path, "train", config=config_io.to_dict(config), inputs={"dataset": inputs.dataset_dir},
-        teacher_file=str(inputs.teacher_path) if inputs.teacher_path else None, status=status, world_size=world_size, command=" ".join(sys.argv), **summary,
+        teacher_file=str(inputs.teacher_path) if inputs.teacher_path else None,
+        **({"teacher_trusted": True} if inputs.teacher_trusted else {}), status=status, world_size=world_size, command=" ".join(sys.argv), **summary,
     )

@@ -67,8 +67,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
     """Write ``state`` atomically as the checkpoint of ``state['global_step']``; keep the newest ``keep``."""
     path = checkpoint_path(run_dir, int(state["global_step"]))
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    # Through a file object: a failed write then carries its OSError (full disk, ...) for the message.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
     for old in list_checkpoints(run_dir)[: -max(1, keep)]:
         old.unlink(missing_ok=True)
     return path

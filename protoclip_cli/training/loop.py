@@ -433,8 +433,8 @@ class Trainer:
         if done < steps:
             raise ProtoclipError(
                 f"Episode {episode} gave {done} of its {steps} batches: some of its shards hold no decodable sample "
-                f"({self.stats.get('broken_by_episode', {}).get(episode, 0)} broken samples skipped); check the data "
-                "set's shards, or download it again."
+                f"({self.stats.get('broken_by_episode', {}).get(episode, 0)} broken samples skipped); repair the data "
+                f"set with `protoclip download {cfg.data.dataset} --verify`."
             )
         bar.remove_task(task)
         return time.perf_counter() - start

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from protoclip_cli.artifacts import write_text
-from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.errors import ProtoclipError, write_error
 from protoclip_cli.runs import RunDir
 
 if TYPE_CHECKING:
@@ -132,8 +132,11 @@ class MetricsLog:
         if not self.enabled:
             return
         record = _plain(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
         if self._writer is not None and record.get("kind") == "step":
             for name, value in record.items():
                 if isinstance(value, (int, float)) and name not in ("step", "kind"):

@@ -1,0 +1,155 @@
+"""One writer per run folder: a second `train` is refused naming the running process, a lock left
+by a killed process is stale and taken over, readers (evaluate, cluster) keep working on a run
+being trained, stale temporaries are cleaned on start, and Ctrl-C says where training stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.run_lock import RunLocked
+from protoclip_cli.runs import RunDir
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "synthetic.toml"
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+HOLD = (
+    "import sys, time\n"
+    "from protoclip_cli.runs import RunDir\n"
+    "RunDir(sys.argv[1]).lock('train')\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+@pytest.fixture
+def holder():
+    """Start a process that holds a run's lock (as a running train does); kill it on exit."""
+    started: list[subprocess.Popen] = []
+
+    def hold(run_path: Path) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", HOLD, str(run_path)], stdout=subprocess.PIPE, text=True, env=ENV)
+        started.append(process)
+        assert process.stdout.readline().strip() == "locked"
+        return process
+
+    yield hold
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def test_a_second_writer_is_refused_naming_the_first_and_a_dead_ones_lock_is_taken_over(holder, tmp_path, capsys):
+    run = RunDir(tmp_path / "runs" / "busy")
+    first = holder(run.path)
+    record = json.loads(run.lock_file.read_text())
+    assert record["pid"] == first.pid and record["host"] == socket.gethostname() and record["command"] == "train"
+    assert run.writer()["pid"] == first.pid
+
+    with pytest.raises(RunLocked, match=rf"^Run 'busy' is being written by process {first.pid} on "
+                                        rf"{socket.gethostname()} since .*; wait for it to end or stop it, or use "
+                                        r"another run name with --set name=NEW_NAME \(if that process is gone, delete "):
+        run.lock()
+
+    first.kill()  # kill -9: the process cannot remove its lock file
+    first.wait()
+    assert json.loads(run.lock_file.read_text())["pid"] == first.pid
+    assert run.writer() is None  # the file is there, but nobody holds its lock: stale
+    with run.lock() as lock:
+        assert f"left locked by process {first.pid}" in capsys.readouterr().err
+        assert json.loads(run.lock_file.read_text())["pid"] == os.getpid()
+        assert lock.fd is not None
+    assert not run.lock_file.exists()
+
+
+def test_train_refuses_a_run_another_process_writes_and_touches_nothing(holder, synthetic_workspace):
+    from test_train import small_config
+
+    from protoclip_cli.stages.train import run
+
+    run_dir = RunDir(synthetic_workspace.run_dir("t-locked"))
+    other = holder(run_dir.path)
+    with pytest.raises(ProtoclipError, match=rf"Run 't-locked' is being written by process {other.pid}"):
+        run(small_config("name='t-locked'"), synthetic_workspace)
+    assert [p.name for p in run_dir.path.iterdir()] == ["train.lock"]
+
+
+def test_train_removes_stale_temporaries_when_it_starts(synthetic_workspace):
+    """The cleanup happens as soon as the lock is held, before the plan is even checked: a run
+    refused for its batch size (so that no training time is spent) has cleaned up already."""
+    from test_train import small_config
+
+    from protoclip_cli.stages.train import run
+
+    run_dir = RunDir(synthetic_workspace.run_dir("t-stale"))
+    stale = [run_dir.checkpoints_dir / ".step-00000004.pt.k2j3.tmp", run_dir.path / ".manifest.json.x8.tmp",
+             run_dir.episode_dir(1) / ".prototypes.h5.a1.tmp"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    (run_dir.path / ".cluster.tmp").mkdir()  # a folder built by atomic_dir
+    kept = run_dir.path / "notes.txt"
+    kept.write_text("not a temporary")
+    with pytest.raises(ProtoclipError, match="gives no full batch of 512"):
+        run(small_config("name='t-stale'", "data.batch_size=512"), synthetic_workspace)
+    assert not any(run_dir.path.rglob("*.tmp")) and kept.is_file()
+    assert not run_dir.lock_file.exists()  # released on the way out
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_workspace, synthetic_teacher):
+    from test_evaluate import train_shared_run
+
+    return train_shared_run(synthetic_workspace, synthetic_teacher)
+
+
+def test_evaluate_and_cluster_read_a_run_that_is_being_trained(holder, trained_run, synthetic_workspace):
+    from typer.testing import CliRunner
+
+    from protoclip_cli.cli import app
+
+    other = holder(trained_run)
+    workspace = ["-w", str(synthetic_workspace.root)]
+    for command in (["evaluate", trained_run.name, "--task", "synthetic-zeroshot", "--workers", "0", "--device", "cpu"],
+                    ["cluster", trained_run.name, "--tsne-points", "0"]):
+        result = CliRunner().invoke(app, [*command, *workspace])
+        assert result.exit_code == 0, result.output
+        assert f"is being trained now (process {other.pid}" in " ".join(result.output.split())
+    assert RunDir(trained_run).writer()["pid"] == other.pid
+
+
+def test_ctrl_c_exits_130_saying_where_training_stopped(synthetic_workspace):
+    name = "t-ctrl-c"
+    run_dir = RunDir(synthetic_workspace.run_dir(name))
+    args = ["--set", f"name={name}", "--set", "data.workers=1", "--set", "data.batch_size=32",
+            "--set", "data.episode_size=256", "--set", "schedule.episodes=40", "--set", "proto.enabled=false",
+            "--set", "model.heads=false", "--set", "proto.teacher=''", "--set", "logging.checkpoint_every_steps=2",
+            "--set", "device='cpu'", "--set", "data.augmentation='rrc'"]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "protoclip_cli", "train", str(RECIPE), *args, "-w", str(synthetic_workspace.root)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while run_dir.latest_checkpoint() is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    sentence = " ".join(stderr.split())
+    checkpoint = run_dir.latest_checkpoint()
+    step = int(checkpoint.stem.split("-")[1])
+    assert f"Training stopped by Ctrl-C at step " in sentence
+    assert f"rerunning the same command resumes from {checkpoint.name} (step {step})." in sentence
+    assert "Traceback" not in stderr
+    manifest = json.loads(run_dir.manifest_file.read_text())
+    assert manifest["status"] == "interrupted" and manifest["last_checkpoint"] == str(checkpoint)
+    assert not run_dir.lock_file.exists()
