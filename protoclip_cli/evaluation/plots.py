@@ -30,12 +30,17 @@ def _pyplot():
 
 
 def _save(figure, path: Path, title: str) -> Path:
+    """Written under a temporary name and renamed (a failed write is one sentence naming ``path``)."""
+    from protoclip_cli.artifacts import atomic_path
+
     plt = _pyplot()
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=90, format="png")
+    finally:
+        plt.close(figure)
     return Path(path)
 
 

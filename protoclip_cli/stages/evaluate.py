@@ -272,6 +272,7 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
         }
         path = _result_path(config, eval_dir, name)
         if drawer is not None:
+            _make_folder_of(path)  # a result that cannot be written is named before its plots are drawn
             test_data = None if task == SUITE_TASK else data.get(dataset)
             record["plots"] = [str(p) for p in drawer.write(path.with_suffix(""), task, record, test_data, figures)]
         benchmark_files = write_result(path, record)
@@ -280,6 +281,15 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
         # The results are where the user asked; the run's folder (perhaps read-only) is not touched.
         return {"stage": "evaluate", "results": {n: r["metrics"] for n, r in written.items()}, "written": written}
     return _record_manifest(eval_dir, config, model, written)
+
+
+def _make_folder_of(path: Path) -> None:
+    from protoclip_cli.errors import write_error
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
 
 
 def _result_name(task: str, preset: str, config: EvaluateConfig) -> str:
