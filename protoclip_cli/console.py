@@ -17,9 +17,10 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def info(message: str) -> None:
+def info(message: str, soft_wrap: bool = False) -> None:
+    """A notice on stderr (rank 0); ``soft_wrap`` keeps a long line (a path) unbroken."""
     if is_main_process():
-        console.print(message)
+        console.print(message, soft_wrap=soft_wrap)
 
 
 def warn(message: str) -> None:

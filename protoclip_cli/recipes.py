@@ -151,6 +151,14 @@ class LoggingConfig:
     checkpoint_every_steps: int = option(500, "Steps between mid-episode checkpoints (0 = only after episodes).")
     keep_checkpoints: int = option(2, "Checkpoints kept on disk (newest first).")
     tensorboard: bool = option(False, "Also write TensorBoard event files to runs/<run>/tensorboard.")
+    wandb: bool = option(
+        False,
+        "Also log every metrics.jsonl record to Weights & Biases (step = global step); a resumed run continues "
+        "the same wandb run. WANDB_MODE=offline logs to runs/<run>/wandb for a later `wandb sync`.",
+    )
+    wandb_project: str = option("protoclip", "wandb project of the run.")
+    wandb_entity: str = option("", "wandb entity (user or team; '' = your default entity).")
+    wandb_name: str = option("", "wandb display name of the run ('' = the run's name).")
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,11 @@ docs/training.md); the formats of the files are their writers' (``training/check
     episodes/plan.json             the shards of every episode
     episodes/<n>/prototypes.h5     labels, centroids and PBT centroids of episode n
     metrics.jsonl, tensorboard/    per-step and per-episode metrics
-    eval/<task>.json, eval/cache/  evaluate's results and cached features
+    wandb-run.txt, wandb/          the run's wandb id (a resumed run continues it), wandb's own files
+    eval/<task>.json, eval/*.png   evaluate's results and their plots; eval/cache/ its cached features
     cluster/episode-<n>/           cluster's report on episode n
     export/<run>-<arch>.pt         export's OpenCLIP checkpoint
+    export/<run>-<arch>-hf/        export's OpenCLIP hub folder (open_clip_config.json, weights, README.md)
     train.lock                     present while a train process writes the run (pid, host, command)
 
 One process writes a run at a time: ``train`` holds :meth:`RunDir.lock` (an OS lock on
@@ -101,6 +103,26 @@ class RunDir:
         return self.path / "tensorboard"
 
     @property
+    def wandb_id_file(self) -> Path:
+        return self.path / "wandb-run.txt"
+
+    @property
+    def wandb_dir(self) -> Path:
+        """wandb's own folder (offline runs to ``wandb sync``); ``wandb.init(dir=run.path)`` creates it."""
+        return self.path / "wandb"
+
+    def wandb_run_id(self) -> str | None:
+        """The id of the wandb run this run logs to, once it has started one."""
+        if not self.wandb_id_file.is_file():
+            return None
+        return self.wandb_id_file.read_text().strip() or None
+
+    def record_wandb_run_id(self, run_id: str) -> None:
+        from protoclip_cli.artifacts import write_text
+
+        write_text(self.wandb_id_file, run_id + "\n")
+
+    @property
     def eval_dir(self) -> Path:
         return self.path / "eval"
 
@@ -110,13 +132,19 @@ class RunDir:
     def export_file(self, arch: str) -> Path:
         return self.path / "export" / f"{self.name}-{arch}.pt"
 
+    def hub_export_dir(self, arch: str) -> Path:
+        """export's OpenCLIP hub folder (``--format hf``)."""
+        return self.path / "export" / f"{self.name}-{arch}-hf"
+
     @property
     def lock_file(self) -> Path:
         return self.path / LOCK_FILE
 
     def training_state(self) -> list[Path]:
-        """What a fresh start of the run deletes: checkpoints, episodes, metrics, TensorBoard events."""
-        return [self.checkpoints_dir, self.episodes_dir, self.tensorboard_dir, self.metrics_file]
+        """What a fresh start of the run deletes: checkpoints, episodes, metrics, TensorBoard events and
+        the wandb id (a fresh start is a new wandb run; wandb's own folder, with offline runs not yet
+        synced, stays)."""
+        return [self.checkpoints_dir, self.episodes_dir, self.tensorboard_dir, self.metrics_file, self.wandb_id_file]
 
     # -- the writer's lock ---------------------------------------------------------------------------
     def lock(self, command: str = "train") -> "RunLock":

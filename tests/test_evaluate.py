@@ -81,6 +81,10 @@ def test_trained_run_beats_chance_on_heldout_zeroshot(trained_run, synthetic_wor
     rank = (scores >= own[:, None]).sum(axis=1) - 1
     assert result["metrics"]["top1"] == pytest.approx(100 * np.mean(rank < 1), abs=1e-3)
     assert result["metrics"]["top5"] == pytest.approx(100 * np.mean(rank < 5), abs=1e-3)
+    # The top-k curve (drawn in synthetic-zeroshot.png) by the same formula, k = 1 .. 10.
+    assert result["topk_curve"] == pytest.approx({str(k): 100 * np.mean(rank < k) for k in range(1, 11)}, abs=1e-3)
+    assert result["plots"] == [str(trained_run / "eval" / f"synthetic-zeroshot{suffix}.png")
+                               for suffix in ("", "-tsne", "-samples")]
 
 
 def test_all_tasks_on_the_embedded_default_share_cached_features(trained_run, synthetic_workspace):
@@ -110,6 +114,19 @@ def test_all_tasks_on_the_embedded_default_share_cached_features(trained_run, sy
     assert len([n for n in after if n.startswith("synthetic-heldout-image.")]) == 1
     manifest = json.loads((eval_dir / "manifest.json").read_text())
     assert {"synthetic-zeroshot", "zeroshot", "retrieval"} <= set(manifest["results"])
+    # Plots next to each JSON, listed in the record and printed; modality-gap has none.
+    expected = {"zeroshot": ["", "-tsne", "-samples"], "linear-probe": [""], "retrieval": [""], "clustering": ["-tsne"],
+                "modality-gap": []}
+    printed = " ".join(result.output.split())
+    from PIL import Image
+
+    for name, suffixes in expected.items():
+        plots = [str(eval_dir / f"{name}{suffix}.png") for suffix in suffixes]
+        assert json.loads((eval_dir / f"{name}.json").read_text())["plots"] == plots
+        for plot in plots:
+            assert f"plot {plot}" in printed
+            with Image.open(plot) as png:
+                assert png.format == "PNG" and min(png.size) > 100
 
 
 def test_a_run_folder_brings_its_workspace(trained_run, tmp_path, monkeypatch):

@@ -98,7 +98,7 @@ def test_imagenet_zeroshot_task_embeds_1000_by_80_prompts(fake_imagenet, tiny_op
     result = tasks.zeroshot(model, imagenet(fake_imagenet), None, tmp_path, batch_size=4, workers=0)
     assert model.clip.texts_seen == 80_000
     assert result["classes"] == 1000 and result["templates"] == 80 and result["images"] == 9
-    assert set(result["metrics"]) == {"top1", "top5"}
+    assert set(result["metrics"]) == {"top1", "top5", "mean_per_class_recall"}
     # Cached: the second call embeds nothing.
     tasks.zeroshot(model, imagenet(fake_imagenet), None, tmp_path, batch_size=4, workers=0)
     assert model.clip.texts_seen == 80_000
@@ -157,7 +157,7 @@ def test_cli_folder_tasks_write_results(folder_set, tiny_open_clip, tmp_path):
     assert written == ["clustering-folder.json", "linear-probe-folder.json", "manifest.json", "zeroshot-folder.json"]
     zeroshot = json.loads((eval_dir / "zeroshot-folder.json").read_text())
     assert zeroshot["classes"] == 3 and zeroshot["templates"] == 2 and zeroshot["images"] == 12
-    assert set(zeroshot["metrics"]) == {"top1"}  # top-5 of 3 classes is skipped
+    assert set(zeroshot["metrics"]) == {"top1", "mean_per_class_recall"}  # top-5 of 3 classes is skipped
     correct = zeroshot["metrics"]["top1"] * 12 / 100
     assert abs(correct - round(correct)) < 1e-3 and 0 <= round(correct) <= 12
     probe = json.loads((eval_dir / "linear-probe-folder.json").read_text())
@@ -289,6 +289,10 @@ def test_cli_reference_protocol_results_name_their_protocol(folder_set, tiny_ope
     per_epoch = reference["test_top1_per_epoch"]
     assert reference["epochs"] == len(per_epoch) == 100
     assert reference["metrics"]["top1"] == max(per_epoch) == per_epoch[reference["best_epoch"] - 1]
+    # Its plot is the test top-1 per epoch (the default probe's: validation top-1 per weight decay).
+    assert reference["plots"] == [str(eval_dir / "linear-probe-reference-folder.png")]
+    assert default["plots"] == [str(eval_dir / "linear-probe-folder.png")]
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in reference["plots"] + default["plots"])
     clusters = json.loads((eval_dir / "clustering-folder.json").read_text())
     clusters_ref = json.loads((eval_dir / "clustering-reference-folder.json").read_text())
     assert (clusters["protocol"], clusters["iterations"], clusters["restarts"]) == ("default", 50, 3)

@@ -32,10 +32,16 @@ def test_layout_is_spelled_in_one_place(tmp_path):
         run.plan_file: "episodes/plan.json", run.prototypes_file(3): "episodes/3/prototypes.h5",
         run.metrics_file: "metrics.jsonl", run.tensorboard_dir: "tensorboard", run.eval_dir: "eval",
         run.cluster_dir(3): "cluster/episode-3", run.export_file("RN50"): "export/r-RN50.pt",
+        run.wandb_id_file: "wandb-run.txt", run.wandb_dir: "wandb",
     }  # fmt: skip
     for path, relative in expected.items():
         assert path == tmp_path / "runs" / "r" / relative
-    assert run.training_state() == [run.checkpoints_dir, run.episodes_dir, run.tensorboard_dir, run.metrics_file]
+    assert run.training_state() == [
+        run.checkpoints_dir, run.episodes_dir, run.tensorboard_dir, run.metrics_file, run.wandb_id_file,
+    ]
+    assert run.wandb_run_id() is None
+    run.record_wandb_run_id("abc123")
+    assert run.wandb_id_file.read_text() == "abc123\n" and run.wandb_run_id() == "abc123"
 
 
 def test_a_name_resolves_in_the_workspace(tmp_path):

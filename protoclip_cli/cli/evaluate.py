@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -47,7 +48,12 @@ def print_results(written: dict[str, dict]) -> None:
             table.add_row(name if i == 0 else "", record["dataset"] if i == 0 else "", metric, f"{value:.4f}")
     out.print(table)
     for record in written.values():
-        info(f"wrote {record['path']}")
+        info(f"wrote {record['path']}", soft_wrap=True)
+        for plot in record.get("plots", []):
+            info(f"plot {plot}", soft_wrap=True)
+    folders = sorted({str(Path(p).parent) for record in written.values() for p in record.get("clip_benchmark", [])})
+    for folder in folders:
+        info(f"CLIP_benchmark records in {folder} (`clip_benchmark build {folder}` makes their CSV)", soft_wrap=True)
 
 
 command = stage_command(
@@ -70,5 +76,9 @@ command = stage_command(
       protoclip evaluate protoclip-workspace/runs/synthetic-protoclip --task zeroshot
 
       protoclip evaluate cc3m-protoclip --task imagenet-zeroshot --imagenet-root /data/imagenet
+
+      protoclip evaluate cc3m-protoclip --task zeroshot-suite --root /data/zeroshot
+
+    Each result is a JSON (and a CLIP_benchmark record) with its PNG plots next to it.
     """,
 )

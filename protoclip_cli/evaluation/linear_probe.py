@@ -2,9 +2,9 @@
 
 Features are standardised with the training mean and standard deviation. The L2 penalty
 (``weight_decay * ||W||^2``, bias excluded) is chosen on a validation split carved at random from
-the training set; the probe is then refit on the whole training set and scored (top-1) on the
-test set. Optimisers: full-batch L-BFGS (strong Wolfe line search; exact and fast up to a few
-hundred thousand samples on a GPU) or mini-batch Adam (for larger sets).
+the training set; the probe is then refit on the whole training set and scored on the test set
+(top-1, top-5, mean per-class recall). Optimisers: full-batch L-BFGS (strong Wolfe line search;
+exact and fast up to a few hundred thousand samples on a GPU) or mini-batch Adam (for larger sets).
 
 :func:`reference_linear_probe` is the ProtoCLIP reference's protocol instead (SGD for 100 epochs on
 the raw features, best test accuracy over the epochs), for numbers comparable with the paper's.
@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from protoclip_cli.evaluation.zeroshot import mean_per_class_recall, topk_accuracy
+
 DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -25,6 +27,8 @@ DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 class LinearProbeResult:
     top1: float
     weight_decay: float
+    top5: float | None = None  # None with fewer than 5 classes
+    mean_per_class_recall: float = 0.0
     validation_top1: dict[float, float] = field(default_factory=dict)
     train_size: int = 0
     test_size: int = 0
@@ -134,8 +138,12 @@ def linear_probe(
     # Ties go to the strongest regularisation: the simpler model generalises at least as well.
     best = max(scores, key=lambda wd: (scores[wd], wd))
     probe = fit_logistic_regression(train_x, train_y, num_classes, best, method=method, seed=seed, **fit_kwargs)
+    # Ranks with ties against the model, as zero-shot: top-1 is argmax agreement unless scores tie exactly.
+    logits = probe.logits(test_x).cpu()
     return LinearProbeResult(
         top1=top1(probe, test_x, test_y),
+        top5=topk_accuracy(logits, test_y.cpu(), ks=(5,)).get("top5"),
+        mean_per_class_recall=mean_per_class_recall(logits, test_y.cpu()),
         weight_decay=best,
         validation_top1=scores,
         train_size=int(train_x.shape[0]),

@@ -24,12 +24,17 @@ def _require_labels(data: ImageSet, task: str) -> np.ndarray:
     return data.labels
 
 
+TOPK_CURVE = 10  # the zero-shot top-k curve goes up to k = 10 (or the number of classes)
+
+
 def zeroshot(
-    model: EvalModel, data: ImageSet, templates: Sequence | None, cache_dir: Path | None, batch_size: int, workers: int
+    model: EvalModel, data: ImageSet, templates: Sequence | None, cache_dir: Path | None, batch_size: int, workers: int,
+    figures: dict | None = None,
 ) -> dict:
-    """Top-1/top-5 accuracy of classifying ``data`` by its class names put into ``templates``."""
+    """Top-1/top-5 accuracy of classifying ``data`` by its class names put into ``templates``, the
+    top-k curve, and (into ``figures``, when given) the image features, labels and class scores."""
     from protoclip_cli.evaluation import imagenet
-    from protoclip_cli.evaluation.zeroshot import class_embeddings, prompts_for, zeroshot_scores
+    from protoclip_cli.evaluation.zeroshot import class_embeddings, prompts_for, topk_accuracy, zeroshot_scores
 
     labels = _require_labels(data, "zero-shot classification")
     source = "file" if templates else ("dataset" if data.templates else "openai-imagenet")
@@ -39,8 +44,13 @@ def zeroshot(
     prompt_features = text_features(model, prompts, f"{data.name}-prompts", cache_dir)
     classes = class_embeddings(lambda texts: prompt_features, data.classnames, templates)
     metrics = _percent(zeroshot_scores(images, classes, torch.from_numpy(labels), ks=(1, 5)))
+    scores = torch.nn.functional.normalize(images.float(), dim=-1) @ torch.nn.functional.normalize(classes.float(), dim=-1).T
+    curve = topk_accuracy(scores, torch.from_numpy(labels), ks=range(1, min(TOPK_CURVE, len(data.classnames)) + 1))
+    if figures is not None:
+        figures.update(features=images, labels=labels, scores=scores)
     return {
         "metrics": metrics,
+        "topk_curve": {k[3:]: v for k, v in _percent(curve).items()},
         "images": data.size,
         "classes": len(data.classnames),
         "templates": len(templates),
@@ -95,8 +105,11 @@ def linear_probe(
             **common,
         }
     result = fit_and_score(train_x, train_y, test_x, test_y, weight_decays=weight_decays, method=method, seed=seed)
+    metrics = {"top1": result.top1, "mean_per_class_recall": result.mean_per_class_recall}
+    if result.top5 is not None:
+        metrics["top5"] = result.top5
     return {
-        "metrics": {"top1": round(100.0 * result.top1, 4)},
+        "metrics": _percent(metrics),
         "weight_decay": result.weight_decay,
         "validation_top1": {str(wd): round(100.0 * v, 4) for wd, v in result.validation_top1.items()},
         "method": method,
@@ -113,11 +126,15 @@ def _pairs(model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size:
     return images, captions, owners
 
 
-def retrieval(model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size: int, workers: int) -> dict:
-    """Image-text recall@1/5/10 both ways and their mean."""
+def retrieval(
+    model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size: int, workers: int, figures: dict | None = None
+) -> dict:
+    """Image-text recall@1/5/10 both ways and their mean (features into ``figures``, when given)."""
     from protoclip_cli.evaluation.retrieval import retrieval_recall
 
     images, captions, owners = _pairs(model, data, cache_dir, batch_size, workers)
+    if figures is not None:
+        figures.update(features=images, captions=captions, owners=owners)
     return {
         "metrics": _percent(retrieval_recall(images, captions, owners, ks=(1, 5, 10))),
         "images": data.size,
@@ -135,7 +152,7 @@ def modality_gap(model: EvalModel, data: ImageSet, cache_dir: Path | None, batch
 
 def clustering(
     model: EvalModel, data: ImageSet, k: int, cache_dir: Path | None, batch_size: int, workers: int, seed: int,
-    protocol: str = "default",
+    protocol: str = "default", figures: dict | None = None,
 ) -> dict:
     """k-means of the normalised image features against the ground-truth classes: ARI, AMI, purity.
 
@@ -158,6 +175,8 @@ def clustering(
                         restarts=settings["restarts"], seed=seed, distributed=False)
         predicted = result.labels.cpu().numpy()
     scores = agreement(predicted, labels)
+    if figures is not None:
+        figures.update(features=features, labels=labels, clusters=predicted)
     return {
         "metrics": {"ari": scores["ari"], "ami": scores["ami"], "purity": round(100.0 * scores["purity"], 4)},
         "images": data.size,

@@ -59,9 +59,22 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     return {f"top{k}": float((rank < k).float().mean()) for k in ks if k <= logits.shape[1]}
 
 
+def mean_per_class_recall(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Balanced top-1 accuracy in [0, 1]: the mean, over the classes that occur in ``labels``, of the
+    fraction of their samples ranked first (ties against the model, as in :func:`topk_accuracy`);
+    CLIP_benchmark's ``mean_per_class_recall``."""
+    labels = labels.long().to(logits.device)
+    correct = (true_class_rank(logits, labels) == 0).double()
+    present, inverse = torch.unique(labels, return_inverse=True)
+    hits = torch.zeros(len(present), dtype=torch.float64, device=logits.device).index_add_(0, inverse, correct)
+    counts = torch.bincount(inverse, minlength=len(present)).double()
+    return float((hits / counts).mean())
+
+
 def zeroshot_scores(
     image_features: torch.Tensor, class_embeds: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
-    """Top-k accuracy of cosine-similarity classification of ``image_features`` by ``class_embeds``."""
+    """Top-k accuracy and the mean per-class recall of cosine-similarity classification of
+    ``image_features`` by ``class_embeds``."""
     logits = F.normalize(image_features.float(), dim=-1) @ F.normalize(class_embeds.float(), dim=-1).T
-    return topk_accuracy(logits, labels, ks)
+    return {**topk_accuracy(logits, labels, ks), "mean_per_class_recall": mean_per_class_recall(logits, labels)}

@@ -154,6 +154,7 @@ def _figures(config, resolved, episode, run_samples, samples, truth, folder: Pat
 
     from protoclip_cli.core.distributed import resolve_device
     from protoclip_cli.data.transforms import decode_image, eval_transform
+    from protoclip_cli.evaluation import plots
     from protoclip_cli.evaluation import prototype_report as pr
 
     rng = np.random.default_rng(config.seed)
@@ -183,7 +184,7 @@ def _figures(config, resolved, episode, run_samples, samples, truth, folder: Pat
         clusters = [(c, [(images[int(episode.keys[r])], samples[int(episode.keys[r])]["caption"]) for r in members])
                     for c, members in rows]
         name = f"grid-{modality}.png"
-        pr.grid_png(folder / name, clusters, f"{resolved.run.name} episode {episode.episode}: largest {modality} clusters")
+        plots.grid_png(folder / name, clusters, f"{resolved.run.name} episode {episode.episode}: largest {modality} clusters")
         files.append(name)
     if model is not None:
         keys = [int(episode.keys[r]) for r in tsne_rows]
@@ -193,7 +194,7 @@ def _figures(config, resolved, episode, run_samples, samples, truth, folder: Pat
             colourings["ground-truth class"] = truth[tsne_rows]
         elif "text" in episode.labels:
             colourings["text cluster"] = episode.labels["text"][tsne_rows]
-        pr.tsne_png(folder / "tsne.png", features, colourings, config.seed,
+        plots.tsne_png(folder / "tsne.png", features, colourings, config.seed,
                     f"t-SNE of projected image features ({Path(checkpoint['path']).name})")
         files.append("tsne.png")
     return files

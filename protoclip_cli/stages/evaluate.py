@@ -4,7 +4,8 @@ The model is a run of this project (its latest or a named checkpoint) or an Open
 Results go to ``runs/<run>/eval/<name>.json`` (``<workspace>/eval/<model>/`` for OpenCLIP
 checkpoints), one file per task, and ``eval/manifest.json`` lists them all. ``<name>`` is the task
 as given (``zeroshot``, ``imagenet-zeroshot``), with ``-<dataset>`` added when ``--dataset`` names
-another data set than the default one.
+another data set than the default one. Every result is also written in CLIP_benchmark's schema to
+``eval/clip_benchmark/`` (``evaluation/results.py``), which ``clip_benchmark build`` collects.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from protoclip_cli import __version__
-from protoclip_cli.artifacts import MANIFEST, write_json, write_manifest
+from protoclip_cli.artifacts import MANIFEST, write_manifest
 from protoclip_cli.config import ConfigError, option, require, to_dict
 from protoclip_cli.console import info
 from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.evaluation.results import write_result
 from protoclip_cli.workspace import Workspace, is_valid_name, name_error, slugify
 
 BASE_TASKS = ("zeroshot", "linear-probe", "retrieval", "clustering", "modality-gap")
-TASKS = BASE_TASKS + ("all",)
+SUITE_TASK = "zeroshot-suite"  # the reference's ten zero-shot data sets and COCO retrieval, under --root
+TASKS = BASE_TASKS + ("all", SUITE_TASK)
+SUITE_DATASETS = ("imagenet", "cifar10", "cifar100", "stl10", "birdsnap", "country211", "flowers102", "gtsrb",
+                  "stanford_cars", "ucf101", "coco")  # fmt: skip
 # Data sets a preset task name may start with ("imagenet-zeroshot"); "synthetic" = the default one.
 PRESET_DATASETS = ("imagenet", "cifar10", "cifar100", "stl10", "coco", "flickr30k", "synthetic")
 EXTERNAL = ("imagenet", "cifar10", "cifar100", "stl10", "coco", "flickr30k", "folder", "webdataset")
@@ -69,8 +74,19 @@ class EvaluateConfig:
         "paper: SGD for 100 epochs on the raw features reporting the best test top-1 over the epochs; faiss "
         "k-means with 100 iterations and 5 restarts. Results are named <task>-reference.",
     )
+    plots: bool = option(True, "Write PNG plots next to each result (curves, t-SNE maps, sample grids) and print their paths.")
+    tsne_points: int = option(1000, "Image features in each t-SNE map (a seeded sample; 0 = no t-SNE).")
+    suite_datasets: tuple[str, ...] = option(
+        (), f"Data sets of --task {SUITE_TASK} (default: every one found under --root): {', '.join(SUITE_DATASETS)}."
+    )
 
     def __post_init__(self) -> None:
+        if self.task == SUITE_TASK:
+            require(bool(self.root), f"--task {SUITE_TASK} needs --root: the folder holding its data sets (see docs/evaluation.md).")
+            require(not self.dataset, f"--task {SUITE_TASK} finds its data sets under --root; drop --dataset {self.dataset}.")
+        unknown = [name for name in self.suite_datasets if name not in SUITE_DATASETS]
+        require(not unknown, f"--suite-datasets {unknown[0] if unknown else ''} is not one of {', '.join(SUITE_DATASETS)}.")
+        require(not self.suite_datasets or self.task == SUITE_TASK, f"--suite-datasets applies to --task {SUITE_TASK} only.")
         base_tasks, dataset, _ = parse_task(self.task, self.dataset)
         require(self.probe_method in ("lbfgs", "adam"), f"--probe-method {self.probe_method} is not lbfgs or adam.")
         require(self.protocol in PROTOCOLS, f"--protocol {self.protocol} is not {' or '.join(PROTOCOLS)}.")
@@ -93,6 +109,7 @@ class EvaluateConfig:
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}.")
         require(self.workers >= 0, f"--workers must be 0 (decode in this process) or more, got {self.workers}.")
         require(self.clusters >= 0, f"--clusters must be 0 (the number of classes) or more, got {self.clusters}.")
+        require(self.tsne_points >= 0, f"--tsne-points must be 0 (no t-SNE) or more, got {self.tsne_points}.")
 
 
 def parse_task(task: str, dataset: str) -> tuple[list[str], str, str]:
@@ -188,24 +205,31 @@ def _default_dataset(model, workspace: Workspace) -> str:
     return workspace.resolve_dataset(None)
 
 
-def _run_task(task: str, dataset: str, model, data: _Data, config: EvaluateConfig, cache_dir: Path | None) -> dict:
+def _run_task(
+    task: str, dataset: str, model, data: _Data, config: EvaluateConfig, cache_dir: Path | None, figures: dict | None
+) -> dict:
     from protoclip_cli.evaluation import tasks
     from protoclip_cli.evaluation.datasets import read_templates
 
     common = dict(cache_dir=cache_dir, batch_size=config.batch_size, workers=config.workers)
+    if task == SUITE_TASK:
+        from protoclip_cli.evaluation.suite import run_suite
+
+        return run_suite(model, config.root, config.suite_datasets, **common)
     if task == "zeroshot":
         templates = read_templates(config.templates) if config.templates else None
-        return tasks.zeroshot(model, data.get(dataset), templates, **common)
+        return tasks.zeroshot(model, data.get(dataset), templates, figures=figures, **common)
     if task == "linear-probe":
         return tasks.linear_probe(
             model, data.get(dataset, "train"), data.get(dataset), method=config.probe_method,
             weight_decays=config.probe_weight_decays, seed=config.seed, protocol=config.protocol, **common,
         )
     if task == "retrieval":
-        return tasks.retrieval(model, data.get(dataset), **common)
+        return tasks.retrieval(model, data.get(dataset), figures=figures, **common)
     if task == "modality-gap":
         return tasks.modality_gap(model, data.get(dataset), **common)
-    return tasks.clustering(model, data.get(dataset), config.clusters, seed=config.seed, protocol=config.protocol, **common)
+    return tasks.clustering(model, data.get(dataset), config.clusters, seed=config.seed, protocol=config.protocol,
+                            figures=figures, **common)
 
 
 def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
@@ -219,30 +243,55 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
     info(f"Evaluating {model.name} on {model.device}.")
     eval_dir = RunDir(model.run_dir).eval_dir if model.run_dir else workspace.eval_dir(model.name.replace("@", "-"))
     cache_dir = eval_dir / "cache" if config.cache else None
-    default_dataset = dataset if dataset in EXTERNAL else (dataset or _default_dataset(model, workspace))
+    external = dataset in EXTERNAL or config.task == SUITE_TASK  # the suite reads only --root
+    default_dataset = dataset if external else (dataset or _default_dataset(model, workspace))
     data = _Data(config, workspace, default_dataset)
 
+    drawer = None
+    if config.plots:
+        from protoclip_cli.evaluation.result_plots import ResultPlots
+
+        drawer = ResultPlots(model.name, model.image_size, config.tsne_points, config.seed)
     written: dict[str, dict] = {}
     for task in base_tasks:
         name = _result_name(task, preset, config)
-        result = _run_task(task, dataset, model, data, config, cache_dir)
+        figures: dict = {}
+        result = _run_task(task, dataset, model, data, config, cache_dir, figures)
+        if task == SUITE_TASK:
+            described, test_set = f"{len(result['members'])} data sets under {config.root}", SUITE_TASK
+        else:
+            test_set = data.get(dataset).name
+            described = test_set if task != "linear-probe" else f"{data.get(dataset, 'train').name} -> {test_set}"
         record = {
             "task": task,
             "name": name,
-            "dataset": data.get(dataset).name if task != "linear-probe" else
-            f"{data.get(dataset, 'train').name} -> {data.get(dataset).name}",
+            "dataset": described,
+            "data": test_set,
             "model": {"name": model.name, **{k: v for k, v in model.info.items()}},
             "protoclip_version": __version__,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **result,
         }
         path = _result_path(config, eval_dir, name)
-        write_json(path, record)
-        written[name] = {"path": str(path), **record}
+        if drawer is not None:
+            _make_folder_of(path)  # a result that cannot be written is named before its plots are drawn
+            test_data = None if task == SUITE_TASK else data.get(dataset)
+            record["plots"] = [str(p) for p in drawer.write(path.with_suffix(""), task, record, test_data, figures)]
+        benchmark_files = write_result(path, record)
+        written[name] = {"path": str(path), "clip_benchmark": [str(p) for p in benchmark_files], **record}
     if config.out:
         # The results are where the user asked; the run's folder (perhaps read-only) is not touched.
         return {"stage": "evaluate", "results": {n: r["metrics"] for n, r in written.items()}, "written": written}
     return _record_manifest(eval_dir, config, model, written)
+
+
+def _make_folder_of(path: Path) -> None:
+    from protoclip_cli.errors import write_error
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
 
 
 def _result_name(task: str, preset: str, config: EvaluateConfig) -> str:

@@ -62,6 +62,11 @@ def check_inputs(config: TrainConfig, workspace: Workspace, trust_teacher: bool 
     from protoclip_cli.training.episodes import shard_sample_count
 
     warn_about_recipe(config)
+    if config.logging.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ProtoclipError("logging.wandb is on but wandb is not installed; `pip install wandb`, or set logging.wandb = false.")
     datasets = run_datasets(config.data)
     inputs = TrainInputs([], {}, {}, [], {}, None)
     weights: dict[str, float] = {}

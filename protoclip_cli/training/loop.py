@@ -165,7 +165,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         self.recorder = FeatureRecorder()
-        self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard)
+        self.metrics = MetricsLog.for_run(self.run_dir, cfg, enabled=self.rank == 0)
         self.global_step = 0
         self.start_episode = 0
         self.start_batches = 0

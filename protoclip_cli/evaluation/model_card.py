@@ -1,0 +1,134 @@
+"""The model card (``README.md``) of an exported hub folder.
+
+open_clip's own card (``open_clip.push_to_hf_hub.generate_readme``: YAML metadata with the tags,
+``library_name: open_clip``, the pipeline, license and data set, then the model details, usage and
+citation) followed by what only this project knows: the evaluation results of the exported
+checkpoint (``runs/<run>/eval/*.json``, see :mod:`protoclip_cli.evaluation.results`), the data set
+it was trained on and the whole resolved recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from protoclip_cli.recipes import TrainConfig
+
+CITATION = """@article{chen2022prototypical,
+  title={Prototypical Contrastive Language Image Pretraining},
+  author={Chen, Delong and Wu, Zhao and Liu, Fan and Yang, Zaiquan and Huang, Yixiang and Bao, Yiping and Zhou, Erjin},
+  journal={arXiv preprint arXiv:2206.10996},
+  year={2022}
+}"""
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and Path(a).resolve() == Path(b).resolve()
+
+
+def checkpoint_results(results: dict[str, dict], checkpoint: str) -> tuple[dict[str, dict], int]:
+    """(the results computed with ``checkpoint``, how many others were left out)."""
+    kept = {name: r for name, r in results.items() if _same_file(r.get("model", {}).get("path"), checkpoint)}
+    return kept, len(results) - len(kept)
+
+
+def _split_count(dataset: dict | None, split: str) -> tuple[int | None, int | None]:
+    """(pairs downloaded, failed) of the training split, from the data set's download record."""
+    entry = (dataset or {}).get("splits", {}).get(split, dataset or {})
+    return entry.get("count_ok"), entry.get("count_failed", 0)
+
+
+def _method(config: "TrainConfig") -> str:
+    if not config.proto.enabled:
+        return "CLIP (InfoNCE) baseline trained by the ProtoCLIP trainer"
+    parts = [f"ProtoCLIP: episodic prototypes (k = {config.proto.k})"]
+    parts.append("Prototypical Back Translation" if config.loss.pbt else "no PBT")
+    if config.proto.teacher and config.loss.pbt:
+        parts.append(f"external teacher {config.proto.teacher}")
+    return ", ".join(parts)
+
+
+def card_fields(config: "TrainConfig", info: dict[str, Any], dataset: dict | None, license: str, load_as: str) -> dict:
+    """open_clip's ``model_card`` dict for ``generate_readme``."""
+    from protoclip_cli import __version__
+    from protoclip_cli.data.sources import run_datasets
+
+    names = ", ".join(f"`{name}`" for name in run_datasets(config.data).names)
+    pairs = _split_count(dataset, config.data.split)[0]
+    source = f" ({dataset.get('source')}, {pairs} image-text pairs)" if dataset else ""
+    return {
+        "tags": ("clip", "protoclip"),
+        "license": license,
+        "description": (
+            f"A {config.model.arch} CLIP model trained with {_method(config)} on "
+            f"{names}{source}, exported with protoclip {__version__}."
+        ),
+        "details": {
+            "Model Type": "Contrastive image-text, zero-shot image classification.",
+            "Architecture": config.model.arch,
+            "Method": _method(config),
+            "Dataset": names.replace("`", ""),
+            "Training": (
+                f"{info['global_step']} of {info['total_steps']} steps, {config.schedule.episodes} episodes, "
+                f"batch {config.data.batch_size} per process, lr {config.optim.lr}"
+            ),
+            "Checkpoint": f"{Path(info['path']).name} (episode {info['episode']})",
+        },
+        "usage": (
+            "```python\nimport open_clip\n\n"
+            f"model, _, preprocess = open_clip.create_model_and_transforms({load_as!r})\n"
+            f"tokenizer = open_clip.get_tokenizer({load_as!r})\n```\n"
+        ),
+        "citation": CITATION,
+    }
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """A Markdown table of every numeric metric of ``results`` (percentages as recorded)."""
+    rows = ["| result | data | metric | value |", "|---|---|---|---|"]
+    for name, record in sorted(results.items()):
+        for metric, value in record.get("metrics", {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.append(f"| {name} | {record.get('dataset', '')} | {metric} | {value:.4f} |")
+    return "\n".join(rows) + "\n"
+
+
+def render_model_card(
+    name: str,
+    config: "TrainConfig",
+    info: dict[str, Any],
+    dataset: dict | None,
+    results: dict[str, dict],
+    license: str,
+    load_as: str,
+) -> str:
+    """The README.md of the hub folder of ``config``'s run at the checkpoint ``info`` describes."""
+    from open_clip.push_to_hf_hub import generate_readme
+
+    from protoclip_cli import config as config_io
+
+    text = generate_readme(card_fields(config, info, dataset, license, load_as), name)
+    kept, others = checkpoint_results(results, info["path"])
+    text += "\n## Evaluation results\n"
+    if kept:
+        text += (
+            "Computed by `protoclip evaluate` with this checkpoint (accuracies and recalls in %; "
+            "definitions in the protoclip documentation, docs/evaluation.md).\n\n" + results_table(kept)
+        )
+    else:
+        text += "No evaluation of this checkpoint was recorded (`protoclip evaluate RUN --task all` records them).\n"
+    if others:
+        text += f"\n({others} result(s) of other checkpoints of the run are left out.)\n"
+    text += "\n## Training data\n"
+    if dataset:
+        pairs, failed = _split_count(dataset, config.data.split)
+        text += (
+            f"`{config.data.dataset}`, split `{config.data.split}`: source `{dataset.get('source')}`, {pairs} "
+            f"image-text pairs downloaded ({failed} failed).\n"
+        )
+    else:
+        text += f"`{config.data.dataset}`, split `{config.data.split}` (its download record was not found).\n"
+    text += "\n## Training recipe\nThe resolved protoclip recipe (`protoclip train RECIPE` reproduces the run):\n\n"
+    text += "```toml\n" + config_io.dumps(config).rstrip() + "\n```\n"
+    return text

@@ -1,0 +1,44 @@
+"""plots.metric_curves_png: a metric against samples seen, one line per run (for comparing runs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.evaluation.plots import metric_curves_png
+
+BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's first two default colours
+
+
+def _pixels_of(image: np.ndarray, colour: tuple[int, int, int]) -> int:
+    return int((np.abs(image[..., :3].astype(int) - np.array(colour)).sum(axis=-1) < 30).sum())
+
+
+def test_each_series_is_a_line_in_its_own_colour(tmp_path):
+    runs = [
+        {"label": "protoclip", "x": [0, 2_000_000, 1_000_000, 3_000_000], "y": [1.0, 20.0, 12.0, 25.0]},
+        {"label": "clip", "x": [0, 1_000_000, 2_000_000, 3_000_000], "y": [1.0, 8.0, 14.0, 18.0]},
+    ]
+    path = metric_curves_png(tmp_path / "curves" / "zeroshot.png", runs, "zero-shot top-1 (%)")
+    assert path == tmp_path / "curves" / "zeroshot.png"
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        two = np.asarray(png.convert("RGB"))
+    # A line across the axes is hundreds of pixels; a legend swatch alone is a few dozen.
+    assert _pixels_of(two, BLUE) > 300 and _pixels_of(two, ORANGE) > 300
+    one = np.asarray(Image.open(metric_curves_png(tmp_path / "one.png", runs[:1], "top-1")).convert("RGB"))
+    assert _pixels_of(one, BLUE) > 300 and _pixels_of(one, ORANGE) < 50
+
+
+@pytest.mark.parametrize("series, message", [
+    ([], "No curve to plot"),
+    ([{"label": "a", "x": [1, 2], "y": [1.0]}], "Curve 'a' has 2 x and 1 y values"),
+    ([{"label": "a", "x": [1], "y": [1]}, {"label": "a", "x": [1], "y": [2]}], "Curve 1 has a repeated label 'a'"),
+    ([{"x": [1], "y": [1]}], "Curve 0 has no label"),
+])
+def test_malformed_series_are_refused_before_anything_is_written(tmp_path, series, message):
+    with pytest.raises(ProtoclipError, match=message):
+        metric_curves_png(tmp_path / "x.png", series, "top-1")
+    assert not (tmp_path / "x.png").exists()
