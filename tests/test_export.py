@@ -207,3 +207,23 @@ def test_hf_export_refuses_to_replace_a_folder_that_is_not_one(trained_run, synt
     result = CliRunner().invoke(app, ["export", RUN, "--format", "hf", "--out", str(tmp_path), "-w", str(synthetic_workspace.root)])
     assert result.exit_code == 1 and "is not an OpenCLIP hub folder" in result.output
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_a_sigmoid_runs_hub_folder_carries_its_logit_bias(tmp_path):
+    """open_clip builds logit_bias only when the config asks; the folder's config must, or the
+    bias of a sigmoid-loss run would not load (strict state dict) or be lost."""
+    from protoclip_cli.core.hub_folder import load_hub_folder, write_hub_folder
+    from protoclip_cli.core.model import build_model
+    from protoclip_cli.recipes import ModelConfig
+    from protoclip_cli.stages.export import round_trip_difference
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="protoclip-tiny"), contrastive="sigmoid")
+    with torch.no_grad():
+        model.logit_bias.fill_(-3.25)
+    write_hub_folder(model.clip, "protoclip-tiny", tmp_path / "hub", "card")
+    config = json.loads((tmp_path / "hub" / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["init_logit_bias"] == -10.0
+    reloaded = load_hub_folder(tmp_path / "hub")[0]
+    assert reloaded.logit_bias.item() == -3.25
+    assert round_trip_difference(model, "protoclip-tiny", lambda: reloaded) <= 1e-5
