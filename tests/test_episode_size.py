@@ -24,16 +24,22 @@ def test_note_names_the_asked_and_the_real_episode_size(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_train_says_it_before_training(synthetic_workspace):
+def test_train_says_it_before_training(synthetic_workspace, tmp_path):
     from typer.testing import CliRunner
 
     from protoclip_cli.cli import app
+    from protoclip_cli.workspace import Workspace
+
+    # A workspace of its own (the data set linked): a run in the shared one would become its latest run.
+    workspace = Workspace.at(tmp_path / "ws")
+    workspace.datasets_dir.mkdir(parents=True)
+    (workspace.datasets_dir / "synthetic").symlink_to(synthetic_workspace.dataset_dir("synthetic"))
 
     args = ["name=t-episode-size", "data.episode_size=10", "data.batch_size=32", "data.workers=0",
             "schedule.episodes=1", "proto.enabled=false", "model.heads=false", "proto.teacher=''",
             "model.projection_dim=32", "model.projection_hidden_dim=64", "device='cpu'"]  # fmt: skip
     result = CliRunner().invoke(app, ["train", str(RECIPE), *(x for a in args for x in ("--set", a)),
-                                      "-w", str(synthetic_workspace.root)])
+                                      "-w", str(workspace.root)])
     assert result.exit_code == 0, result.output
     message = " ".join(result.output.split())
     assert "data.episode_size = 10 is smaller than one global batch (32)" in message
