@@ -60,7 +60,11 @@ def test_no_cache_and_out_elsewhere_work_on_a_read_only_workspace(readonly_works
     assert result.exit_code == 0, result.output
     assert out.is_file() and '"top1"' in out.read_text()
     assert _snapshot(readonly_workspace.root) == before
-    assert sorted(p.name for p in out.parent.iterdir()) == ["zeroshot.json"]
+    # Everything evaluate writes goes next to --out: the result, its plots, its CLIP_benchmark record.
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "clip_benchmark", "zeroshot-samples.png", "zeroshot-tsne.png", "zeroshot.json", "zeroshot.png"]
+    assert [p.name for p in (out.parent / "clip_benchmark").iterdir()] == [
+        "synthetic-heldout_eval-fixture@step-00000064.pt_protoclip-tiny_en_zeroshot_classification.json"]
 
 
 def test_an_unwritable_feature_cache_is_skipped_with_a_warning(readonly_workspace, tmp_path):
