@@ -160,3 +160,23 @@ def test_a_missing_data_set_is_named_before_any_run(tmp_path):
     assert result.exit_code == 1
     assert "protoclip download synthetic" in " ".join(result.output.split())
     assert not (tmp_path / "runs").exists()
+
+
+def test_prototype_quality_reads_each_prototype_episode(compared, synthetic_workspace, tmp_path):
+    """benchmarks/prototype_quality.py on a compared ProtoCLIP run: its one prototype episode (1),
+    AMI against the classes in [0, 1], and the episode's mean prototype accuracy from metrics.jsonl."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prototype_quality", RECIPE.parents[1] / "benchmarks" / "prototype_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "quality.json"
+    assert module.main(["--workspace", str(synthetic_workspace.root), "t-compare-protoclip-s0", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["t-compare-protoclip-s0"]
+    assert row["episode"] == 1 and row["samples"] == 256
+    assert all(0.0 <= row[f"{m}_ami_label"] <= 1.0 for m in ("image", "text", "teacher"))
+    assert 1 <= row["image_k_used"] <= 32
+    run = synthetic_workspace.run_dir("t-compare-protoclip-s0")
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [s["acc_img2txt"] for s in steps if s.get("kind") == "step" and s["episode"] == 1]
+    assert row["acc_img2txt"] == pytest.approx(np.mean(accuracies), abs=1e-4)
