@@ -7,6 +7,7 @@
 <workspace>/datasets/<name>/teacher/<slug>.h5          teacher-embed's caption features
 <workspace>/runs/<run>/...                             a training run (layout: protoclip_cli.runs.RunDir)
 <workspace>/eval/<model>/...                           evaluate's results for an OpenCLIP checkpoint
+<workspace>/compare/<name>/...                         compare's table, curves and plot
 <workspace>/cache/<name>/...                           download's inputs for img2dataset (renderings, URL list)
 ```
 Where a data set or run is not named, commands take the workspace's only or latest one and say
@@ -134,6 +135,10 @@ class Workspace:
     def eval_dir(self, model: str) -> Path:
         """Results of evaluating a model that is not a run of this workspace (an OpenCLIP checkpoint)."""
         return self.root / "eval" / slugify(model)
+
+    def compare_dir(self, name: str) -> Path:
+        """Results of `protoclip compare` (its runs are ordinary runs under runs/)."""
+        return self.root / "compare" / slugify(name)
 
     def runs(self) -> list[str]:
         """Training runs (see :class:`protoclip_cli.runs.RunDir`), oldest first."""

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["download", "teacher-embed", "train", "cluster", "evaluate", "export", "demo"]
+COMMANDS = ["download", "teacher-embed", "train", "cluster", "evaluate", "export", "compare", "demo"]
 
 PROBE = """
 import sys
@@ -65,6 +65,7 @@ STAGE_CONFIGS = {
     "cluster": ("protoclip_cli.stages.cluster", "ClusterConfig", set()),
     "evaluate": ("protoclip_cli.stages.evaluate", "EvaluateConfig", set()),
     "export": ("protoclip_cli.stages.export", "ExportConfig", set()),
+    "compare": ("protoclip_cli.stages.compare", "CompareConfig", set()),
 }
 
 

@@ -10,14 +10,15 @@ import typer
 
 from protoclip_cli import __version__
 from protoclip_cli.cli.common import handle_errors
-from protoclip_cli.cli import cluster, demo, download, evaluate, export, teacher, train
+from protoclip_cli.cli import cluster, compare, demo, download, evaluate, export, teacher, train
 
 app = typer.Typer(
     name="protoclip",
     help=(
         "Pretrain CLIP-style image-text models with ProtoCLIP and evaluate them.\n\n"
         "Stages talk through artifacts in a workspace folder: download -> teacher-embed -> train -> "
-        "cluster / evaluate / export. `protoclip demo` runs them all on the embedded data set."
+        "cluster / evaluate / export. `protoclip demo` runs them all on the embedded data set; "
+        "`protoclip compare` trains CLIP, ProtoCLIP and its ablations over seeds and tables them."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -31,6 +32,7 @@ app.command("train")(handle_errors(train.command))
 app.command("cluster")(handle_errors(cluster.command))
 app.command("evaluate")(handle_errors(evaluate.command))
 app.command("export")(handle_errors(export.command))
+app.command("compare")(handle_errors(compare.command))
 app.command("demo")(handle_errors(demo.command))
 
 

@@ -77,9 +77,18 @@ def _print(results: dict[str, dict[str, float]], timings: dict[str, float], work
     table.add_column("metric")
     for name in runs:
         table.add_column(name, justify="right")
+    compared = len(runs) == 2
+    if compared:  # ProtoCLIP first, its CLIP baseline second
+        table.add_column(f"{runs[0]} - {runs[1]}", justify="right")
     for metric in results[runs[0]]:
-        table.add_row(metric, *(f"{results[r].get(metric, float('nan')):.4f}" for r in runs))
+        values = [results[r].get(metric, float("nan")) for r in runs]
+        table.add_row(metric, *(f"{v:.4f}" for v in values), *([f"{values[0] - values[1]:+.4f}"] if compared else []))
     out.print(table)
+    if compared:
+        out.print(
+            "One seed each: a difference of a point or two is within the seed noise. "
+            "docs/results.md has the comparison over seeds (`protoclip compare`)."
+        )
     times = Table(title="Time per stage")
     times.add_column("stage")
     times.add_column("seconds", justify="right")

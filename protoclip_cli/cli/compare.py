@@ -1,0 +1,71 @@
+"""`protoclip compare`: CLIP, ProtoCLIP and its ablations over seeds at equal samples seen, as a table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from protoclip_cli.cli.common import workspace
+from protoclip_cli.cli.options import Flag, build_config, stage_command
+from protoclip_cli.stages.compare import CompareConfig
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "synthetic.toml"
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """Repeatable options also take comma-separated lists: --variants clip,protoclip."""
+    return None if values is None else [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def run(values: dict[str, Any], overrides: list[str], workspace_path) -> None:
+    from protoclip_cli.console import out
+    from protoclip_cli.stages.compare import run as compare
+
+    for name in ("variants", "curves"):
+        values[name] = _split(values[name])
+    result = compare(build_config(CompareConfig, values, overrides), workspace(workspace_path), RECIPE)
+    print_table(result)
+    out.print(f"samples seen per run: {result['samples_seen']}; noise rule: {result['noise_rule']}")
+
+
+def print_table(result: dict) -> None:
+    from rich.table import Table
+
+    from protoclip_cli.console import out
+    from protoclip_cli.evaluation.comparison import Cell, digits_for, format_cell
+
+    table = Table(title=f"compare {result['config']['name']}: mean ± std over seeds (difference to {result['baseline']}, * beyond seed noise)")
+    rows = result["table"]
+    labels = list(next(iter(rows.values())))
+    table.add_column("variant")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for variant, row in rows.items():
+        table.add_row(variant, *(format_cell(Cell.from_json(row[label]), digits_for(label)) for label in labels))
+    out.print(table)
+
+
+command = stage_command(
+    CompareConfig,
+    run,
+    flags={
+        "name": Flag(("--name", "-n")),
+        "recipe": Flag(("--recipe", "-r")),
+        "variants": Flag(("--variants", "-v")),
+    },
+    doc="""Train CLIP, ProtoCLIP and its ablations over seeds at equal samples seen; print the paper's table.
+
+    Each (variant, seed) is an ordinary run (runs/<name>-<variant>-s<seed>) evaluated with every
+    task; a rerun reuses finished runs and evaluations. Results: <workspace>/compare/<name>/
+    compare.md, compare.json and curves.png (zero-shot and linear-probe top-1 against samples seen).
+    Needs the data set and its teacher: `protoclip download synthetic && protoclip teacher-embed`.
+
+    Examples:
+
+      protoclip compare
+
+      protoclip compare --variants clip,protoclip --seeds 2 --episodes 8 --name quick
+
+      protoclip compare --recipe-set optim.lr=2e-3 --name lr2e-3
+    """,
+)
