@@ -23,7 +23,9 @@ class RunLock:
 
     Exclusion is an OS lock (``flock``) on the file, held as long as the process lives: the kernel
     drops it when the process ends, even by ``kill -9`` or a crash, so a lock file whose lock
-    nobody holds is stale and is taken over. The file's contents (pid, host, command, start time)
+    nobody holds is stale and is taken over. Forked children (data-loader workers) inherit the lock,
+    so a lock still held after its recorded writer of this host has died is held by orphans that
+    write nothing: it is stale too, and replaced by a fresh file. The file's contents (pid, host, command, start time)
     name the holder in the refusal. Where the file system has no locks (some network mounts), the
     pid is checked instead: a lock of this host whose process is gone is stale; one of another host
     is honoured until its file is removed by hand.
@@ -37,11 +39,16 @@ class RunLock:
     def acquire(self, command: str) -> "RunLock":
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            orphaned: dict[str, Any] = {}
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
                 if not self._try_lock(fd):
                     holder = _read_holder(fd)
                     os.close(fd)
+                    if _orphaned(holder):  # held only by children of a dead writer: a fresh file
+                        orphaned = holder
+                        self.path.unlink(missing_ok=True)
+                        continue
                     raise RunLocked(self._refusal(holder))
                 # A holder that finished between our open and our lock removed the file it locked:
                 # ours is then an orphan, so start again on the path's current file.
@@ -52,7 +59,7 @@ class RunLock:
                 if current:
                     break
                 os.close(fd)
-            stale = _read_holder(fd)
+            stale = _read_holder(fd) or orphaned
             record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                       "argv": " ".join(sys.argv), "started_at": _now()}  # fmt: skip
             os.ftruncate(fd, 0)
@@ -99,7 +106,8 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return _read_holder(fd) or {}
+                holder = _read_holder(fd)
+                return None if _orphaned(holder) else (holder or {})
             except OSError:
                 holder = _read_holder(fd)
                 return holder if _alive(holder) else None
@@ -147,6 +155,13 @@ def _alive(holder: dict[str, Any]) -> bool:
     except (PermissionError, ValueError, OverflowError):
         return True
     return int(holder.get("pid", 0)) > 0
+
+
+def _orphaned(holder: dict[str, Any]) -> bool:
+    """A busy lock whose recorded writer, on this host, has ended: forked children (data-loader
+    workers) inherit the lock and keep it for a few seconds after their parent is killed, but they
+    write nothing to the run."""
+    return bool(holder) and holder.get("host") == socket.gethostname() and not _alive(holder)
 
 
 def _now() -> str:

@@ -71,6 +71,40 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_dead_ones_lock_is_tak
     assert not run.lock_file.exists()
 
 
+HOLD_WITH_CHILD = (
+    "import os, sys, time\n"
+    "from protoclip_cli.runs import RunDir\n"
+    "RunDir(sys.argv[1]).lock('train')\n"
+    "child = os.fork()\n"  # as a data-loader worker: it inherits the lock
+    "if child == 0:\n"
+    "    time.sleep(600)\n"
+    "    os._exit(0)\n"
+    "print(child, flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def test_a_lock_kept_only_by_a_killed_writers_children_is_taken_over(tmp_path, capsys):
+    """kill -9 of train leaves its data-loader workers alive for a moment, holding the inherited
+    lock; the rerun must not be refused because of them."""
+    run = RunDir(tmp_path / "runs" / "orphans")
+    writer = subprocess.Popen([sys.executable, "-c", HOLD_WITH_CHILD, str(run.path)], stdout=subprocess.PIPE,
+                              text=True, env=ENV)
+    child = int(writer.stdout.readline())
+    try:
+        writer.kill()
+        writer.wait()
+        os.kill(child, 0)  # the child still runs and still holds the lock
+        assert run.writer() is None
+        with run.lock():
+            assert f"left locked by process {writer.pid}" in capsys.readouterr().err
+            assert json.loads(run.lock_file.read_text())["pid"] == os.getpid()
+            with pytest.raises(RunLocked):  # and the new lock excludes others
+                RunDir(run.path).lock()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def test_train_refuses_a_run_another_process_writes_and_touches_nothing(holder, synthetic_workspace):
     from test_train import small_config
 
