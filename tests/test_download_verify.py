@@ -19,6 +19,7 @@ from protoclip_cli.data.shards import iter_samples
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.training.episodes import shard_sample_count
 from protoclip_cli.workspace import Workspace
+from test_train_broken import corrupt_first_jpeg  # the same damage train must survive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,16 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 def protoclip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "protoclip_cli", "download", *args],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
-
-
-def corrupt_first_jpeg(shard: Path) -> int:
-    """Zero the bytes of the shard's first image in place (the tar stays readable); its key."""
-    with tarfile.open(shard) as tar:
-        member = next(m for m in tar if m.name.endswith(".jpg"))
-    with shard.open("r+b") as f:
-        f.seek(member.offset_data)
-        f.write(b"\x00" * member.size)
-    return int(member.name.split(".")[0])
 
 
 def cut_before_sample(shard: Path, index: int) -> None:

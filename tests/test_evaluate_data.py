@@ -34,19 +34,6 @@ def fake_imagenet(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_open_clip(tmp_path_factory) -> Path:
-    import open_clip
-
-    from protoclip_cli.core.model import register_tiny_configs
-
-    register_tiny_configs()
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("openclip") / "tiny.pt"
-    torch.save(open_clip.create_model("protoclip-tiny").state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def folder_set(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("folder")
     for split in ("train", "test"):

@@ -181,19 +181,6 @@ def test_without_clip_benchmark_the_bundled_lists_are_the_same(monkeypatch):
     assert suite.prompts_source("flowers102") == "zeroshot_suite.json"
 
 
-@pytest.fixture(scope="module")
-def tiny_open_clip(tmp_path_factory) -> Path:
-    import open_clip
-
-    from protoclip_cli.core.model import register_tiny_configs
-
-    register_tiny_configs()
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("openclip") / "tiny.pt"
-    torch.save(open_clip.create_model("protoclip-tiny").state_dict(), path)
-    return path
-
-
 def _cli(*args: str):
     from typer.testing import CliRunner
 

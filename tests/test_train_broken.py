@@ -21,7 +21,7 @@ def _copy_dataset(source: Workspace, root: Path) -> Workspace:
     return workspace
 
 
-def _corrupt_first_jpeg(shard: Path) -> int:
+def corrupt_first_jpeg(shard: Path) -> int:
     """Overwrite the bytes of the shard's first image in place (the tar stays readable); its key."""
     with tarfile.open(shard) as tar:
         member = next(m for m in tar if m.name.endswith(".jpg"))
@@ -44,7 +44,7 @@ def test_training_skips_counts_and_still_runs_every_planned_step(synthetic_works
     workspace = _copy_dataset(synthetic_workspace, tmp_path / "ws")
     shards = workspace.shards("synthetic")
     if damage == "jpeg":
-        _corrupt_first_jpeg(shards[1])
+        corrupt_first_jpeg(shards[1])
     else:
         data = shards[1].read_bytes()
         shards[1].write_bytes(data[: len(data) // 2])
