@@ -35,6 +35,10 @@ workers' work per sample (:func:`protoclip_cli.data.transforms.eval_batch`).
 Batches are dicts: ``images`` (B, 3, H, W) uint8 (extraction: possibly at the stored size), ``tokens`` (B, L) int64, ``keys`` (B,) int64,
 ``broken`` (samples this worker skipped since its previous batch), ``worker``, ``position``
 (training), and ``augment`` (B, P) float32 where part of the augmentation runs on the device.
+
+Why one module of ~420 lines: the worker side (the iterable dataset) and the trainer side
+(:class:`EpisodeStream`) share the control block and the position format; transforms,
+augmentation, shard reading and run keys live in their own modules.
 """
 
 from __future__ import annotations

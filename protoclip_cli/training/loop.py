@@ -8,6 +8,11 @@ shards, the same prototypes and the batches already done skipped.
 Every pass of the run is served by one persistent data loader (``data/pipeline.py``). A pass is
 started as soon as the trainer knows it comes next, so its first batches are decoded while the
 trainer clusters or writes a checkpoint.
+
+Why one module of ~480 lines: the :class:`Trainer`'s passes share its state (model, optimiser,
+step counters, stream, recorder) and its order of operations is what resume depends on; the pieces
+that stand alone already live beside it (``episodes.py``, ``step.py``, ``prototypes.py``,
+``single_pass.py``, ``checkpoint.py``, ``metrics.py``).
 """
 
 from __future__ import annotations
