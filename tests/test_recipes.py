@@ -98,7 +98,7 @@ def test_reference_recipes_build_the_references_quickgelu_rn50_and_it_exports(tm
 
     from protoclip_cli.core.model import build_model
     from protoclip_cli.evaluation.models import load_open_clip
-    from protoclip_cli.stages.export import ROUND_TRIP_ATOL, load_checkpoint, round_trip_difference
+    from protoclip_cli.stages.export import ROUND_TRIP_ATOL, load_open_clip_file, round_trip_difference
 
     configs = [config_io.load(TrainConfig, RECIPES[0].parent / n) for n in ("cc3m.toml", "cc3m-8gpu.toml", "cc3m-clip.toml")]
     assert {c.model.arch for c in configs} == {"RN50-quickgelu"}
@@ -110,7 +110,7 @@ def test_reference_recipes_build_the_references_quickgelu_rn50_and_it_exports(tm
 
     path = tmp_path / "rn50-quickgelu.pt"
     torch.save(model.clip.state_dict(), path)
-    reload = lambda: load_checkpoint("RN50-quickgelu", path)  # noqa: E731
+    reload = lambda: load_open_clip_file("RN50-quickgelu", path)  # noqa: E731
     assert round_trip_difference(model, "RN50-quickgelu", reload) <= ROUND_TRIP_ATOL  # the export's own check
 
     evaluated = load_open_clip("RN50-quickgelu", str(path), "cpu")  # evaluate --open-clip

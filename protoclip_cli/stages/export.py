@@ -75,7 +75,7 @@ def run(config: ExportConfig, workspace: Workspace) -> dict[str, Any]:
     open_clip_kwargs = {"init_logit_bias": SIGLIP_INIT_LOGIT_BIAS} if model.logit_bias is not None else {}
     with atomic_path(out) as tmp:
         torch.save({name: tensor.detach().clone() for name, tensor in model.clip.state_dict().items()}, tmp)
-        difference = round_trip_difference(model, arch, lambda: load_checkpoint(arch, tmp, **open_clip_kwargs))
+        difference = round_trip_difference(model, arch, lambda: load_open_clip_file(arch, tmp, **open_clip_kwargs))
     return write_manifest(
         out.parent, "export", config=to_dict(config), inputs={"checkpoint": info["path"]},
         file=str(out), format=config.format, arch=arch, sha256=file_sha256(out), episode=info["episode"],
@@ -136,7 +136,7 @@ def _dataset_record(workspace: Workspace, train_config) -> dict | None:
         return None
 
 
-def load_checkpoint(arch: str, path: Path, **open_clip_kwargs):
+def load_open_clip_file(arch: str, path: Path, **open_clip_kwargs):
     """The open_clip model of an ``--format open_clip`` file, as a user loads it."""
     import open_clip
 
