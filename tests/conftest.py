@@ -57,6 +57,17 @@ def synthetic_teacher(synthetic_workspace, minilm_path):
     return synthetic_workspace.teacher_file("synthetic", "all-MiniLM-L6-v2")
 
 
+def linked_workspace(source, root: Path):
+    """A workspace of its own at ``root`` with ``source``'s data set (and its teacher files) linked in:
+    runs trained there never become the shared workspace's "latest run" that other tests evaluate."""
+    from protoclip_cli.workspace import Workspace
+
+    workspace = Workspace.at(root)
+    workspace.datasets_dir.mkdir(parents=True)
+    (workspace.datasets_dir / "synthetic").symlink_to(source.dataset_dir("synthetic"))
+    return workspace
+
+
 @pytest.fixture(scope="module")
 def tiny_open_clip(tmp_path_factory) -> Path:
     """An OpenCLIP checkpoint file of the tiny architecture (random weights, seed 0)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import linked_workspace
 from protoclip_cli.evaluation import comparison
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "synthetic.toml"
@@ -50,7 +51,13 @@ def _eval_value(run: Path, task: str, key: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def compared(synthetic_teacher, synthetic_workspace):
+def compare_workspace(synthetic_teacher, synthetic_workspace, tmp_path_factory):
+    """The comparison's runs live in a workspace of their own (the data set and its teacher linked)."""
+    return linked_workspace(synthetic_workspace, tmp_path_factory.mktemp("compare") / "ws")
+
+
+@pytest.fixture(scope="module")
+def compared(compare_workspace):
     """2 variants x 2 seeds, 3 episodes of 256 samples (4 steps of 64) each: the smallest comparison
     with one prototype episode between the warm-up and the LiT finish."""
     from protoclip_cli.stages.compare import CompareConfig, run
@@ -60,15 +67,15 @@ def compared(synthetic_teacher, synthetic_workspace):
         recipe_set=("data.episode_size=256", "data.workers=1", "logging.checkpoint_every_steps=0"),
         device="cpu", eval_workers=0,
     )
-    return config, run(config, synthetic_workspace, RECIPE)
+    return config, run(config, compare_workspace, RECIPE)
 
 
-def test_table_numbers_are_the_statistics_of_the_runs_eval_files(compared, synthetic_workspace):
+def test_table_numbers_are_the_statistics_of_the_runs_eval_files(compared, compare_workspace):
     config, result = compared
     assert result["runs_finished"] == result["runs_planned"] == 4
     assert result["samples_seen"] == 3 * 4 * 64
     for variant in ("clip", "protoclip"):
-        runs = [synthetic_workspace.run_dir(f"t-compare-{variant}-s{seed}") for seed in (0, 1)]
+        runs = [compare_workspace.run_dir(f"t-compare-{variant}-s{seed}") for seed in (0, 1)]
         for metric in comparison.METRICS:
             cell = result["table"][variant][metric.label]
             values = [_eval_value(run, metric.task, metric.key) for run in runs]
@@ -80,9 +87,11 @@ def test_table_numbers_are_the_statistics_of_the_runs_eval_files(compared, synth
                 diff, se, exceeds = comparison.difference(values, base)
                 assert (cell["diff"], cell["se"], cell["exceeds_noise"]) == (pytest.approx(diff), pytest.approx(se), exceeds)
                 assert cell["diff"] == pytest.approx(np.mean(values) - np.mean(base))
+    # The runs' evaluations draw no plots of their own by default (--eval-plots): the comparison draws its curves.
+    assert not list(compare_workspace.runs_dir.glob("t-compare-*/eval/*.png"))
     # The seeds are different runs: the CLIP runs of seed 0 and 1 differ.
     assert len(set(result["table"]["clip"]["zero-shot top-1 (%)"]["values"])) == 2
-    out = synthetic_workspace.compare_dir("t-compare")
+    out = compare_workspace.compare_dir("t-compare")
     text = (out / "compare.md").read_text()
     proto = result["table"]["protoclip"]["zero-shot top-1 (%)"]
     assert comparison.format_cell(comparison.Cell.from_json(proto), 2) in text
@@ -91,7 +100,7 @@ def test_table_numbers_are_the_statistics_of_the_runs_eval_files(compared, synth
     assert json.loads((out / "compare.json").read_text())["table"] == result["table"]
 
 
-def test_curves_score_the_episode_checkpoints(compared, synthetic_workspace):
+def test_curves_score_the_episode_checkpoints(compared, compare_workspace):
     from protoclip_cli.runs import RunDir
     from protoclip_cli.stages.compare import _score_checkpoint
 
@@ -100,9 +109,9 @@ def test_curves_score_the_episode_checkpoints(compared, synthetic_workspace):
     assert set(result["curves"]["zero-shot top-1 (%)"]) == {"protoclip"}
     points = result["curves"]["linear probe top-1 (%)"]["protoclip"]
     assert set(points) == {str(8 * 64), str(12 * 64)}
-    folder = synthetic_workspace.compare_dir("t-compare") / "curves"
+    folder = compare_workspace.compare_dir("t-compare") / "curves"
     for seed in (0, 1):
-        run = synthetic_workspace.run_dir(f"t-compare-protoclip-s{seed}")
+        run = compare_workspace.run_dir(f"t-compare-protoclip-s{seed}")
         middle = json.loads((folder / run.name / "step-00000008.json").read_text())
         assert (middle["step"], middle["samples_seen"], Path(middle["checkpoint"]).name) == (8, 8 * 64, "step-00000008.pt")
         assert points[str(8 * 64)][seed] == middle["metrics"]["linear-probe"]["top1"]
@@ -111,13 +120,13 @@ def test_curves_score_the_episode_checkpoints(compared, synthetic_workspace):
         # Scored checkpoints are pruned to the recipe's newest two once the curve is written.
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000008.pt", "step-00000012.pt"]
     # The scorer follows evaluate's protocol: on the final checkpoint it gives evaluate's numbers.
-    run = RunDir(synthetic_workspace.run_dir("t-compare-protoclip-s0"))
+    run = RunDir(compare_workspace.run_dir("t-compare-protoclip-s0"))
     scored = _score_checkpoint(config, run, run.checkpoint())
     for task in ("zeroshot", "linear-probe"):
         assert scored[task] == json.loads((run.eval_dir / f"{task}.json").read_text())["metrics"]
 
 
-def test_rerun_reuses_finished_runs_and_evaluations(compared, synthetic_workspace, monkeypatch):
+def test_rerun_reuses_finished_runs_and_evaluations(compared, compare_workspace, monkeypatch):
     from protoclip_cli.stages import compare, evaluate, train
 
     config, first = compared
@@ -128,7 +137,7 @@ def test_rerun_reuses_finished_runs_and_evaluations(compared, synthetic_workspac
     monkeypatch.setattr(train, "run", refuse)
     monkeypatch.setattr(evaluate, "run", refuse)
     monkeypatch.setattr(compare, "_score_checkpoint", refuse)
-    again = compare.run(config, synthetic_workspace, RECIPE)
+    again = compare.run(config, compare_workspace, RECIPE)
     assert again["table"] == first["table"] and again["curves"] == first["curves"]
 
 
@@ -162,7 +171,7 @@ def test_a_missing_data_set_is_named_before_any_run(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_prototype_quality_reads_each_prototype_episode(compared, synthetic_workspace, tmp_path):
+def test_prototype_quality_reads_each_prototype_episode(compared, compare_workspace, tmp_path):
     """benchmarks/prototype_quality.py on a compared ProtoCLIP run: its one prototype episode (1),
     AMI against the classes in [0, 1], and the episode's mean prototype accuracy from metrics.jsonl."""
     import importlib.util
@@ -171,12 +180,12 @@ def test_prototype_quality_reads_each_prototype_episode(compared, synthetic_work
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "quality.json"
-    assert module.main(["--workspace", str(synthetic_workspace.root), "t-compare-protoclip-s0", "--json", str(out)]) == 0
+    assert module.main(["--workspace", str(compare_workspace.root), "t-compare-protoclip-s0", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["t-compare-protoclip-s0"]
     assert row["episode"] == 1 and row["samples"] == 256
     assert all(0.0 <= row[f"{m}_ami_label"] <= 1.0 for m in ("image", "text", "teacher"))
     assert 1 <= row["image_k_used"] <= 32
-    run = synthetic_workspace.run_dir("t-compare-protoclip-s0")
+    run = compare_workspace.run_dir("t-compare-protoclip-s0")
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     accuracies = [s["acc_img2txt"] for s in steps if s.get("kind") == "step" and s["episode"] == 1]
     assert row["acc_img2txt"] == pytest.approx(np.mean(accuracies), abs=1e-4)

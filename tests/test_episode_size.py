@@ -27,13 +27,10 @@ def test_note_names_the_asked_and_the_real_episode_size(capsys):
 def test_train_says_it_before_training(synthetic_workspace, tmp_path):
     from typer.testing import CliRunner
 
+    from conftest import linked_workspace
     from protoclip_cli.cli import app
-    from protoclip_cli.workspace import Workspace
 
-    # A workspace of its own (the data set linked): a run in the shared one would become its latest run.
-    workspace = Workspace.at(tmp_path / "ws")
-    workspace.datasets_dir.mkdir(parents=True)
-    (workspace.datasets_dir / "synthetic").symlink_to(synthetic_workspace.dataset_dir("synthetic"))
+    workspace = linked_workspace(synthetic_workspace, tmp_path / "ws")
 
     args = ["name=t-episode-size", "data.episode_size=10", "data.batch_size=32", "data.workers=0",
             "schedule.episodes=1", "proto.enabled=false", "model.heads=false", "proto.teacher=''",

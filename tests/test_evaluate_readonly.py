@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from protoclip_cli.workspace import Workspace
+from conftest import linked_workspace
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 def readonly_workspace(trained_run, synthetic_workspace, tmp_path):
     """A copy of the run in a workspace nothing can be written to: ``runs/<run>/eval`` is a regular
     file, so any write under it fails even for root, and without root every folder is also 0555."""
-    workspace = Workspace.at(tmp_path / "ro")
-    workspace.datasets_dir.mkdir(parents=True)
-    (workspace.datasets_dir / "synthetic").symlink_to(synthetic_workspace.dataset_dir("synthetic"))
+    workspace = linked_workspace(synthetic_workspace, tmp_path / "ro")
     run = workspace.run_dir(trained_run.name)
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval", "cluster", "export"))
     (run / "eval").write_text("not a folder")
@@ -64,7 +62,7 @@ def test_no_cache_and_out_elsewhere_work_on_a_read_only_workspace(readonly_works
     assert sorted(p.name for p in out.parent.iterdir()) == [
         "clip_benchmark", "zeroshot-samples.png", "zeroshot-tsne.png", "zeroshot.json", "zeroshot.png"]
     assert [p.name for p in (out.parent / "clip_benchmark").iterdir()] == [
-        "synthetic-heldout_eval-fixture@step-00000064.pt_protoclip-tiny_en_zeroshot_classification.json"]
+        "synthetic-heldout_eval-fixture@step-00000048.pt_protoclip-tiny_en_zeroshot_classification.json"]
 
 
 def test_an_unwritable_feature_cache_is_skipped_with_a_warning(readonly_workspace, tmp_path):

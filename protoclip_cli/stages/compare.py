@@ -68,6 +68,9 @@ class CompareConfig:
     curve_every: int = option(2, "Score the checkpoint of every n-th episode for the curves (the last one always).")
     device: str = option("auto", "auto, cpu, cuda or cuda:N (training and evaluation).")
     eval_workers: int = option(1, "Data-loader workers of the evaluations.")
+    eval_plots: bool = option(
+        False, "Also draw each run's evaluation plots (t-SNE maps, sample grids); the comparison draws its curves anyway."
+    )
 
     def __post_init__(self) -> None:
         unknown = [v for v in (*self.variants, *self.curves) if v not in VARIANTS]
@@ -159,7 +162,8 @@ def _train_and_evaluate(config: CompareConfig, recipe: TrainConfig, variant: str
     results = _final_results(run, final)
     if results is None:
         manifest = evaluate.run(
-            evaluate.EvaluateConfig(task="all", model=str(run.path), device=config.device, workers=config.eval_workers),
+            evaluate.EvaluateConfig(task="all", model=str(run.path), device=config.device, workers=config.eval_workers,
+                                    plots=config.eval_plots),
             workspace,
         )
         results = {name: record["metrics"] for name, record in manifest["written"].items()}
