@@ -85,9 +85,18 @@ def test_features_mode_writes_labels_and_centroids(synthetic_teacher, tmp_path):
     assert str(out) in result.stdout
 
 
-def test_features_mode_needs_k(synthetic_teacher):
-    result = _cli("cluster", "--features", str(synthetic_teacher))
+@pytest.mark.parametrize("k", ["0", "-1"])
+def test_features_mode_needs_k(synthetic_teacher, k):
+    result = _cli("cluster", "--features", str(synthetic_teacher), "--k", k)
     assert result.exit_code == 1 and "--features needs --k" in result.output
+
+
+@pytest.mark.parametrize("k", ["-1", "8"])
+def test_k_without_features_is_refused(k, tmp_path):
+    """A run's prototypes are reported with the recipe's k: a --k there would be silently ignored."""
+    result = _cli("cluster", "--k", k, "--workspace", str(tmp_path))
+    assert result.exit_code == 1
+    assert f"--k {k} is read only with --features" in " ".join(result.output.split())
 
 
 def test_report_from_a_checkpoint_file(trained_run, tmp_path):

@@ -46,6 +46,10 @@ class ClusterConfig:
             self.episode == "last" or self.episode.isdigit(), f"--episode {self.episode} is neither 'last' nor a number."
         )
         require(not self.features or self.k >= 1, "--features needs --k, the number of clusters (e.g. --k 1000).")
+        require(
+            self.features or self.k == 0,
+            f"--k {self.k} is read only with --features; a run's prototypes have the k of its recipe (proto.k).",
+        )
         for name in ("iterations", "restarts", "grid_samples"):
             value = getattr(self, name)
             require(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}.")
