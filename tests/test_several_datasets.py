@@ -253,3 +253,26 @@ def test_the_cluster_report_reads_every_data_set_of_the_run(mixed_run):
     report = report_episode(ClusterConfig(run="mixed", episode="1", grid_clusters=1, grid_samples=2, tsne_points=0),
                             workspace)
     assert report["samples"] > 0 and set(report["ground_truth"]) == {"image", "text", "teacher"}
+
+
+def test_evaluate_says_which_data_set_of_the_run_it_reads(mixed_run):
+    """No --dataset: the run's first data set, and the console says so; --dataset picks another."""
+    from typer.testing import CliRunner
+
+    from protoclip_cli.cli import app
+
+    _, workspace, _ = mixed_run
+    common = ["evaluate", "mixed", "--task", "modality-gap", "--workers", "0", "--device", "cpu", "--no-plots",
+              "--workspace", str(workspace.root)]
+    first = CliRunner().invoke(app, common)
+    assert first.exit_code == 0, first.output
+    said = " ".join(first.output.split())
+    assert "Run mixed was trained on mix-a, mix-b; evaluating on the first, mix-a (pass --dataset NAME for another)." in said
+    record = json.loads((workspace.run_dir("mixed") / "eval" / "modality-gap.json").read_text())
+    assert record["data"] == "mix-a-heldout"
+    other = CliRunner().invoke(app, [*common, "--dataset", "mix-b"])
+    assert other.exit_code == 0, other.output
+    assert "evaluating on the first" not in other.output
+    record = json.loads((workspace.run_dir("mixed") / "eval" / "modality-gap-mix-b.json").read_text())
+    assert record["data"] == "mix-b-heldout"
+

@@ -201,7 +201,11 @@ def _default_dataset(model, workspace: Workspace) -> str:
 
         from protoclip_cli.data.sources import run_datasets
 
-        return run_datasets(RunDir(model.run_dir).config().data).names[0]  # the first of several
+        names = run_datasets(RunDir(model.run_dir).config().data).names
+        if len(names) > 1:
+            info(f"Run {Path(model.run_dir).name} was trained on {', '.join(names)}; evaluating on the first, {names[0]} "
+                 f"(pass --dataset NAME for another).")
+        return names[0]
     return workspace.resolve_dataset(None)
 
 
