@@ -117,6 +117,24 @@ def test_teacher_rows_come_from_each_keys_data_set(tmp_path):
         run_teacher_rows([a, b], torch.tensor([KEY_STRIDE + 7]))
 
 
+def test_a_workers_teacher_lookup_keeps_its_files_open_and_serves_repeated_keys(tmp_path):
+    """The data loader's lookup: a topped-up batch may hold a sample twice, in any order."""
+    from protoclip_cli.data.teacher_file import TeacherRows
+
+    a = _teacher_file(tmp_path / "a.h5", [2, 5, 9])
+    b = _teacher_file(tmp_path / "b.h5", [4])
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        ea, eb = fa["embeddings"][:], fb["embeddings"][:]
+    lookup = TeacherRows((str(a), str(b)))
+    rows = lookup.rows(torch.tensor([9, KEY_STRIDE + 4, 2, 9, KEY_STRIDE + 4]))
+    assert torch.equal(rows, torch.from_numpy(np.stack([ea[2], eb[0], ea[0], ea[2], eb[0]])))
+    assert sorted(lookup._open) == [0, 1]  # both files stay open for the next batch
+    assert torch.equal(lookup.rows(torch.tensor([5])), torch.from_numpy(ea[1:2]))
+    assert lookup.rows(torch.tensor([], dtype=torch.int64)).shape == (0, 4)
+    lookup.close()
+    assert not lookup._open
+
+
 def test_teacher_files_of_several_data_sets_must_share_one_space(tmp_path):
     from protoclip_cli.data.teacher_file import check_same_space
 

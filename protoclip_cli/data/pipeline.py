@@ -36,9 +36,9 @@ Batches are dicts: ``images`` (B, 3, H, W) uint8 (extraction: possibly at the st
 ``broken`` (samples this worker skipped since its previous batch), ``worker``, ``position``
 (training), and ``augment`` (B, P) float32 where part of the augmentation runs on the device.
 
-Why one module of ~420 lines: the worker side (the iterable dataset) and the trainer side
+Why one module of ~380 lines: the worker side (the iterable dataset) and the trainer side
 (:class:`EpisodeStream`) share the control block and the position format; transforms,
-augmentation, shard reading and run keys live in their own modules.
+augmentation, shard reading, run keys and teacher rows live in their own modules.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from protoclip_cli.data.teacher_file import TeacherRows
 
 _SEED_MIX = 1_000_003
 # Shared control block: [episode, train, then per worker: records to skip, batches already given].
@@ -222,7 +224,7 @@ class EpisodeDataset(IterableDataset):
         self._crop = crop_transform(cfg.augmentation, cfg.image_size)
         self._device_augmentation = device_augmentation(cfg.augmentation, cfg.image_size)
         self._tokenizer = get_tokenizer(cfg.tokenizer_arch)
-        self._teacher = _TeacherLookup(cfg.teacher_paths) if cfg.teacher_paths else None
+        self._teacher = TeacherRows(cfg.teacher_paths) if cfg.teacher_paths else None
         self._ready = True
 
     def __iter__(self) -> Iterator[dict]:
@@ -307,7 +309,7 @@ class EpisodeDataset(IterableDataset):
 class _Batcher:
     """Collects samples of one worker into batches; counts the broken ones in between."""
 
-    def __init__(self, dataset: EpisodeDataset, batch_size: int, worker: int, teacher: "_TeacherLookup | None" = None,
+    def __init__(self, dataset: EpisodeDataset, batch_size: int, worker: int, teacher: "TeacherRows | None" = None,
                  stack: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack):
         self.dataset, self.batch_size, self.worker, self.teacher, self.stack = dataset, batch_size, worker, teacher, stack
         self.samples: list[tuple] = []
@@ -343,51 +345,6 @@ class _Batcher:
             batch["teacher"] = self.teacher.rows(batch["keys"])
         self.samples, self.broken, self.tar_errors[0] = [], 0, 0
         return batch
-
-
-class _TeacherLookup:
-    """Rows of the teacher HDF5s (sorted int64 ``keys``, ``embeddings``; one per data set) by sample
-    key, opened once per worker."""
-
-    def __init__(self, paths: tuple[str, ...]):
-        self.lookups = [_TeacherFile(path) for path in paths]
-
-    def rows(self, keys: torch.Tensor) -> torch.Tensor:
-        if len(self.lookups) == 1:
-            return self.lookups[0].rows(keys)
-        from protoclip_cli.data.sources import split_keys
-
-        index, local = (torch.from_numpy(a) for a in split_keys(keys.numpy()))
-        parts = {i: self.lookups[i].rows(local[index == i]) for i in index.unique().tolist()}
-        width = next(iter(parts.values())).shape[1]
-        rows = torch.empty((len(keys), width), dtype=torch.float32)
-        for i, found in parts.items():
-            rows[index == i] = found
-        return rows
-
-
-class _TeacherFile:
-    def __init__(self, path: str):
-        self.path = path
-        self._file = None
-        self._keys = None
-
-    def rows(self, keys: torch.Tensor) -> torch.Tensor:
-        import h5py
-        import numpy as np
-
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-            self._keys = self._file["keys"][:]
-        wanted = keys.numpy()
-        rows = np.clip(np.searchsorted(self._keys, wanted), 0, len(self._keys) - 1)
-        if not np.array_equal(self._keys[rows], wanted):
-            missing = wanted[self._keys[rows] != wanted][0]
-            raise KeyError(f"Teacher file {self.path} has no row for sample {missing}.")
-        # h5py reads strictly increasing rows; a topped-up batch may hold a sample twice.
-        unique_rows, inverse = np.unique(rows, return_inverse=True)
-        picked = self._file["embeddings"][unique_rows]
-        return torch.from_numpy(np.asarray(picked[inverse], dtype=np.float32))
 
 
 class EpisodeStream:

@@ -244,59 +244,83 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def teacher_rows(teacher_path: str | Path, keys: "torch.Tensor") -> "torch.Tensor":
-    """The teacher embeddings of ``keys`` (rows looked up by key in the sorted ``keys`` of the HDF5)."""
-    import h5py
-    import numpy as np
-    import torch
+class TeacherRows:
+    """Rows of a run's teacher files (one per data set, in ``data.datasets`` order) by sample key.
 
-    wanted = keys.cpu().numpy()
-    with h5py.File(teacher_path, "r") as f:
-        all_keys = f["keys"][:]
-        rows = np.searchsorted(all_keys, wanted)
-        rows = np.clip(rows, 0, len(all_keys) - 1)
-        if len(wanted) and not np.array_equal(all_keys[rows], wanted):
-            missing = wanted[all_keys[rows] != wanted][0]
+    A key's data set is in its high digits (``protoclip_cli.data.sources``); its row is found in
+    that data set's sorted ``keys``. Each file is opened on first use and kept open, so a
+    data-loader worker, which builds its batches' rows with one of these, opens its own handles.
+    """
+
+    def __init__(self, paths: "list[str | Path] | tuple[str | Path, ...]"):
+        self.paths = [str(path) for path in paths]
+        self._open: dict[int, tuple[Any, "np.ndarray"]] = {}
+
+    def _file(self, index: int) -> tuple[Any, "np.ndarray"]:
+        if index not in self._open:
+            import h5py
+
+            handle = h5py.File(self.paths[index], "r")
+            self._open[index] = (handle, handle["keys"][:])
+        return self._open[index]
+
+    def _rows_of(self, index: int, wanted: "np.ndarray") -> "np.ndarray":
+        import numpy as np
+
+        handle, keys = self._file(index)
+        rows = np.clip(np.searchsorted(keys, wanted), 0, max(len(keys) - 1, 0))
+        if len(wanted) and (not len(keys) or not np.array_equal(keys[rows], wanted)):
+            missing = wanted[keys[rows] != wanted][0] if len(keys) else wanted[0]
             raise ProtoclipError(
-                f"Teacher file {teacher_path} has no row for sample {missing}; rerun `protoclip teacher-embed` "
+                f"Teacher file {self.paths[index]} has no row for sample {missing}; rerun `protoclip teacher-embed` "
                 "for this data set."
             )
-        order = np.argsort(rows, kind="stable")
-        # h5py fancy indexing needs increasing, unique rows.
-        unique_rows, inverse = np.unique(rows[order], return_inverse=True)
-        picked = f["embeddings"][unique_rows] if len(unique_rows) else np.zeros((0, f["embeddings"].shape[1]))
-    embeddings = np.empty((len(wanted), picked.shape[1]), dtype=np.float32)
-    embeddings[order] = picked[inverse]
-    return torch.from_numpy(embeddings)
+        # h5py reads strictly increasing rows; a batch may hold a sample twice (topped-up batches).
+        unique_rows, inverse = np.unique(rows, return_inverse=True)
+        if not len(unique_rows):
+            return np.zeros((0, handle["embeddings"].shape[1]), dtype=np.float32)
+        return np.asarray(handle["embeddings"][unique_rows], dtype=np.float32)[inverse.reshape(-1)]
+
+    def rows(self, keys: "torch.Tensor") -> "torch.Tensor":
+        """The teacher embeddings of ``keys`` (N,) as a float32 (N, D) tensor."""
+        import numpy as np
+        import torch
+
+        wanted = keys.cpu().numpy()
+        if len(self.paths) == 1:
+            return torch.from_numpy(self._rows_of(0, wanted))
+        from protoclip_cli.data.sources import split_keys
+
+        index, local = split_keys(wanted)
+        found = np.zeros((len(wanted), self._file(0)[0]["embeddings"].shape[1]), dtype=np.float32)
+        for position in np.unique(index).tolist():
+            members = index == position
+            found[members] = self._rows_of(position, local[members])
+        return torch.from_numpy(found)
+
+    def close(self) -> None:
+        for handle, _ in self._open.values():
+            handle.close()
+        self._open.clear()
+
+    def __enter__(self) -> "TeacherRows":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def teacher_rows(teacher_path: str | Path, keys: "torch.Tensor") -> "torch.Tensor":
+    """The teacher embeddings of ``keys`` (rows looked up by key in the sorted ``keys`` of the HDF5)."""
+    with TeacherRows([teacher_path]) as lookup:
+        return lookup.rows(keys)
 
 
 def run_teacher_rows(teacher_paths: "list[str | Path]", keys: "torch.Tensor") -> "torch.Tensor":
     """The teacher embeddings of a run's ``keys`` with one teacher file per data set, in
-    ``data.datasets`` order: each key's row is looked up in the file of its data set
-    (``protoclip_cli.data.sources``: the data set's index is in the key's high digits)."""
-    import numpy as np
-    import torch
-
-    from protoclip_cli.data.sources import split_keys
-
-    if len(teacher_paths) == 1:
-        return teacher_rows(teacher_paths[0], keys)
-    index, local = split_keys(keys.cpu().numpy())
-    rows: torch.Tensor | None = None
-    for position, path in enumerate(teacher_paths):
-        members = np.flatnonzero(index == position)
-        if not members.size:
-            continue
-        found = teacher_rows(path, torch.from_numpy(local[members]))
-        if rows is None:
-            rows = torch.zeros((len(index), found.shape[1]), dtype=torch.float32)
-        rows[torch.from_numpy(members)] = found
-    if rows is None:  # no keys: the width of the first file
-        import h5py
-
-        with h5py.File(teacher_paths[0], "r") as f:
-            rows = torch.zeros((0, f["embeddings"].shape[1]), dtype=torch.float32)
-    return rows
+    ``data.datasets`` order (:class:`TeacherRows`)."""
+    with TeacherRows(teacher_paths) as lookup:
+        return lookup.rows(keys)
 
 
 def check_same_space(teacher_paths: "list[str | Path]") -> None:
