@@ -1,5 +1,5 @@
 """One writer per run folder: a second `train` is refused naming the running process, a lock left
-by a killed process is stale and taken over, readers (evaluate, cluster) keep working on a run
+by a killed process is stale and taken over, readers (evaluate, cluster, export) keep working on a run
 being trained, stale temporaries are cleaned on start, and Ctrl-C says where training stopped."""
 
 from __future__ import annotations
@@ -146,18 +146,21 @@ def trained_run(synthetic_workspace, synthetic_teacher):
     return train_shared_run(synthetic_workspace, synthetic_teacher)
 
 
-def test_evaluate_and_cluster_read_a_run_that_is_being_trained(holder, trained_run, synthetic_workspace):
+def test_evaluate_cluster_and_export_read_a_run_that_is_being_trained(holder, trained_run, synthetic_workspace, tmp_path):
     from typer.testing import CliRunner
 
     from protoclip_cli.cli import app
 
     other = holder(trained_run)
     workspace = ["-w", str(synthetic_workspace.root)]
+    exported = tmp_path / "running.pt"
     for command in (["evaluate", trained_run.name, "--task", "synthetic-zeroshot", "--workers", "0", "--device", "cpu"],
-                    ["cluster", trained_run.name, "--tsne-points", "0"]):
+                    ["cluster", trained_run.name, "--tsne-points", "0"],
+                    ["export", trained_run.name, "--format", "open_clip", "--out", str(exported)]):
         result = CliRunner().invoke(app, [*command, *workspace])
         assert result.exit_code == 0, result.output
         assert f"is being trained now (process {other.pid}" in " ".join(result.output.split())
+    assert exported.is_file() and exported.stat().st_size > 0
     assert RunDir(trained_run).writer()["pid"] == other.pid
 
 

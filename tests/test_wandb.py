@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import linked_workspace
 from protoclip_cli import config as config_io
 from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.training.metrics import wandb_values
@@ -24,7 +25,7 @@ OVERRIDES = [
     "proto.k=8", "proto.iterations=3", "proto.restarts=1", "proto.teacher=''", "schedule.episodes=2",
     "schedule.warmup_steps=2", "schedule.lit_start_episode=99", "logging.log_every_steps=1",
     "logging.checkpoint_every_steps=2", "logging.keep_checkpoints=8", "logging.wandb=true",
-    "logging.wandb_project='protoclip-tests'",
+    "logging.wandb_project='protoclip-tests'", "logging.wandb_entity='vision-lab'", "logging.wandb_name='tiny run'",
 ]
 
 
@@ -66,6 +67,11 @@ def offline_run(path: Path) -> tuple[str, dict[int, dict[str, float]]]:
     return run_id, history
 
 
+def offline_run_record(path: Path):
+    """The run record (id, project, entity, display name, config) of one offline run file."""
+    return next(record.run for record in wandb_records(path) if record.WhichOneof("record_type") == "run")
+
+
 def test_records_become_wandb_values():
     step = {"kind": "step", "step": 7, "episode": 1, "phase": "proto", "total": 2.5, "lr": 1e-4, "flag": True}
     assert wandb_values(step) == {"episode": 1, "total": 2.5, "lr": 1e-4}
@@ -86,15 +92,20 @@ def test_offline_wandb_mirrors_metrics_and_a_resumed_run_continues_it(synthetic_
                         "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
                         "WANDB_DATA_DIR": str(tmp_path / "data")}.items():
         monkeypatch.setenv(name, value)
+    workspace = linked_workspace(synthetic_workspace, tmp_path / "ws")
     config = config_io.load(TrainConfig, RECIPE, OVERRIDES)
-    run = RunDir(synthetic_workspace.run_dir("wandb-run"))
-    train.run(config, synthetic_workspace, resume=False)
+    run = RunDir(workspace.run_dir("wandb-run"))
+    train.run(config, workspace, resume=False)
     first_lines = [json.loads(line) for line in run.metrics_file.read_text().splitlines()]
     run_id = run.wandb_run_id()
     assert run_id and run.wandb_id_file.is_file()
     [first_file] = run.wandb_dir.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
     got_id, history = offline_run(first_file)
     assert got_id == run_id
+    started = offline_run_record(first_file)  # the recipe's project, entity and display name reach wandb
+    assert (started.project, started.entity, started.display_name) == ("protoclip-tests", "vision-lab", "tiny run")
+    recipe = {item.key: json.loads(item.value_json) for item in started.config.update}
+    assert recipe["name"] == "wandb-run" and recipe["proto"]["k"] == 8 and recipe["logging"]["wandb"] is True
     steps = [line for line in first_lines if line["kind"] == "step"]
     assert [line["step"] for line in steps] == list(range(1, 9)) and sorted(history) == list(range(1, 9))
     for line in steps:  # the same numbers at the same global step
@@ -111,7 +122,7 @@ def test_offline_wandb_mirrors_metrics_and_a_resumed_run_continues_it(synthetic_
     for late in ("step-00000007.pt", "step-00000008.pt"):
         (run.checkpoints_dir / late).unlink(missing_ok=True)
     assert max(p.name for p in run.checkpoints_dir.glob("step-*.pt")) == "step-00000006.pt"
-    train.run(config, synthetic_workspace)
+    train.run(config, workspace)
     assert run.wandb_run_id() == run_id  # the same wandb run
     files = sorted(run.wandb_dir.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 2
