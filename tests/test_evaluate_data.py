@@ -166,18 +166,13 @@ def test_cli_folder_tasks_write_results(folder_set, tiny_open_clip, tmp_path):
     ],
 )
 def test_cli_bad_inputs_exit_non_zero_with_a_sentence(args, message, tmp_path, folder_set, tiny_open_clip):
-    import subprocess
-    import sys
-
     _jpegs(tmp_path / "flat", 2, 0)
     filled = [a.format(flat=tmp_path / "flat", folder=folder_set / "test", missing=tmp_path / "none.txt") for a in args]
-    proc = subprocess.run(
-        [sys.executable, "-m", "protoclip_cli", "evaluate", "--open-clip", "protoclip-tiny", "--pretrained",
-         str(tiny_open_clip), "--workers", "0", "-w", str(tmp_path / "ws"), *filled],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 1, proc.stderr
-    assert "error:" in proc.stderr and message in " ".join(proc.stderr.split())
+    result = _cli("evaluate", "--open-clip", "protoclip-tiny", "--pretrained", str(tiny_open_clip), "--workers", "0",
+                  "-w", str(tmp_path / "ws"), *filled)
+    assert result.exit_code == 1, result.output
+    assert "error:" in result.stderr and message in " ".join(result.stderr.split())
+    assert not (tmp_path / "ws" / "eval").exists()  # nothing half-written
 
 
 def test_run_without_checkpoint_is_a_clear_error(tmp_path):

@@ -23,15 +23,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "synthetic.toml"
-# 2 episodes (warm-up, prototypes) of 4 shards, 16 steps each; a checkpoint every 5 steps.
+# 2 episodes (warm-up, prototypes) of 2 shards, 8 steps each (one shard per worker); a checkpoint every 3 steps.
 ARGS = [
-    "--set", "data.episode_size=512", "--set", "data.batch_size=32", "--set", "data.workers=2",
+    "--set", "data.episode_size=256", "--set", "data.batch_size=32", "--set", "data.workers=2",
     "--set", "data.augmentation='light'", "--set", "data.shuffle_buffer=64", "--set", "data.extract_batch_size=128",
     "--set", "model.projection_dim=32", "--set", "model.projection_hidden_dim=64",
     "--set", "proto.k=8", "--set", "proto.iterations=3", "--set", "proto.restarts=1", "--set", "proto.teacher=''",
     "--set", "optim.lr=5e-4", "--set", "schedule.episodes=2", "--set", "schedule.warmup_steps=4",
     "--set", "schedule.lit_start_episode=99",
-    "--set", "logging.log_every_steps=1", "--set", "logging.checkpoint_every_steps=5", "--set", "logging.keep_checkpoints=3",
+    "--set", "logging.log_every_steps=1", "--set", "logging.checkpoint_every_steps=3", "--set", "logging.keep_checkpoints=3",
 ]
 
 
@@ -51,7 +51,7 @@ def test_killed_run_resumes_to_the_same_weights(synthetic_workspace, mode):
     run_dir = workspace / "runs" / killed
     process = subprocess.Popen(_command(workspace, killed, mode), cwd=REPO, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first_checkpoint = run_dir / "checkpoints" / "step-00000005.pt"
+    first_checkpoint = run_dir / "checkpoints" / "step-00000003.pt"
     deadline = time.time() + 240
     while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -59,7 +59,7 @@ def test_killed_run_resumes_to_the_same_weights(synthetic_workspace, mode):
     process.wait()
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
     killed_at = max(p.name for p in (run_dir / "checkpoints").glob("step-*.pt"))
-    assert killed_at < "step-00000016.pt"  # killed inside episode 0
+    assert killed_at < "step-00000008.pt"  # killed inside episode 0
     # A kill during a write leaves a hidden temporary file: it must be ignored.
     (run_dir / "checkpoints" / ".step-00000099.pt.abc.tmp").write_bytes(b"truncated")
 
@@ -72,8 +72,8 @@ def test_killed_run_resumes_to_the_same_weights(synthetic_workspace, mode):
     reference_run = subprocess.run(_command(workspace, reference, mode), cwd=REPO, env=_env(), capture_output=True,
                                text=True, timeout=400)
     assert reference_run.returncode == 0, reference_run.stderr[-3000:]
-    final = torch.load(run_dir / "checkpoints" / "step-00000032.pt", weights_only=True)
-    expected = torch.load(workspace / "runs" / reference / "checkpoints" / "step-00000032.pt", weights_only=True)
+    final = torch.load(run_dir / "checkpoints" / "step-00000016.pt", weights_only=True)
+    expected = torch.load(workspace / "runs" / reference / "checkpoints" / "step-00000016.pt", weights_only=True)
     # Same computation in the same order on the same machine: bit-identical weights.
     assert final["model"].keys() == expected["model"].keys()
     for key, value in expected["model"].items():
@@ -91,7 +91,7 @@ def test_killed_run_resumes_to_the_same_weights(synthetic_workspace, mode):
     # metrics.jsonl has each step once, even though the killed run logged past its checkpoint.
     steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "step"]
-    assert steps == list(range(1, 33))
+    assert steps == list(range(1, 17))
     reference_losses = [json.loads(l) for l in (workspace / "runs" / reference / "metrics.jsonl").read_text().splitlines()]
     resumed_losses = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [l.get("total") for l in resumed_losses if l["kind"] == "step"] == [
