@@ -106,8 +106,10 @@ def test_four_micro_batches_of_16_give_the_gradient_and_update_of_one_batch_of_6
     for name, value in expected.items():
         scale = float(value.abs().max()) or 1.0
         torch.testing.assert_close(got[name], value, atol=2e-5 * scale, rtol=1e-4, msg=name)
-    for term in ("total", "clip", "proto", "ext"):  # the loss of the whole batch, not of the last micro-batch
-        torch.testing.assert_close(four["terms"][term], one["terms"][term], atol=1e-5, rtol=1e-5)
+    shared = ("proto_img2txt", "proto_txt2img", "acc_img2txt", "acc_txt2img", "ext_img", "ext_txt", "acc_img2ext",
+              "acc_txt2ext") if phase.use_proto else ()
+    for term in ("total", "clip", "proto", "ext", *shared):  # the loss of the whole batch, not of the last micro-batch
+        torch.testing.assert_close(four["terms"][term], one["terms"][term], atol=1e-5, rtol=1e-5, msg=term)
     # The outputs of a step cover all its micro-batches, in order (recorded in single-pass mode).
     torch.testing.assert_close(four["outputs"]["image_proj"], one["outputs"]["image_proj"].detach(), atol=1e-5, rtol=0)
 
@@ -117,6 +119,25 @@ def test_four_micro_batches_of_16_give_the_gradient_and_update_of_one_batch_of_6
         stepper.model.clamp_temperatures()
     for (name, a), (_, b) in zip(whole.model.named_parameters(), accumulated.model.named_parameters()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_each_micro_batch_scores_only_its_own_rows_against_the_prototypes(monkeypatch):
+    """The (batch x k) prototype and teacher scores are computed once per step, not once per micro-batch."""
+    from protoclip_cli.core import losses
+
+    batch, protos, all_labels = _data()
+    scored: list[int] = []
+    original = losses._rows_of_batch
+
+    def counting(image_proj, text_proj, labels, scale, rows):
+        found = original(image_proj, text_proj, labels, scale, rows)
+        scored.append(len(found[0]))
+        return found
+
+    monkeypatch.setattr(losses, "_rows_of_batch", counting)
+    _gradients(_stepper("infonce"), _split(batch, MICRO), PROTO, _labeller("by-key", all_labels, protos, batch["keys"]),
+               protos)
+    assert scored == [MICRO, MICRO] * (BATCH // MICRO)  # the prototype and the teacher term of each micro-batch
 
 
 def test_accumulation_keeps_batchnorm_statistics_of_each_sample_once_and_steps_once():

@@ -11,6 +11,12 @@ The image-text term is InfoNCE (:class:`ClipLoss`, the reference) or, as a recip
 (``loss.contrastive = "sigmoid"``), SigLIP's pairwise sigmoid loss (:class:`SigLipLoss`); the
 prototype and external-teacher terms are the same with either.
 
+The prototype and external-teacher terms are means over samples of per-sample cross-entropies
+against fixed prototypes. Under gradient accumulation they can therefore be computed for one
+micro-batch's rows only (``rows``): that micro-batch's share of the whole batch's mean, the other
+rows' shares coming from their own micro-batches, which saves recomputing the whole batch's
+(batch x k) scores once per micro-batch (:class:`protoclip_cli.training.step.Stepper`).
+
 Losses run in float32 with autocast off: logits reach ``100 * cos`` and soft targets use
 ``/ 0.01``, too coarse for bf16.
 """
@@ -24,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protoclip_cli.core.distributed import all_gather_cat, gather_with_grad
+from protoclip_cli.core.distributed import all_gather_cat, gather_with_grad, world_size
 from protoclip_cli.errors import ProtoclipError
 
 CONTRASTIVE_LOSSES = ("infonce", "sigmoid")
@@ -69,8 +75,33 @@ def _global(features: torch.Tensor) -> torch.Tensor:
     return gather_with_grad(features.float())
 
 
-def _accuracy(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return (scores.detach().argmax(dim=1) == labels).float().mean()
+def _accuracy(scores: torch.Tensor, labels: torch.Tensor, rows: int) -> torch.Tensor:
+    return (scores.detach().argmax(dim=1) == labels).float().sum() / rows
+
+
+def _gradient_times(value: torch.Tensor, factor: float) -> torch.Tensor:
+    """``value`` itself, whose gradient is multiplied by ``factor``."""
+    return value if factor == 1 else value.detach() + (value - value.detach()) * factor
+
+
+def _rows_of_batch(
+    image_proj: torch.Tensor, text_proj: torch.Tensor, labels: list[torch.Tensor], scale: torch.Tensor,
+    rows: slice | None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor, int]:
+    """(image rows, text rows, their labels, the scale, rows of the global batch) of a prototype term.
+
+    All rows (``rows`` None): the global batch, gathered from every rank. A slice: only those local
+    rows, for their share of the global batch's mean. Each sample's term then reaches the scale
+    only in its own micro-batch, so the scale's gradient is multiplied by (global rows / these rows),
+    as if every micro-batch had computed the whole batch: the accumulating stepper divides the
+    scalars' gradients by the number of micro-batches, and DDP averages the ranks' gradients.
+    """
+    if rows is None:
+        images, texts = _global(image_proj), _global(text_proj)
+        return images, texts, [all_gather_cat(label.long()) for label in labels], scale.float(), images.shape[0]
+    total = image_proj.shape[0] * world_size()
+    images, texts = image_proj[rows].float(), text_proj[rows].float()
+    return images, texts, [label[rows].long() for label in labels], _gradient_times(scale.float(), total / images.shape[0]), total
 
 
 def prototype_targets(centroids: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -150,11 +181,12 @@ class ProtoLoss(nn.Module):
         img_labels: torch.Tensor,
         txt_labels: torch.Tensor,
         protos: Prototypes,
+        rows: slice | None = None,
     ) -> dict[str, torch.Tensor]:
         with _fp32_region(image_proj):
-            images, texts = _global(image_proj), _global(text_proj)
-            img_labels, txt_labels = all_gather_cat(img_labels.long()), all_gather_cat(txt_labels.long())
-            scale = logit_scale_proto.float()
+            images, texts, (img_labels, txt_labels), scale, total = _rows_of_batch(
+                image_proj, text_proj, [img_labels, txt_labels], logit_scale_proto, rows
+            )
             img_centroids, txt_centroids = protos.img_centroids.float(), protos.txt_centroids.float()
             image_students = protos.txt_in_img.float() if self.pbt else txt_centroids
             text_students = protos.img_in_txt.float() if self.pbt else img_centroids
@@ -163,14 +195,14 @@ class ProtoLoss(nn.Module):
             with torch.no_grad():
                 txt_targets = prototype_targets(txt_centroids, txt_labels, self.target_temperature)
                 img_targets = prototype_targets(img_centroids, img_labels, self.target_temperature)
-            img2txt = F.cross_entropy(image_scores, txt_targets)
-            txt2img = F.cross_entropy(text_scores, img_targets)
+            img2txt = F.cross_entropy(image_scores, txt_targets, reduction="sum") / total
+            txt2img = F.cross_entropy(text_scores, img_targets, reduction="sum") / total
         return {
             "proto": (img2txt + txt2img) / 2,
             "proto_img2txt": img2txt,
             "proto_txt2img": txt2img,
-            "acc_img2txt": _accuracy(image_scores, txt_labels),
-            "acc_txt2img": _accuracy(text_scores, img_labels),
+            "acc_img2txt": _accuracy(image_scores, txt_labels, total),
+            "acc_txt2img": _accuracy(text_scores, img_labels, total),
         }
 
 
@@ -184,23 +216,22 @@ class ExternalTeacherLoss(nn.Module):
         logit_scale_proto: torch.Tensor,
         ext_labels: torch.Tensor,
         protos: Prototypes,
+        rows: slice | None = None,
     ) -> dict[str, torch.Tensor]:
         if protos.ext_in_img is None or protos.ext_in_txt is None:
             raise ValueError("ExternalTeacherLoss needs Prototypes.ext_in_img and ext_in_txt.")
         with _fp32_region(image_proj):
-            images, texts = _global(image_proj), _global(text_proj)
-            labels = all_gather_cat(ext_labels.long())
-            scale = logit_scale_proto.float()
+            images, texts, (labels,), scale, total = _rows_of_batch(image_proj, text_proj, [ext_labels], logit_scale_proto, rows)
             image_scores = scale * images @ protos.ext_in_img.float().T
             text_scores = scale * texts @ protos.ext_in_txt.float().T
-            img2ext = F.cross_entropy(image_scores, labels)
-            txt2ext = F.cross_entropy(text_scores, labels)
+            img2ext = F.cross_entropy(image_scores, labels, reduction="sum") / total
+            txt2ext = F.cross_entropy(text_scores, labels, reduction="sum") / total
         return {
             "ext": (img2ext + txt2ext) / 2,
             "ext_img": img2ext,
             "ext_txt": txt2ext,
-            "acc_img2ext": _accuracy(image_scores, labels),
-            "acc_txt2ext": _accuracy(text_scores, labels),
+            "acc_img2ext": _accuracy(image_scores, labels, total),
+            "acc_txt2ext": _accuracy(text_scores, labels, total),
         }
 
 
@@ -241,7 +272,10 @@ class ProtoCLIPLoss(nn.Module):
         protos: Prototypes | None = None,
         use_proto: bool = False,
         use_ext: bool = False,
+        rows: slice | None = None,
     ) -> dict[str, torch.Tensor]:
+        """The terms of ``outputs``' batch; with ``rows``, the prototype and teacher terms (and their
+        accuracies) are only those rows' share of the global batch's (gradient accumulation)."""
         if (use_proto or use_ext) and (protos is None or labels is None or outputs.get("image_proj") is None):
             raise ValueError("Prototype losses need projection heads, the batch's labels and the prototypes.")
         if use_ext and not self.pbt:
@@ -259,27 +293,28 @@ class ProtoCLIPLoss(nn.Module):
             terms = self.clip_loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"])
         zero = terms["clip"].new_zeros(())
         terms["proto"] = terms["ext"] = zero
-        total = self.w_clip * terms["clip"]
         if use_proto:
             terms.update(
                 self.proto_loss(
                     outputs["image_proj"], outputs["text_proj"], outputs["logit_scale_proto"],
-                    labels["img"], labels["txt"], protos,
+                    labels["img"], labels["txt"], protos, rows,
                 )
             )
-            total = total + self.w_proto * terms["proto"]
         if use_ext:
             if "ext" not in labels:
                 raise ValueError("use_ext needs labels['ext'], the batch's teacher-cluster labels.")
             terms.update(
                 self.ext_loss(
-                    outputs["image_proj"], outputs["text_proj"], outputs["logit_scale_proto"], labels["ext"], protos
+                    outputs["image_proj"], outputs["text_proj"], outputs["logit_scale_proto"], labels["ext"], protos, rows
                 )
             )
-            total = total + self.w_ext * terms["ext"]
-        terms["total"] = total
+        terms["total"] = self.total_of(terms)
         terms.update(self._diagnostics(outputs))
         return terms
+
+    def total_of(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``w_clip * clip + w_proto * proto + w_ext * ext``."""
+        return self.w_clip * terms["clip"] + self.w_proto * terms["proto"] + self.w_ext * terms["ext"]
 
     @staticmethod
     @torch.no_grad()

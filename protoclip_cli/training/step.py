@@ -10,9 +10,13 @@ batch and the prototype losses' batch to a micro-batch):
 2. the labels of the whole step are computed once from them (faithful mode: looked up by key;
    single-pass mode: nearest prototypes of these features, the teacher's from the loader);
 3. each micro-batch in turn is recomputed with gradients, its fresh features put in place of its
-   cached ones, and the losses of the whole accumulated batch backpropagated; the gradient reaching
-   micro-batch j's features is therefore the whole-batch loss's, and the sum over j is the
-   whole-batch gradient of every weight.
+   cached ones, and the image-text loss of the whole accumulated batch backpropagated; the gradient
+   reaching micro-batch j's features is therefore the whole-batch loss's, and the sum over j is the
+   whole-batch gradient of every weight. The prototype and teacher terms are per-sample means
+   against fixed prototypes: micro-batch j computes only its own rows' share of them (the other
+   rows' gradient would reach cached features only), so their (batch x k) scores are computed once
+   per step rather than once per micro-batch; the step's reported terms add up the shares (and,
+   under DDP, the ranks' shares).
 
 Two differences from open_clip_train, both to make A micro-batches of n give the update of one batch
 of A x n: the temperatures and the sigmoid loss's bias enter every micro-batch's loss directly, so
@@ -39,6 +43,9 @@ from protoclip_cli.training.episodes import Phase
 
 # Per-sample outputs of the model; the rest (scales, bias) are parameters of the model.
 FEATURES = ("image_features", "text_features", "image_proj", "text_proj")
+# Loss terms that are sums over samples: a micro-batch computes its rows' share (losses.py, ``rows``).
+SHARED_TERMS = ("proto", "proto_img2txt", "proto_txt2img", "acc_img2txt", "acc_txt2img",
+                "ext", "ext_img", "ext_txt", "acc_img2ext", "acc_txt2ext")
 
 
 def loss_multiplier(world_size: int, mode: str) -> int:
@@ -100,6 +107,16 @@ def batchnorm_statistics_kept(model: torch.nn.Module) -> Iterator[None]:
                 module.num_batches_tracked.copy_(tracked)
 
 
+def _sum_over_ranks(shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole global batch's terms from this rank's shares (one all-reduce under DDP)."""
+    from protoclip_cli.core.distributed import all_reduce_sum, is_distributed
+
+    if not shares or not is_distributed():
+        return shares
+    summed = all_reduce_sum(torch.stack([shares[name] for name in shares]))
+    return dict(zip(shares, summed))
+
+
 # (outputs of the whole step, its micro-batches) -> labels of the whole step, or None without prototypes
 Labeller = Callable[[dict, list[dict]], "dict[str, torch.Tensor] | None"]
 
@@ -148,8 +165,9 @@ class Stepper:
             return terms, outputs
         return self._accumulated(batches, phase, labeller, protos)
 
-    def _loss(self, outputs: dict, labels, phase: Phase, protos) -> dict:
-        return self.loss_fn(outputs, labels=labels, protos=protos, use_proto=phase.use_proto, use_ext=phase.use_ext)
+    def _loss(self, outputs: dict, labels, phase: Phase, protos, rows: slice | None = None) -> dict:
+        return self.loss_fn(outputs, labels=labels, protos=protos, use_proto=phase.use_proto, use_ext=phase.use_ext,
+                            rows=rows)
 
     def _accumulated(self, batches: list[dict], phase: Phase, labeller: Labeller, protos) -> tuple[dict, dict]:
         cached: list[dict[str, torch.Tensor]] = []
@@ -163,6 +181,8 @@ class Stepper:
         labels = labeller(whole, batches)
         multiplier = loss_multiplier(self.world_size, self.ddp_gradients)
         last = len(batches) - 1
+        shares: dict[str, torch.Tensor] = {}
+        start = 0
         for index, batch in enumerate(batches):
             images, tokens = self.inputs(batch)
             sync = self.no_sync() if (self.no_sync is not None and index < last) else contextlib.nullcontext()
@@ -173,8 +193,16 @@ class Stepper:
                 for name in whole:
                     mixed[name] = torch.cat([c[name] for c in cached[:index]] + [outputs[name]]
                                             + [c[name] for c in cached[index + 1 :]])
-                terms = self._loss(mixed, labels, phase, protos)
+                rows = slice(start, start + len(cached[index]["image_features"]))
+                start = rows.stop
+                terms = self._loss(mixed, labels, phase, protos, rows)
                 (terms["total"] * multiplier if multiplier != 1 else terms["total"]).backward()
-        # Each micro-batch's loss gave the scalars their whole gradient: A times over.
+            for name in SHARED_TERMS if (phase.use_proto or phase.use_ext) else ():
+                if name in terms:
+                    shares[name] = shares.get(name, 0) + terms[name].detach()
+        # Each micro-batch's loss gave the scalars their whole gradient: A times over (losses.py
+        # scales the prototype temperature's gradient of a micro-batch's share to match).
         divide_scalar_gradients(self.model, multiplier * len(batches))
+        terms = {**terms, **_sum_over_ranks(shares)}
+        terms["total"] = self.loss_fn.total_of(terms).detach()
         return terms, {**{name: value for name, value in outputs.items() if name not in FEATURES}, **whole}
