@@ -42,3 +42,14 @@ def test_malformed_series_are_refused_before_anything_is_written(tmp_path, serie
     with pytest.raises(ProtoclipError, match=message):
         metric_curves_png(tmp_path / "x.png", series, "top-1")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_class_keeps_its_colour_in_the_class_and_prediction_panels():
+    from protoclip_cli.evaluation.plots import group_colours
+
+    classes = np.array([0] * 5 + [1] * 3 + [2] * 2 + [3])
+    predicted = np.array([1] * 6 + [2] * 4 + [3])  # other sizes: ranked alone, 1 would take 0's colour
+    shared = group_colours({"class": classes, "prediction": predicted}, shared=True, most=3)
+    assert shared["class"] == shared["prediction"] == {0: 0, 1: 1, 2: 2}  # 3 is grey in both
+    alone = group_colours({"class": classes, "clusters": predicted}, most=3)
+    assert alone["class"] == {0: 0, 1: 1, 2: 2} and alone["clusters"] == {1: 0, 2: 1, 3: 2}

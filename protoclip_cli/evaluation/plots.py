@@ -162,23 +162,38 @@ def tsne_points(features: np.ndarray, seed: int) -> np.ndarray:
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
 
 
+def group_colours(colourings: dict[str, np.ndarray], shared: bool = False, most: int = 20) -> dict[str, dict]:
+    """Palette index of each coloured group, per colouring: its ``most`` largest groups get one each
+    (the rest stay grey). ``shared``: the colourings name the same groups (class and predicted class),
+    so a group keeps one colour in every panel, ranked by its size in the first colouring."""
+    found: dict[str, dict] = {}
+    for name, labels in colourings.items():
+        if shared and found:
+            found[name] = next(iter(found.values()))
+            continue
+        groups, counts = np.unique(labels, return_counts=True)
+        largest = groups[np.argsort(-counts, kind="stable")][:most]
+        found[name] = {group.item(): i for i, group in enumerate(largest)}
+    return found
+
+
 def tsne_png(
     path: Path, features: np.ndarray, colourings: dict[str, np.ndarray], seed: int, title: str,
-    points: np.ndarray | None = None,
+    points: np.ndarray | None = None, shared_colours: bool = False,
 ) -> Path:
     """A 2-D t-SNE of ``features`` (or the given ``points``), one panel per colouring (the 20 largest
-    groups in colour, others grey)."""
+    groups in colour, others grey; :func:`group_colours`)."""
     plt = _pyplot()
     points = tsne_points(features, seed) if points is None else points
     figure, axes = plt.subplots(1, len(colourings), figsize=(5.5 * len(colourings), 5), squeeze=False)
     palette = plt.get_cmap("tab20")
+    colours = group_colours(colourings, shared_colours)
     for axis, (name, labels) in zip(axes[0], colourings.items()):
-        groups, counts = np.unique(labels, return_counts=True)
-        largest = groups[np.argsort(-counts)][:20]
         axis.scatter(points[:, 0], points[:, 1], s=4, c="lightgrey")
-        for i, group in enumerate(largest):
+        for group, i in colours[name].items():
             member = labels == group
-            axis.scatter(points[member, 0], points[member, 1], s=6, color=palette(i % 20))
+            if member.any():
+                axis.scatter(points[member, 0], points[member, 1], s=6, color=palette(i % 20))
         axis.set_title(f"coloured by {name}", fontsize=9)
         axis.set_xticks([])
         axis.set_yticks([])

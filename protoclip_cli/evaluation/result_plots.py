@@ -4,8 +4,9 @@
 (``--protocol reference``: its test top-1 per epoch),
 retrieval recall@k both ways, or the zero-shot suite's top-1 per data set with their mean.
 ``<result>-tsne.png``: t-SNE of (a seeded sample of) the image features coloured by true class and
-by zero-shot prediction or k-means cluster. ``<result>-samples.png``: images with their true and
-predicted class (green when right, red when wrong). Figures are drawn by :mod:`plots`.
+by zero-shot prediction (a class keeps its colour in both panels) or k-means cluster.
+``<result>-samples.png``: images with their true and predicted class (green when right, red when
+wrong). Figures are drawn by :mod:`plots`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class ResultPlots:
             written.append(plots.curves_png(stem.with_suffix(".png"), {"top-k": ([int(k) for k in curve], list(curve.values()))},
                                             "k", "accuracy (%)", f"{title}: zero-shot top-k accuracy"))  # fmt: skip
             predicted = figures["scores"].argmax(dim=1).numpy()
-            written += self._tsne(stem, data, figures, {"class": figures["labels"], "zero-shot prediction": predicted}, title)
+            written += self._tsne(stem, data, figures, {"class": figures["labels"], "zero-shot prediction": predicted}, title,
+                                  shared_colours=True)
             written.append(self._samples(stem, data, figures["labels"], predicted, title))
         elif task == "linear-probe" and result.get("protocol") == "reference":
             per_epoch = result["test_top1_per_epoch"]
@@ -73,7 +75,8 @@ class ResultPlots:
                                               f"{title}: zero-shot suite", mean_label="mean"))  # fmt: skip
         return written
 
-    def _tsne(self, stem: Path, data: ImageSet, figures: dict, colourings: dict, title: str) -> list[Path]:
+    def _tsne(self, stem: Path, data: ImageSet, figures: dict, colourings: dict, title: str,
+              shared_colours: bool = False) -> list[Path]:
         if self.tsne_points <= 0 or data.size < 5:
             return []
         if data.fingerprint not in self._maps:
@@ -82,7 +85,8 @@ class ResultPlots:
         rows, points = self._maps[data.fingerprint]
         path = stem.parent / f"{stem.name}-tsne.png"
         return [plots.tsne_png(path, np.empty(0), {k: np.asarray(v)[rows] for k, v in colourings.items()}, self.seed,
-                               f"{title}: t-SNE of {len(rows)} image features", points=points)]  # fmt: skip
+                               f"{title}: t-SNE of {len(rows)} image features", points=points,
+                               shared_colours=shared_colours)]  # fmt: skip
 
     def _samples(self, stem: Path, data: ImageSet, labels: np.ndarray, predicted: np.ndarray, title: str) -> Path:
         """The first images of ``data`` with their true and predicted class."""
