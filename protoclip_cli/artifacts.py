@@ -120,10 +120,12 @@ def write_manifest(
     stage: str,
     config: dict[str, Any] | None = None,
     inputs: dict[str, str | Path] | None = None,
+    file_name: str = MANIFEST,
     **fields: Any,
 ) -> dict[str, Any]:
-    """Write ``folder/manifest.json``: stage, schema version, config, inputs (with their manifests'
-    hashes), package version, creation time, plus the stage's own ``fields``."""
+    """Write ``folder/manifest.json`` (or ``folder/<file_name>``): stage, schema version, config,
+    inputs (with their manifests' hashes), package version, creation time, plus the stage's own
+    ``fields``."""
     folder = Path(folder)
     recorded_inputs = {}
     for name, input_path in (inputs or {}).items():
@@ -142,7 +144,7 @@ def write_manifest(
         "inputs": recorded_inputs,
         **fields,
     }
-    write_json(folder / MANIFEST, manifest)
+    write_json(folder / file_name, manifest)
     return manifest
 
 

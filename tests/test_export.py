@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from protoclip_cli.artifacts import file_sha256
 from test_evaluate import RUN, train_shared_run
 
 torch.set_num_threads(2)
@@ -48,7 +49,10 @@ def test_export_round_trip_through_open_clip(trained_run, synthetic_workspace, t
     with torch.no_grad():
         torch.testing.assert_close(clip.encode_image(images, normalize=True), model.encode_image(images), atol=ATOL, rtol=0)
         torch.testing.assert_close(clip.encode_text(tokens, normalize=True), model.encode_text(tokens), atol=ATOL, rtol=0)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    # The manifest is named after the export, so several exports can share a folder.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt", "tiny.pt.manifest.json"]
+    manifest = json.loads((tmp_path / "tiny.pt.manifest.json").read_text())
+    assert manifest["file"] == str(out) and manifest["sha256"] == file_sha256(out)
     assert manifest["arch"] == "protoclip-tiny" and manifest["round_trip_max_abs_difference"] <= ATOL
     assert manifest["needs_registration"] is True
 
@@ -144,7 +148,7 @@ def test_hub_folder_loads_through_open_clip_without_registration(hub_folder, tra
         torch.testing.assert_close(theirs["images"], model.encode_image(images), atol=ATOL, rtol=0)
         torch.testing.assert_close(theirs["texts"], model.encode_text(get_tokenizer("protoclip-tiny")(captions)),
                                    atol=ATOL, rtol=0)
-    manifest = json.loads((hub_folder.parent / "manifest.json").read_text())
+    manifest = json.loads((hub_folder.parent / f"{hub_folder.name}.manifest.json").read_text())
     assert manifest["format"] == "hf" and manifest["round_trip_max_abs_difference"] <= ATOL
     assert manifest["needs_registration"] is False and manifest["pushed_to"] is None
 
@@ -158,7 +162,7 @@ def test_model_card_has_the_recipe_data_and_results_of_the_checkpoint(hub_folder
     result = json.loads((trained_run / "eval" / "synthetic-zeroshot.json").read_text())
     assert f"| synthetic-zeroshot | synthetic-heldout | top1 | {result['metrics']['top1']:.4f} |" in body
     assert "stale-result" not in body and "1 result(s) of other checkpoints of the run are left out" in body
-    manifest = json.loads((hub_folder.parent / "manifest.json").read_text())
+    manifest = json.loads((hub_folder.parent / f"{hub_folder.name}.manifest.json").read_text())
     assert "synthetic-zeroshot" in manifest["results_in_card"] and "stale-result" not in manifest["results_in_card"]
     recipe = (trained_run / "config.toml").read_text().strip()
     assert "```toml\n" + recipe + "\n```" in body  # the whole resolved recipe
@@ -182,7 +186,7 @@ def test_push_offline_fails_in_one_sentence_and_keeps_the_folder(trained_run, sy
     assert "Traceback" not in result.output
     assert (out / "open_clip_config.json").is_file() and (out / "open_clip_model.safetensors").is_file()
     assert "hf-hub:me/tiny-protoclip" in (out / "README.md").read_text()  # the card tells how to load the pushed repo
-    assert json.loads((tmp_path / "manifest.json").read_text())["pushed_to"] is None
+    assert json.loads((tmp_path / "pushed.manifest.json").read_text())["pushed_to"] is None
 
 
 @pytest.mark.parametrize("args, message", [

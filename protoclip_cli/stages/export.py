@@ -58,7 +58,8 @@ class ExportConfig:
 
 
 def run(config: ExportConfig, workspace: Workspace) -> dict[str, Any]:
-    """Write the export and its ``manifest.json`` (next to it); returns the manifest."""
+    """Write the export and its manifest ``<export name>.manifest.json`` next to it (so exports into one
+    folder keep their own records); returns the manifest."""
     from protoclip_cli.runs import resolve
 
     resolved = resolve(workspace, config.run, config.checkpoint)
@@ -77,13 +78,18 @@ def run(config: ExportConfig, workspace: Workspace) -> dict[str, Any]:
         torch.save({name: tensor.detach().clone() for name, tensor in model.clip.state_dict().items()}, tmp)
         difference = round_trip_difference(model, arch, lambda: load_open_clip_file(arch, tmp, **open_clip_kwargs))
     return write_manifest(
-        out.parent, "export", config=to_dict(config), inputs={"checkpoint": info["path"]},
+        out.parent, "export", config=to_dict(config), inputs={"checkpoint": info["path"]}, file_name=manifest_name(out),
         file=str(out), format=config.format, arch=arch, sha256=file_sha256(out), episode=info["episode"],
         global_step=info["global_step"], round_trip_max_abs_difference=difference,
         load_with=f"open_clip.create_model_and_transforms({arch!r}, pretrained={str(out)!r}"
         + "".join(f", {name}={value!r}" for name, value in open_clip_kwargs.items()) + ")",
         needs_registration=arch.startswith("protoclip-"),
     )
+
+
+def manifest_name(out: Path) -> str:
+    """The file name of an export's manifest, next to the export ``out``."""
+    return f"{out.name}.manifest.json"
 
 
 def _export_hub_folder(config: ExportConfig, resolved, model, train_config, info: dict) -> dict[str, Any]:
@@ -107,7 +113,7 @@ def _export_hub_folder(config: ExportConfig, resolved, model, train_config, info
 
     def record(pushed_to: str | None) -> dict[str, Any]:
         return write_manifest(
-            out.parent, "export", config=to_dict(config), inputs={"checkpoint": info["path"]},
+            out.parent, "export", config=to_dict(config), inputs={"checkpoint": info["path"]}, file_name=manifest_name(out),
             file=str(out), format=config.format, arch=arch, files=sorted(p.name for p in out.iterdir()),
             weights_sha256=file_sha256(out / "open_clip_model.safetensors"), episode=info["episode"],
             global_step=info["global_step"], round_trip_max_abs_difference=difference,
