@@ -121,7 +121,7 @@ def test_curves_score_the_episode_checkpoints(compared, compare_workspace):
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000008.pt", "step-00000012.pt"]
     # The scorer follows evaluate's protocol: on the final checkpoint it gives evaluate's numbers.
     run = RunDir(compare_workspace.run_dir("t-compare-protoclip-s0"))
-    scored = _score_checkpoint(config, run, run.checkpoint())
+    scored = _score_checkpoint(config, run, compare_workspace, run.checkpoint())
     for task in ("zeroshot", "linear-probe"):
         assert scored[task] == json.loads((run.eval_dir / f"{task}.json").read_text())["metrics"]
 
@@ -139,6 +139,22 @@ def test_rerun_reuses_finished_runs_and_evaluations(compared, compare_workspace,
     monkeypatch.setattr(compare, "_score_checkpoint", refuse)
     again = compare.run(config, compare_workspace, RECIPE)
     assert again["table"] == first["table"] and again["curves"] == first["curves"]
+
+
+def test_a_run_folder_of_another_configuration_is_refused_before_any_training(compared, compare_workspace, monkeypatch):
+    from dataclasses import replace
+
+    from protoclip_cli.errors import ProtoclipError
+    from protoclip_cli.stages import compare, train
+
+    config, _ = compared
+    monkeypatch.setattr(train, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    changed = replace(config, recipe_set=(*config.recipe_set, "optim.lr=2e-3"))
+    with pytest.raises(ProtoclipError) as error:
+        compare.run(changed, compare_workspace, RECIPE)
+    message = " ".join(str(error.value).split())
+    assert "t-compare-clip-s0 holds a run with another configuration (differs in optim.lr)" in message
+    assert "pick another run name with compare --name NEW, or delete the folder." in message
 
 
 @pytest.mark.parametrize(

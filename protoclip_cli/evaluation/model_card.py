@@ -23,16 +23,6 @@ CITATION = """@article{chen2022prototypical,
 }"""
 
 
-def _same_file(a: str | None, b: str | None) -> bool:
-    return bool(a and b) and Path(a).resolve() == Path(b).resolve()
-
-
-def checkpoint_results(results: dict[str, dict], checkpoint: str) -> tuple[dict[str, dict], int]:
-    """(the results computed with ``checkpoint``, how many others were left out)."""
-    kept = {name: r for name, r in results.items() if _same_file(r.get("model", {}).get("path"), checkpoint)}
-    return kept, len(results) - len(kept)
-
-
 def _split_count(dataset: dict | None, split: str) -> tuple[int | None, int | None]:
     """(pairs downloaded, failed) of the training split, from the data set's download record."""
     entry = (dataset or {}).get("splits", {}).get(split, dataset or {})
@@ -107,6 +97,7 @@ def render_model_card(
     from open_clip.push_to_hf_hub import generate_readme
 
     from protoclip_cli import config as config_io
+    from protoclip_cli.evaluation.results import checkpoint_results
 
     text = generate_readme(card_fields(config, info, dataset, license, load_as), name)
     kept, others = checkpoint_results(results, info["path"])

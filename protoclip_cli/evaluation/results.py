@@ -129,3 +129,13 @@ def read_results(eval_dir: Path) -> dict[str, dict[str, Any]]:
         if isinstance(record, dict) and "task" in record and "metrics" in record:
             found[record.get("name", path.stem)] = record
     return found
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and Path(a).resolve() == Path(b).resolve()
+
+
+def checkpoint_results(results: dict[str, dict], checkpoint: str | Path) -> tuple[dict[str, dict], int]:
+    """(the results of :func:`read_results` computed with ``checkpoint``, how many others were left out)."""
+    kept = {name: r for name, r in results.items() if _same_file(r.get("model", {}).get("path"), str(checkpoint))}
+    return kept, len(results) - len(kept)

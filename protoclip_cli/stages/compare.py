@@ -102,6 +102,7 @@ def variant_recipe(config: CompareConfig, recipe: Path, variant: str, seed: int)
 
 def run(config: CompareConfig, workspace: Workspace, default_recipe: Path) -> dict[str, Any]:
     """Train and evaluate every (variant, seed), reusing finished ones; returns compare.json's content."""
+    from protoclip_cli.runs import RunDir
     from protoclip_cli.stages import train
 
     recipe = Path(config.recipe) if config.recipe else default_recipe
@@ -111,7 +112,7 @@ def run(config: CompareConfig, workspace: Workspace, default_recipe: Path) -> di
     recipes = {job: variant_recipe(config, recipe, *job) for job in jobs}
     for job in jobs:  # every input of every run checked before the first step
         train.check_inputs(recipes[job], workspace)
-        _check_reusable(recipes[job], workspace)
+        train.check_run_config(recipes[job], RunDir(workspace.run_dir(recipes[job].name)), rename="compare --name NEW")
     out_dir = workspace.compare_dir(config.name)
     keep = config_io.load(TrainConfig, recipe, config.recipe_set).logging.keep_checkpoints  # after the curves
     started = time.perf_counter()
@@ -126,26 +127,8 @@ def run(config: CompareConfig, workspace: Workspace, default_recipe: Path) -> di
     return result
 
 
-def _check_reusable(recipe: TrainConfig, workspace: Workspace) -> None:
-    from protoclip_cli.runs import RunDir
-
-    run = RunDir(workspace.run_dir(recipe.name))
-    if run.exists() and _differences(run.config(), recipe):
-        raise ProtoclipError(
-            f"Run folder {run.path} holds a run of another configuration (differs in "
-            f"{', '.join(_differences(run.config(), recipe)[:3])}); pass another --name or delete the folder."
-        )
-
-
-def _differences(old: TrainConfig, new: TrainConfig) -> list[str]:
-    from protoclip_cli.stages.train import _config_differences
-
-    return _config_differences(config_io.to_dict(old), config_io.to_dict(new))
-
-
-def _is_complete(recipe: TrainConfig, workspace: Workspace) -> bool:
-    path = workspace.run_dir(recipe.name) / "manifest.json"
-    return path.is_file() and json.loads(path.read_text()).get("status") == "complete"
+def _is_complete(run) -> bool:
+    return run.manifest_file.is_file() and json.loads(run.manifest_file.read_text()).get("status") == "complete"
 
 
 def _train_and_evaluate(config: CompareConfig, recipe: TrainConfig, variant: str, seed: int, workspace: Workspace,
@@ -154,7 +137,7 @@ def _train_and_evaluate(config: CompareConfig, recipe: TrainConfig, variant: str
     from protoclip_cli.stages import evaluate, train
 
     run = RunDir(workspace.run_dir(recipe.name))
-    if _is_complete(recipe, workspace):
+    if _is_complete(run):
         info(f"{recipe.name}: trained already, reused.")
     else:
         train.run(recipe, workspace)
@@ -176,25 +159,19 @@ def _train_and_evaluate(config: CompareConfig, recipe: TrainConfig, variant: str
         "train_seconds": _train_seconds(run), "metrics": results,
     }
     if variant in config.curves:
-        record["curve"] = _curve(config, recipe, run, out_dir, manifest, keep, (final, results))
+        record["curve"] = _curve(config, recipe, run, workspace, out_dir, manifest, keep, (final, results))
     return record
 
 
 def _final_results(run, checkpoint: Path) -> dict[str, dict] | None:
     """The metrics of every task's ``eval/<task>.json`` when all were made from ``checkpoint``, else None."""
+    from protoclip_cli.evaluation.results import checkpoint_results, read_results
     from protoclip_cli.stages.evaluate import BASE_TASKS
 
-    results = {}
-    for task in BASE_TASKS:
-        path = run.eval_dir / f"{task}.json"
-        if not path.is_file():
-            return None
-        record = json.loads(path.read_text())
-        recorded = record.get("model", {}).get("path")
-        if not recorded or Path(recorded).resolve() != checkpoint.resolve():
-            return None
-        results[task] = record["metrics"]
-    return results
+    kept, _ = checkpoint_results(read_results(run.eval_dir), checkpoint)
+    if not set(BASE_TASKS) <= set(kept):
+        return None
+    return {task: kept[task]["metrics"] for task in BASE_TASKS}
 
 
 def _train_seconds(run) -> float:
@@ -207,8 +184,8 @@ def _train_seconds(run) -> float:
     return round(total, 2)
 
 
-def _curve(config: CompareConfig, recipe: TrainConfig, run, out_dir: Path, manifest: dict, keep: int,
-           final: tuple[Path, dict]) -> dict[str, dict]:
+def _curve(config: CompareConfig, recipe: TrainConfig, run, workspace: Workspace, out_dir: Path, manifest: dict,
+           keep: int, final: tuple[Path, dict]) -> dict[str, dict]:
     """Zero-shot and linear-probe top-1 of the checkpoints closing every ``curve_every``-th episode
     (the last one's are the final evaluation's, ``final`` = (checkpoint, metrics by task))."""
     from protoclip_cli.training.checkpoint import checkpoint_path
@@ -233,7 +210,7 @@ def _curve(config: CompareConfig, recipe: TrainConfig, run, out_dir: Path, manif
             metrics = {task: final[1][task] for task in CURVE_METRICS}
         else:
             info(f"{run.name}: curve point at step {step} (episode {episode})")
-            metrics = _score_checkpoint(config, run, checkpoint)
+            metrics = _score_checkpoint(config, run, workspace, checkpoint)
         write_json(target, {"run": run.name, "checkpoint": str(checkpoint), "episode": episode, "step": step,
                             "samples_seen": step * batch, "metrics": metrics})
         points[str(step * batch)] = metrics
@@ -249,7 +226,7 @@ def _prune(run, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def _score_checkpoint(config: CompareConfig, run, checkpoint: Path) -> dict[str, dict]:
+def _score_checkpoint(config: CompareConfig, run, workspace: Workspace, checkpoint: Path) -> dict[str, dict]:
     """Zero-shot and linear probe of one checkpoint on the held-out split, features not cached."""
     from protoclip_cli.evaluation import datasets, models, tasks
     from protoclip_cli.stages.evaluate import EvaluateConfig
@@ -257,7 +234,6 @@ def _score_checkpoint(config: CompareConfig, run, checkpoint: Path) -> dict[str,
     defaults = EvaluateConfig()
     model = models.from_run(run, checkpoint, config.device)
     dataset = run.config().data.dataset
-    workspace = Workspace(run.path.parent.parent)
     test = datasets.embedded(workspace, dataset, defaults.heldout_split)
     common = dict(cache_dir=None, batch_size=defaults.batch_size, workers=config.eval_workers)
     return {
@@ -284,7 +260,7 @@ def _write_results(config: CompareConfig, recipe: Path, records: dict[str, dict]
     if len(budget) > 1:
         raise ProtoclipError(f"The runs saw different numbers of samples ({sorted(budget)}); the comparison needs one budget.")
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
-    labels = {"zeroshot": "zero-shot top-1 (%)", "linear-probe": "linear probe top-1 (%)"}
+    labels = {m.task: m.label for m in comparison.METRICS if m.key == "top1"}
     for task in CURVE_METRICS:
         for r in records.values():
             for samples, metrics in r.get("curve", {}).items():

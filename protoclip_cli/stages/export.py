@@ -94,8 +94,8 @@ def manifest_name(out: Path) -> str:
 
 def _export_hub_folder(config: ExportConfig, resolved, model, train_config, info: dict) -> dict[str, Any]:
     from protoclip_cli.core.hub_folder import is_hub_folder, load_hub_folder, push_folder, write_hub_folder
-    from protoclip_cli.evaluation.model_card import checkpoint_results, render_model_card
-    from protoclip_cli.evaluation.results import read_results
+    from protoclip_cli.evaluation.model_card import render_model_card
+    from protoclip_cli.evaluation.results import checkpoint_results, read_results
 
     arch = train_config.model.arch
     out = Path(config.out) if config.out else resolved.run.hub_export_dir(arch)

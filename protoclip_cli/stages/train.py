@@ -186,20 +186,25 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return found
 
 
+def check_run_config(config: TrainConfig, run_dir: RunDir, rename: str = "--set name=NEW_NAME") -> None:
+    """Refuse a run folder that holds a run of another configuration (resumable changes aside)."""
+    if not run_dir.exists():
+        return
+    differences = _config_differences(config_io.to_dict(run_dir.config()), config_io.to_dict(config))
+    if differences:
+        raise ProtoclipError(
+            f"Run folder {run_dir.path} holds a run with another configuration (differs in {', '.join(differences[:4])}); "
+            f"pick another run name with {rename}, or delete the folder."
+        )
+
+
 def prepare_run_dir(config: TrainConfig, run_dir: RunDir, resume: bool | None) -> Path | None:
     """Check the run folder against ``config``; return the checkpoint to resume from, if any.
 
     A folder of another configuration is refused; ``resume=False`` clears this configuration's
     checkpoints, episodes and metrics; ``resume=None`` resumes when a checkpoint exists.
     """
-    if run_dir.exists():
-        old = config_io.to_dict(run_dir.config())
-        differences = _config_differences(old, config_io.to_dict(config))
-        if differences:
-            raise ProtoclipError(
-                f"Run folder {run_dir.path} holds a run with another configuration (differs in {', '.join(differences[:4])}); "
-                f"pick another run name with --set name=NEW_NAME, or delete the folder."
-            )
+    check_run_config(config, run_dir)
     checkpoint = run_dir.latest_checkpoint()
     if resume is False or checkpoint is None:
         for stale in run_dir.training_state():
