@@ -53,3 +53,16 @@ def test_a_class_keeps_its_colour_in_the_class_and_prediction_panels():
     assert shared["class"] == shared["prediction"] == {0: 0, 1: 1, 2: 2}  # 3 is grey in both
     alone = group_colours({"class": classes, "clusters": predicted}, most=3)
     assert alone["class"] == {0: 0, 1: 1, 2: 2} and alone["clusters"] == {1: 0, 2: 1, 3: 2}
+
+
+def test_a_comparisons_curves_draw_each_variant_with_a_band_of_its_seed_spread(tmp_path):
+    from protoclip_cli.evaluation.comparison import plot_curves
+
+    flat = {"clip": {1000: [10.0, 10.0], 2000: [20.0, 20.0]}, "protoclip": {1000: [12.0], 2000: [22.0]}}
+    plain = np.asarray(Image.open(plot_curves({"top-1": flat}, tmp_path / "flat.png", "t")).convert("RGB"))
+    spread = {"clip": {1000: [5.0, 15.0], 2000: [10.0, 30.0]}, "protoclip": {1000: [12.0], 2000: [22.0]}}
+    banded = np.asarray(Image.open(plot_curves({"top-1": spread}, tmp_path / "band.png", "t")).convert("RGB"))
+    assert _pixels_of(plain, BLUE) > 100 and _pixels_of(plain, ORANGE) > 100  # a line per variant
+    # The blue band (alpha 0.2 over white) covers an area only when the seeds spread.
+    light_blue = (np.abs(banded.astype(int) - [210, 225, 240]).max(axis=2) < 12).sum()
+    assert light_blue > 2000 and (np.abs(plain.astype(int) - [210, 225, 240]).max(axis=2) < 12).sum() < 200

@@ -144,30 +144,13 @@ def markdown(cells: dict[str, dict[str, Cell]], baseline: str) -> str:
 def plot_curves(curves: dict[str, dict[str, dict[int, list[float]]]], path: Path, title: str) -> Path:
     """Learning curves as a PNG: ``curves[metric label][variant][samples seen]`` = values over seeds;
     one panel per metric, the mean as a line and ± one standard deviation as a band."""
-    import matplotlib
+    from protoclip_cli.evaluation.plots import band_curves_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from protoclip_cli.artifacts import atomic_path
-
-    figure, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
-    for axis, (label, variants) in zip(axes[0], curves.items()):
+    panels = {}
+    for label, variants in curves.items():
+        panels[label] = {}
         for variant, points in variants.items():
             xs = sorted(points)
             stats = [mean_std(points[x]) for x in xs]
-            means = [m for m, _ in stats]
-            spread = [0.0 if math.isnan(s) else s for _, s in stats]
-            line, = axis.plot(xs, means, marker="o", label=variant)
-            axis.fill_between(xs, [m - s for m, s in zip(means, spread)], [m + s for m, s in zip(means, spread)],
-                              color=line.get_color(), alpha=0.2)
-        axis.set_xlabel("samples seen")
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
-    return path
+            panels[label][variant] = (xs, [m for m, _ in stats], [0.0 if math.isnan(s) else s for _, s in stats])
+    return band_curves_png(path, panels, "samples seen", title)

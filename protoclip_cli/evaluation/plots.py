@@ -102,6 +102,25 @@ def metric_curves_png(
     return curves_png(path, named, xlabel, metric, title or f"{metric} vs {xlabel}", log_x=log_x, legend=True)
 
 
+def band_curves_png(
+    path: Path, panels: Mapping[str, Mapping[str, tuple[list[float], list[float], list[float]]]], xlabel: str, title: str
+) -> Path:
+    """One panel per y label; in each, one line per named ``(x, mean, spread)`` series with a band of
+    ± spread around it (a mean over seeds and its standard deviation)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for axis, (ylabel, series) in zip(axes[0], panels.items()):
+        for name, (xs, means, spread) in series.items():
+            (line,) = axis.plot(xs, means, marker="o", label=name)
+            axis.fill_between(xs, [m - s for m, s in zip(means, spread)], [m + s for m, s in zip(means, spread)],
+                              color=line.get_color(), alpha=0.2)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    return _save(figure, path, title)
+
+
 def bars_png(path: Path, values: Mapping[str, float], ylabel: str, title: str, mean_label: str | None = None) -> Path:
     """One bar per name, its value written on it; a dashed line at their mean when ``mean_label``."""
     plt = _pyplot()
