@@ -190,3 +190,27 @@ def test_ctrl_c_exits_130_saying_where_training_stopped(synthetic_workspace):
     manifest = json.loads(run_dir.manifest_file.read_text())
     assert manifest["status"] == "interrupted" and manifest["last_checkpoint"] == str(checkpoint)
     assert not run_dir.lock_file.exists()
+
+
+def test_a_ctrl_c_that_a_finaliser_swallowed_is_raised_again_between_steps():
+    """A KeyboardInterrupt raised inside ``__del__`` (or a generator's close) is printed and dropped
+    by Python; training must still stop at its next step."""
+    import gc
+
+    from protoclip_cli.training.interrupts import catching_sigint, raise_if_interrupted
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between these bytecodes, inside __del__
+                pass
+
+    with catching_sigint():
+        raise_if_interrupted()  # nothing received yet
+        finalised = Finalised()
+        del finalised
+        gc.collect()
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()
+    raise_if_interrupted()  # the record ends with the block
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

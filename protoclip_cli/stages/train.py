@@ -227,6 +227,7 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
 
     from protoclip_cli.core import distributed as dist_utils
     from protoclip_cli.training.episodes import EpisodePlan, plan_episodes
+    from protoclip_cli.training.interrupts import catching_sigint
     from protoclip_cli.training.loop import Trainer
 
     inputs = check_inputs(config, workspace, trust_teacher)
@@ -271,7 +272,8 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
             f"{world_size} process(es) on {trainer.device}, global batch {config.data.batch_size * world_size}."
         )
         try:
-            summary = trainer.fit()
+            with catching_sigint():
+                summary = trainer.fit()
         except BaseException as exc:
             if rank == 0:
                 status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"

@@ -36,6 +36,7 @@ from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.runs import RunDir
 from protoclip_cli.training import checkpoint as ckpt
+from protoclip_cli.training.interrupts import raise_if_interrupted
 from protoclip_cli.training.episodes import EpisodePlan, Phase, episode_phase, run_layout
 from protoclip_cli.training.extraction import extract_features
 from protoclip_cli.training.metrics import MetricsLog, batch_diagnostics
@@ -391,6 +392,7 @@ class Trainer:
         window_start, window_samples = time.perf_counter(), 0
         global_batch = cfg.data.batch_size * self.world_size * cfg.optim.accum_freq
         for step_batches in micro_batches(batches, cfg.optim.accum_freq):
+            raise_if_interrupted()
             if done >= steps:
                 break
             for batch in step_batches:
