@@ -87,11 +87,23 @@ class ProtoConfig:
         "('' = no external teacher).",
     )
     teacher_k: int = option(0, "Clusters of the teacher features (0 = same as k).")
+    extraction_transform: Literal["train", "eval"] = option(
+        "train",
+        "Images of the extraction pass: 'train' = one view of each sample through the run's training transform "
+        "(data.augmentation), as the reference's extraction loop reads its training data; 'eval' = resize and "
+        "centre crop (docs/training.md).",
+    )
     single_pass: bool = option(
         False,
         "Single-pass mode: no extraction pass; an episode's prototypes are clustered from the features its "
         "previous training pass recorded, and samples are labelled online with their nearest prototypes "
         "(false: the reference's extraction pass; see docs/training.md).",
+    )
+    single_pass_start: Literal["extract", "recorded"] = option(
+        "extract",
+        "Single-pass mode's first prototype episode: 'extract' = clustered from one extraction pass of the model "
+        "the warm-up left; 'recorded' = from the features the warm-up pass recorded while it trained from random "
+        "weights.",
     )
 
 

@@ -207,10 +207,11 @@ def test_e2e_runs_the_real_trainer_for_each_recipe_on_the_same_samples(tmp_path)
     # The same samples seen by each recipe: 2 x 256 (two epochs, or two episodes of 256).
     assert {r["samples_trained"] for r in results.values()} == {512}
     assert results["clip"]["extract_seconds"] == 0 and results["clip"]["cluster_seconds"] == 0
-    # faithful: the second episode (after the warm-up) extracts; single-pass never does, it clusters its recording
-    assert results["protoclip"]["extract_seconds"] > 0 and results["protoclip"]["cluster_seconds"] > 0
-    assert results["protoclip-single-pass"]["extract_seconds"] == 0
-    assert results["protoclip-single-pass"]["cluster_seconds"] > 0
+    # Both prototype recipes extract in the episode after the warm-up: single-pass's first prototype episode
+    # clusters the model the warm-up left (its later ones cluster a recording: test_single_pass.py).
+    extracts = {v: [e["seconds"]["extract"] > 0 for e in results[v]["episodes"]] for v in ("protoclip", "protoclip-single-pass")}
+    assert extracts == {"protoclip": [False, True], "protoclip-single-pass": [False, True]}
+    assert results["protoclip"]["cluster_seconds"] > 0 and results["protoclip-single-pass"]["cluster_seconds"] > 0
     for r in results.values():
         assert r["wall_ratio_to_clip"] == pytest.approx(r["wall_seconds"] / results["clip"]["wall_seconds"])
         assert r["train_samples_per_s"] == pytest.approx(r["samples_trained"] / r["train_seconds"])

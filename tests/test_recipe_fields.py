@@ -31,6 +31,7 @@ ONLY_WHEN_SWITCHED_ON = {
     "logging.wandb_project": "logging.wandb (tests/test_wandb.py trains with it on)",
     "logging.wandb_entity": "logging.wandb",
     "logging.wandb_name": "logging.wandb",
+    "proto.single_pass_start": "proto.single_pass (tests/test_single_pass.py trains with each value)",
 }
 # Modules whose reads are the config machinery itself, not a use of the setting.
 MACHINERY = {"dataclasses", "copy", "protoclip_cli.config", "protoclip_cli.recipes"}

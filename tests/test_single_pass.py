@@ -43,9 +43,10 @@ def single_pass_run(synthetic_teacher, synthetic_workspace):
     from protoclip_cli.stages.train import run
 
     torch.set_num_threads(2)
-    # warm-up, two prototype episodes, the LiT finish
-    config = small_config("proto.single_pass=true", "schedule.episodes=4", "name='single-pass'",
-                          teacher=Path(synthetic_teacher).stem)
+    # warm-up, two prototype episodes, the LiT finish; the first prototype episode clusters the warm-up's
+    # recording here (the default extracts instead: test_the_first_prototype_episode_extracts_by_default)
+    config = small_config("proto.single_pass=true", "proto.single_pass_start='recorded'", "schedule.episodes=4",
+                          "name='single-pass'", teacher=Path(synthetic_teacher).stem)
     run(config, synthetic_workspace)
     return config, synthetic_workspace.run_dir(config.name), synthetic_workspace
 
@@ -90,6 +91,24 @@ def test_online_labels_are_the_nearest_prototypes_of_the_features_the_step_compu
                                      ("ext", teacher, "teacher")):
         distances = torch.cdist(features.double(), torch.from_numpy(prototypes.centroids[modality]).double())
         assert torch.equal(labels[name], distances.argmin(dim=1)), name
+
+
+def test_the_first_prototype_episode_extracts_by_default(synthetic_workspace):
+    """The warm-up pass began at random weights: the first prototype episode clusters one extraction
+    pass of the model the warm-up left, the next one the first prototype episode's recording."""
+    from protoclip_cli.stages.train import run
+
+    config = small_config("proto.single_pass=true", "schedule.episodes=3", "schedule.lit_start_episode=99",
+                          "name='single-pass-default'")
+    run(config, synthetic_workspace)
+    run_dir = synthetic_workspace.run_dir(config.name)
+    episodes = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    episodes = [e for e in episodes if e["kind"] == "episode"]
+    assert [e["phase"] for e in episodes] == ["warmup", "proto", "proto"]
+    assert [e["seconds"]["extract"] > 0 for e in episodes] == [False, True, False]
+    assert ["cluster_next" in e["seconds"] for e in episodes] == [False, True, False]
+    with h5py.File(run_dir / "episodes" / "1" / "prototypes.h5") as f1, h5py.File(run_dir / "episodes" / "2" / "prototypes.h5") as f2:
+        assert "source_episode" not in f1.attrs and f2.attrs["source_episode"] == 1
 
 
 def test_without_a_warmup_the_first_prototype_episode_extracts_once(synthetic_workspace):

@@ -36,8 +36,11 @@ ARGS = [
 
 
 def _command(workspace: Path, name: str, mode: str) -> list[str]:
+    # Single-pass clusters the warm-up pass's recording ('recorded'), so the recording of the killed
+    # pass must travel in the checkpoint.
+    single_pass = ["--set", "proto.single_pass=true", "--set", "proto.single_pass_start='recorded'"]
     return [sys.executable, "-m", "protoclip_cli", "train", str(RECIPE), *ARGS, "--set", f"name='{name}'",
-            "--set", f"proto.single_pass={'true' if mode == 'single-pass' else 'false'}", "--workspace", str(workspace)]
+            *(single_pass if mode == "single-pass" else []), "--workspace", str(workspace)]
 
 
 def _env() -> dict:

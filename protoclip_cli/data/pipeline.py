@@ -28,11 +28,15 @@ batches in a canonical order (:func:`canonical_order`: one batch per worker in t
 workers that are done), reordered from the loader's where they differ (after a resume), so a
 resumed run trains on the same batches in the same order as an uninterrupted one.
 
-The extraction pass decodes in the workers and leaves the eval transform's resize of square images
-(img2dataset's ``border``/``center_crop`` downloads) to the device, batched, which halves the
-workers' work per sample (:func:`protoclip_cli.data.transforms.eval_batch`).
+The extraction pass sees each sample as the reference's does (``extraction_transform = "train"``):
+one view through the run's training transform (the crop in the workers, the photometric half on the
+device with per-sample parameters), seeded by (seed, episode, key) in a stream of its own, so that
+the extraction view is not the training pass's view of the sample and a resumed run extracts the
+same views. With ``"eval"`` it decodes in the workers and leaves the eval transform's resize of
+square images (img2dataset's ``border``/``center_crop`` downloads) to the device, batched
+(:func:`protoclip_cli.data.transforms.eval_batch`).
 
-Batches are dicts: ``images`` (B, 3, H, W) uint8 (extraction: possibly at the stored size), ``tokens`` (B, L) int64, ``keys`` (B,) int64,
+Batches are dicts: ``images`` (B, 3, H, W) uint8 (eval extraction: possibly at the stored size), ``tokens`` (B, L) int64, ``keys`` (B,) int64,
 ``broken`` (samples this worker skipped since its previous batch), ``worker``, ``position``
 (training), and ``augment`` (B, P) float32 where part of the augmentation runs on the device.
 
@@ -54,6 +58,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from protoclip_cli.data.teacher_file import TeacherRows
 
 _SEED_MIX = 1_000_003
+# Random views of a sample: the training pass's (view 0) and the extraction pass's (view 1).
+TRAIN_VIEW, EXTRACTION_VIEW = 0, 1
 # Shared control block: [episode, train, then per worker: records to skip, batches already given].
 _EPISODE, _TRAIN, _WORKERS_AT = 0, 1, 2
 
@@ -171,6 +177,8 @@ class StreamConfig:
     # its img2dataset keys (default 0), both by the shard's path (``protoclip_cli.data.sources``).
     shard_ids: dict[str, str] = field(default_factory=dict)
     key_offsets: dict[str, int] = field(default_factory=dict)
+    # The extraction pass's images: "train" = one augmented view (the reference), "eval" = centre crops.
+    extraction_transform: str = "eval"
 
     def shard_id(self, path: Path) -> str:
         return self.shard_ids.get(str(path), Path(path).name)
@@ -242,17 +250,21 @@ class EpisodeDataset(IterableDataset):
             return iter(())
         if train:
             return self._training(episode, worker, urls, skip_records, given)
-        return self._extraction(worker, urls)
+        return self._extraction(episode, worker, urls)
 
     # -- passes ------------------------------------------------------------------------------------
-    def _extraction(self, worker: int, urls: list[str]) -> Iterator[dict]:
+    def _extraction(self, episode: int, worker: int, urls: list[str]) -> Iterator[dict]:
         from protoclip_cli.data.transforms import eval_batch
 
-        # Decode only: the eval resize of square images runs batched on the device (eval_batch).
-        batcher = _Batcher(self, self.config.extract_batch_size, worker,
-                           stack=lambda images: eval_batch(images, self.config.image_size))
+        if self.config.extraction_transform == "train":
+            batcher = _Batcher(self, self.config.extract_batch_size, worker)
+            transform = lambda image, key: self._augment(image, key, episode, EXTRACTION_VIEW)  # noqa: E731
+        else:  # decode only: the eval resize of square images runs batched on the device (eval_batch)
+            batcher = _Batcher(self, self.config.extract_batch_size, worker,
+                               stack=lambda images: eval_batch(images, self.config.image_size))
+            transform = lambda image, key: (image, None)  # noqa: E731
         for record in _records(urls, batcher.tar_errors):
-            sample = self._sample(record, lambda image, key: (image, None))
+            sample = self._sample(record, transform)
             if (batch := batcher.add(sample, None)) is not None:
                 yield batch
         if (batch := batcher.flush()) is not None:
@@ -272,7 +284,7 @@ class EpisodeDataset(IterableDataset):
                 if position <= skip_records:
                     good_in_round += 1  # read before the resume: assume it was good (it was counted then)
                     continue
-                sample = self._sample(record, lambda image, key: self._augment(image, key, episode))
+                sample = self._sample(record, lambda image, key: self._augment(image, key, episode, TRAIN_VIEW))
                 good_in_round += sample is not None
                 if (batch := batcher.add(sample, position)) is not None:
                     yield batch
@@ -296,14 +308,23 @@ class EpisodeDataset(IterableDataset):
             return None
         return image, params, caption, key
 
-    def _augment(self, image: torch.Tensor, key: int, episode: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # The augmentation of a sample is a function of (seed, episode, key) only.
+    def _augment(self, image: torch.Tensor, key: int, episode: int, view: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The augmentation of a sample is a function of (seed, episode, key, view) only.
         with torch.random.fork_rng(devices=[]):
-            # Modulo 2**64 (torch's seed range), which leaves every seed of one data set's keys as it was.
-            torch.manual_seed(((self.config.seed * _SEED_MIX + episode) * _SEED_MIX + key) % (1 << 64))
+            torch.manual_seed(view_seed(self.config.seed, episode, key, view))
             image = self._crop(image)
             params = self._device_augmentation.draw() if self._device_augmentation is not None else None
         return image, params
+
+
+def view_seed(seed: int, episode: int, key: int, view: int) -> int:
+    """The seed of one random view of a sample (modulo 2**64, torch's seed range, which leaves every
+    seed of one data set's keys as it was). The training view's formula predates the extraction
+    view, which mixes the view in once more, so training runs repeat their earlier augmentations."""
+    mixed = (seed * _SEED_MIX + episode) * _SEED_MIX + key
+    if view != TRAIN_VIEW:
+        mixed = mixed * _SEED_MIX + view
+    return mixed % (1 << 64)
 
 
 class _Batcher:
@@ -371,7 +392,7 @@ class EpisodeStream:
         return iter(self.loader)  # workers start reading (and prefetching) now
 
     def extraction(self, episode: int) -> Iterator[dict]:
-        """Every decodable sample of this rank's share of ``episode`` (eval transforms), once."""
+        """Every decodable sample of this rank's share of ``episode`` (``extraction_transform``), once."""
         return self._start(episode, False, None)
 
     def training(self, episode: int, position: Position | None = None) -> Iterator[dict]:

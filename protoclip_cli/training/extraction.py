@@ -18,15 +18,18 @@ def extract_features(
     on_batch: Callable[[int, float], None] | None = None,
     forward: Callable | None = None,
     pad_to: int | None = None,
+    augmentation=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Run ``model`` (eval mode, inference mode) over ``batches`` (uint8 images, eval-transformed or
-    squares the device resizes to the model's size).
+    """Run ``model`` (eval mode, inference mode) over ``batches`` (uint8 images: cropped training
+    views, eval-transformed images, or squares the device resizes to the model's size).
 
     Returns ``(keys, {"image": (n, d), "text": (n, d)}, broken)``: L2-normalised projected features
     in float32 on ``device``, aligned with ``keys`` (int64, CPU), and the count of undecodable samples.
     ``forward`` replaces ``model`` for the forward pass (a compiled copy); ``pad_to`` pads a smaller
     last batch to that size (repeating its last sample, outputs dropped) so a compiled forward sees
-    one shape. ``on_batch(samples, seconds)`` is called after each batch (progress).
+    one shape. ``augmentation`` is the device half of the training transform, applied with each
+    batch's ``augment`` parameters (the reference's extraction sees training views, pipeline.py).
+    ``on_batch(samples, seconds)`` is called after each batch (progress).
     """
     from protoclip_cli.data.transforms import to_model_input
 
@@ -43,12 +46,18 @@ def extract_features(
                 start = time.perf_counter()
                 count = len(batch["keys"])
                 pixels, tokens = batch["images"], batch["tokens"]
+                params = batch.get("augment") if augmentation is not None else None
                 if pad_to is not None and count < pad_to:
                     fill = pad_to - count
-                    pixels = torch.cat([pixels, pixels[-1:].expand(fill, *pixels.shape[1:])])
-                    tokens = torch.cat([tokens, tokens[-1:].expand(fill, *tokens.shape[1:])])
-                pixels = to_model_input(pixels, model.image_mean, model.image_std, device, channels_last=channels_last,
-                                        size=model.image_size)
+
+                    def pad(t: torch.Tensor) -> torch.Tensor:
+                        return torch.cat([t, t[-1:].expand(fill, *t.shape[1:])])
+
+                    pixels, tokens = pad(pixels), pad(tokens)
+                    params = pad(params) if params is not None else None
+                pixels = to_model_input(pixels, model.image_mean, model.image_std, device,
+                                        augmentation if params is not None else None, params,
+                                        channels_last=channels_last, size=model.image_size)
                 with autocast():
                     outputs = forward(pixels, tokens.to(device, non_blocking=True))
                 images.append(outputs["image_proj"][:count].float())

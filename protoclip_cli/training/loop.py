@@ -167,6 +167,7 @@ class Trainer:
                 teacher_paths=tuple(str(p) for p in self.teacher_paths) if self.single_pass else (),
                 shard_ids={str(path): shard for shard, path in self.shard_paths.items()},
                 key_offsets={str(self.shard_paths[shard]): offset for shard, offset in self.key_offsets.items() if offset},
+                extraction_transform=cfg.proto.extraction_transform,
             ),
             pin_memory=self.device.type == "cuda",
         )
@@ -301,6 +302,7 @@ class Trainer:
             self.model, self._take(episode, "extract"), self.device, self.autocast,
             channels_last=self.channels_last, on_batch=on_batch, forward=self.extract_forward,
             pad_to=self.config.data.extract_batch_size if compiled else None,
+            augmentation=self.augmentation if self.config.proto.extraction_transform == "train" else None,
         )
         self._count_broken(episode, broken)
         # The training pass's first batches decode while this rank clusters.
@@ -329,7 +331,10 @@ class Trainer:
         """Whether this training pass records features for the prototypes of ``episode`` (single-pass)."""
         if not self.single_pass or episode >= self.config.schedule.episodes:
             return False
-        phase = episode_phase(self.config, episode, bool(self.teacher_paths))
+        use_teacher = bool(self.teacher_paths)
+        if self.config.proto.single_pass_start == "extract" and not episode_phase(self.config, episode - 1, use_teacher).use_proto:
+            return False  # the first prototype episode extracts: the warm-up pass began at random weights
+        phase = episode_phase(self.config, episode, use_teacher)
         return phase.use_proto and not self._prototype_path(episode).is_file()
 
     def _check_finite(self, total: torch.Tensor) -> None:

@@ -1,7 +1,7 @@
 """Single-pass prototypes (``proto.single_pass = true``): no extraction pass between episodes.
 
-The faithful episode reads its samples twice: an extraction pass (eval mode, eval transforms) to
-cluster them, then the training pass. In single-pass mode the training pass of episode ``e``
+The faithful episode reads its samples twice: an extraction pass (eval mode, one training view of
+each sample) to cluster them, then the training pass. In single-pass mode the training pass of episode ``e``
 *records* the projected image and text features it computes anyway (detached, train mode, training
 augmentation), and the prototypes of episode ``e + 1`` are clustered from them (k-means per
 modality, the teacher's features of the same samples, PBT means) as soon as the pass ends. Episode
@@ -11,9 +11,11 @@ the data loader), with no gradient. Targets, PBT and losses are those of the fai
 
 So the prototypes of an episode come from the previous episode's samples under a model one
 episode older, and samples are assigned rather than clustered: the price of saving the second read
-of every sample. The first prototype episode clusters the warm-up episode's recording; without a
-warm-up (or a recording, e.g. a run resumed from a faithful one) it falls back to one extraction
-pass. docs/training.md discusses the choice and tests/benchmarks measure its effect.
+of every sample. The first prototype episode runs one extraction pass of the model the warm-up
+left (``proto.single_pass_start = "extract"``): the warm-up pass's recording would hold features of
+a model that started that pass at random weights. ``"recorded"`` clusters that recording instead.
+Without a recording (e.g. a run resumed from a faithful one) an episode falls back to an extraction
+pass too. docs/training.md discusses the choice and docs/results.md measures its effect.
 """
 
 from __future__ import annotations
