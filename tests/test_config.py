@@ -210,6 +210,7 @@ def test_stage_configs_name_the_option_to_change():
         (lambda: DownloadConfig(source="url_list", url_list="x.tsv", extra_cols=("status",)), "Extra column 'status' clashes"),
         (lambda: TeacherConfig(chunk_size=0), "--chunk-size must be positive, got 0"),
         (lambda: TeacherConfig(pca_dim=-1), "--pca-dim must be 0"),
+        (lambda: TeacherConfig(pca_normalise=True), "--pca-normalise re-normalises PCA's output; pass --pca-dim"),
         (lambda: ClusterConfig(features="f.h5"), "--features needs --k"),
         (lambda: ClusterConfig(backend="sklearn"), "--backend 'sklearn' is not one of auto, torch, faiss"),
         (lambda: ClusterConfig(episode="first"), "--episode first is neither 'last' nor a number"),

