@@ -58,12 +58,14 @@ def compare_workspace(synthetic_teacher, synthetic_workspace, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compared(compare_workspace):
-    """2 variants x 2 seeds, 3 episodes of 256 samples (4 steps of 64) each: the smallest comparison
-    with one prototype episode between the warm-up and the LiT finish."""
+    """2 variants x 2 seeds, 4 episodes of 256 samples (4 steps of 64) each: two prototype episodes
+    between the warm-up and the LiT finish, two passes over the 512 samples; and one seed of
+    OpenCLIP's own trainer with the CLIP variant's settings."""
     from protoclip_cli.stages.compare import CompareConfig, run
 
     config = CompareConfig(
-        name="t-compare", variants=("clip", "protoclip"), seeds=2, episodes=3, curves=("protoclip",), curve_every=2,
+        name="t-compare", variants=("clip", "open_clip_train", "protoclip"), seeds=2,
+        variant_seeds=("open_clip_train=1",), episodes=4, curves=("protoclip",), curve_every=2,
         recipe_set=("data.episode_size=256", "data.workers=1", "logging.checkpoint_every_steps=0"),
         device="cpu", eval_workers=0,
     )
@@ -72,8 +74,8 @@ def compared(compare_workspace):
 
 def test_table_numbers_are_the_statistics_of_the_runs_eval_files(compared, compare_workspace):
     config, result = compared
-    assert result["runs_finished"] == result["runs_planned"] == 4
-    assert result["samples_seen"] == 3 * 4 * 64
+    assert result["runs_finished"] == result["runs_planned"] == 5
+    assert result["samples_seen"] == 4 * 4 * 64
     for variant in ("clip", "protoclip"):
         runs = [compare_workspace.run_dir(f"t-compare-{variant}-s{seed}") for seed in (0, 1)]
         for metric in comparison.METRICS:
@@ -105,10 +107,10 @@ def test_curves_score_the_episode_checkpoints(compared, compare_workspace):
     from protoclip_cli.stages.compare import _score_checkpoint
 
     config, result = compared
-    # curve_every = 2 of 3 episodes: after episode 1 (step 8) and the last (step 12).
+    # curve_every = 2 of 4 episodes: after episode 1 (step 8) and the last (step 16).
     assert set(result["curves"]["zero-shot top-1 (%)"]) == {"protoclip"}
     points = result["curves"]["linear probe top-1 (%)"]["protoclip"]
-    assert set(points) == {str(8 * 64), str(12 * 64)}
+    assert set(points) == {str(8 * 64), str(16 * 64)}
     folder = compare_workspace.compare_dir("t-compare") / "curves"
     for seed in (0, 1):
         run = compare_workspace.run_dir(f"t-compare-protoclip-s{seed}")
@@ -116,9 +118,9 @@ def test_curves_score_the_episode_checkpoints(compared, compare_workspace):
         assert (middle["step"], middle["samples_seen"], Path(middle["checkpoint"]).name) == (8, 8 * 64, "step-00000008.pt")
         assert points[str(8 * 64)][seed] == middle["metrics"]["linear-probe"]["top1"]
         # The last point is the final checkpoint's own evaluation.
-        assert points[str(12 * 64)][seed] == _eval_value(run, "linear-probe", "top1")
+        assert points[str(16 * 64)][seed] == _eval_value(run, "linear-probe", "top1")
         # Scored checkpoints are pruned to the recipe's newest two once the curve is written.
-        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000008.pt", "step-00000012.pt"]
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000012.pt", "step-00000016.pt"]
     # The scorer follows evaluate's protocol: on the final checkpoint it gives evaluate's numbers.
     run = RunDir(compare_workspace.run_dir("t-compare-protoclip-s0"))
     scored = _score_checkpoint(config, run, compare_workspace, run.checkpoint())
@@ -160,7 +162,9 @@ def test_a_run_folder_of_another_configuration_is_refused_before_any_training(co
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--variants", "clip,protoclip,no-cake"], "Unknown variant 'no-cake'; choose from clip, protoclip, no-pbt, no-teacher, hard-targets, single-pass."),
+        (["--variants", "clip,protoclip,no-cake"], "Unknown variant 'no-cake'; choose from clip, open_clip_train, protoclip, eval-extraction,"),
+        (["--variant-seeds", "clip"], "--variant-seeds 'clip' is not VARIANT=N with a known variant and N >= 1 (e.g. clip=5)."),
+        (["--curves", "clip,open_clip_train"], "--curves cannot score open_clip_train"),
         (["--variants", "protoclip"], "--variants must include the baseline 'clip': the table's differences are to it."),
         (["--seeds", "0"], "--seeds is 0; train at least one seed (3 for a spread)."),
     ],
@@ -197,11 +201,114 @@ def test_prototype_quality_reads_each_prototype_episode(compared, compare_worksp
     spec.loader.exec_module(module)
     out = tmp_path / "quality.json"
     assert module.main(["--workspace", str(compare_workspace.root), "t-compare-protoclip-s0", "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["t-compare-protoclip-s0"]
-    assert row["episode"] == 1 and row["samples"] == 256
+    rows = json.loads(out.read_text())["t-compare-protoclip-s0"]
+    assert [r["episode"] for r in rows] == [1, 2]  # the prototype episodes between the warm-up and the LiT finish
+    row = rows[0]
+    assert row["samples"] == 256
     assert all(0.0 <= row[f"{m}_ami_label"] <= 1.0 for m in ("image", "text", "teacher"))
     assert 1 <= row["image_k_used"] <= 32
     run = compare_workspace.run_dir("t-compare-protoclip-s0")
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     accuracies = [s["acc_img2txt"] for s in steps if s.get("kind") == "step" and s["episode"] == 1]
     assert row["acc_img2txt"] == pytest.approx(np.mean(accuracies), abs=1e-4)
+
+
+def test_the_peer_is_open_clip_train_with_the_clip_settings_on_the_same_shards(compared, compare_workspace):
+    """The open_clip_train row: its command line carries the CLIP variant's settings, it saw the same
+    samples, and its checkpoint was scored by the same evaluation as the runs."""
+    config, result = compared
+    (peer,) = [r for r in result["runs"].values() if r["variant"] == "open_clip_train"]
+    clip = compare_workspace.run_dir("t-compare-clip-s0")
+    recipe = json.loads((clip / "manifest.json").read_text())["config"]
+    arguments = peer["arguments"]
+
+    def argument(flag):
+        return arguments[arguments.index(flag) + 1]
+
+    assert argument("--model") == recipe["model"]["arch"] and argument("--seed") == "0"
+    assert float(argument("--lr")) == recipe["optim"]["lr"] and float(argument("--wd")) == recipe["optim"]["weight_decay"]
+    assert int(argument("--warmup")) == recipe["schedule"]["warmup_steps"]
+    assert int(argument("--batch-size")) == recipe["data"]["batch_size"]
+    shards = sorted(compare_workspace.split_dir("synthetic").glob("*.tar"))
+    assert argument("--train-data").split("::") == [str(p) for p in shards]
+    # two passes over the 512 samples = the runs' 4 episodes of 256
+    assert (argument("--train-num-samples"), argument("--epochs")) == ("512", "2")
+    assert peer["samples_seen"] == result["samples_seen"] and peer["wall_seconds"] > 0
+    zeroshot = json.loads((Path(peer["run"]) / "eval" / "zeroshot-synthetic.json").read_text())
+    assert zeroshot["model"]["path"] == peer["checkpoint"] and zeroshot["metrics"] == peer["metrics"]["zeroshot"]
+    assert result["table"]["open_clip_train"]["zero-shot top-1 (%)"]["values"] == [zeroshot["metrics"]["top1"]]
+    assert result["cost"]["open_clip_train"]["values"] == [peer["wall_seconds"]]
+
+
+def test_open_clip_train_reads_webdataset_shards_with_the_end_of_shard_workaround(synthetic_workspace):
+    """open_clip_train 3.3's reader fails on webdataset's end-of-shard marker (KeyError: 'fname');
+    the peer binds eof_value=None and reads every sample."""
+    import open_clip_train.data as peer_data
+
+    from protoclip_cli.training import open_clip_peer
+
+    shard = str(sorted(synthetic_workspace.split_dir("synthetic").glob("*.tar"))[0])
+    original = peer_data.tar_file_expander
+    try:
+        with pytest.raises(KeyError, match="fname"):
+            list(peer_data.tarfile_to_samples_nothrow([{"url": shard}]))
+        open_clip_peer._without_end_of_shard_marker()
+        samples = list(peer_data.tarfile_to_samples_nothrow([{"url": shard}]))
+    finally:
+        peer_data.tar_file_expander = original
+    assert len(samples) == 128 and all({"jpg", "txt"} <= set(s) for s in samples)
+
+
+def test_a_budget_that_is_not_whole_passes_is_refused_for_the_peer(tmp_path):
+    from protoclip_cli import config as config_io
+    from protoclip_cli.errors import ProtoclipError
+    from protoclip_cli.recipes import TrainConfig
+    from protoclip_cli.training.open_clip_peer import peer_arguments
+
+    recipe = config_io.load(TrainConfig, RECIPE, [])
+    with pytest.raises(ProtoclipError, match="not a multiple of it: choose --episodes"):
+        peer_arguments(recipe, [tmp_path / "a.tar"], 512, 768, tmp_path, "cpu")
+
+
+def test_curve_points_follow_samples_whatever_the_episode_size():
+    from protoclip_cli.stages.compare import curve_episodes
+
+    assert curve_episodes([1024 * (e + 1) for e in range(12)], 2048) == [1, 3, 5, 7, 9, 11]
+    assert curve_episodes([2048 * (e + 1) for e in range(6)], 2048) == [0, 1, 2, 3, 4, 5]
+    assert curve_episodes([4096, 8192, 12288], 2048) == [0, 1, 2]
+    assert curve_episodes([1000, 2100, 3000], 2048) == [1, 2]
+
+
+def test_episode_size_variants_keep_the_budget(compare_workspace):
+    from protoclip_cli.stages.compare import CompareConfig, variant_overrides, variant_recipe
+
+    config = CompareConfig(episodes=12, variants=("clip", "episode-2048", "episode-all"), curves=("clip",))
+    for variant, size, episodes in (("episode-2048", 2048, 6), ("episode-all", 0, 3)):
+        recipe = variant_recipe(config, RECIPE, variant, 0, 4096)
+        assert (recipe.data.episode_size, recipe.schedule.episodes) == (size, episodes)
+        assert variant_overrides(config, RECIPE, variant, 4096)[-2:] == [f"data.episode_size={size}", f"schedule.episodes={episodes}"]
+    from protoclip_cli.errors import ProtoclipError
+
+    with pytest.raises(ProtoclipError, match="whole number of its episodes of 2048"):
+        variant_recipe(CompareConfig(episodes=11, variants=("clip", "episode-2048"), curves=()), RECIPE, "episode-2048", 0, 4096)
+
+
+def test_samples_to_reach_interpolates_the_mean_curve_to_the_baseline_final_mean():
+    rng = np.random.default_rng(3)
+    label = "linear probe top-1 (%)"
+    clip_final = rng.uniform(30, 35, size=3).tolist()
+    cells = comparison.table({"clip": {label: clip_final}, "protoclip": {label: clip_final}}, "clip")
+    target = float(np.mean(clip_final))
+    below, above = target - rng.uniform(1, 3), target + rng.uniform(0.5, 2)
+    curves = {label: {
+        "protoclip": {2048: [below - 5] * 3, 4096: [below - 0.3, below, below + 0.3], 6144: [above - 1, above, above + 1]},
+        "never": {2048: [target - 4] * 3, 4096: [target - 1] * 3},
+        "early": {2048: [target + 1] * 3},
+    }}
+    found = comparison.samples_to_reach(curves, cells, "clip")
+    entry = found["protoclip"][label]
+    assert entry["target"] == pytest.approx(target)
+    assert entry["samples"] == pytest.approx(4096 + (target - below) / (above - below) * 2048)
+    assert entry["points"] == [[4096, pytest.approx(below)], [6144, pytest.approx(above)]]
+    assert found["never"][label]["samples"] is None and "n/a" in comparison.format_reach(found["never"][label], 12288)
+    assert found["early"][label]["samples"] == 2048 and comparison.format_reach(found["early"][label], 12288).startswith("<= 2,048")

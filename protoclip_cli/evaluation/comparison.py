@@ -141,6 +141,77 @@ def markdown(cells: dict[str, dict[str, Cell]], baseline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def samples_to_reach(curves: dict[str, dict[str, dict[int, list[float]]]], cells: dict[str, dict[str, Cell]],
+                     baseline: str) -> dict[str, dict[str, dict]]:
+    """For every variant with a learning curve, the samples it needs to reach the baseline's *final*
+    mean of each curve metric (the paper's efficiency claim: ProtoCLIP matches CLIP with a fraction of
+    the training).
+
+    ``curves[label][variant][samples]`` holds values over seeds; the variant's curve is their mean
+    at each point. The answer is the first point whose mean reaches the target, interpolated linearly
+    from the point before it (``points``: the two points, or the first one alone when it already
+    reaches the target, an upper bound); ``samples`` is None when no point reaches it.
+    """
+    found: dict[str, dict[str, dict]] = {}
+    for label, variants in curves.items():
+        if baseline not in cells or label not in cells[baseline]:
+            continue
+        target = cells[baseline][label].mean
+        for variant, points in variants.items():
+            xs = sorted(points)
+            means = [mean_std(points[x])[0] for x in xs]
+            hit = next((i for i, m in enumerate(means) if m >= target), None)
+            entry: dict = {"target": target, "samples": None, "points": [[x, m] for x, m in zip(xs, means)][-1:]}
+            if hit == 0:
+                entry.update(samples=float(xs[0]), points=[[xs[0], means[0]]])
+            elif hit is not None:
+                x0, y0, x1, y1 = xs[hit - 1], means[hit - 1], xs[hit], means[hit]
+                entry.update(samples=x0 + (target - y0) / (y1 - y0) * (x1 - x0), points=[[x0, y0], [x1, y1]])
+            found.setdefault(variant, {})[label] = entry
+    return found
+
+
+def cost(seconds: dict[str, list[float]], baseline: str) -> dict[str, dict]:
+    """Training wall time per variant over seeds: mean, std and the ratio of means to the baseline's."""
+    base = mean_std(seconds[baseline])[0] if seconds.get(baseline) else math.nan
+    result = {}
+    for variant, values in seconds.items():
+        if values:
+            mean, std = mean_std(values)
+            result[variant] = {"values": values, "mean": mean, "std": None if math.isnan(std) else std,
+                               "ratio": None if math.isnan(base) else mean / base}
+    return result
+
+
+def format_reach(entry: dict | None, budget: int) -> str:
+    """``8,190 (0.67 of the budget; 6,144: 33.91 -> 8,192: 34.62)``, ``<= 2,048 (...)`` or ``n/a``."""
+    if entry is None:
+        return "-"
+    points = " -> ".join(f"{int(x):,}: {y:.2f}" for x, y in entry["points"])
+    if entry["samples"] is None:
+        return f"n/a (last {points})"
+    bound = "<= " if len(entry["points"]) == 1 else ""
+    return f"{bound}{entry['samples']:,.0f} ({entry['samples'] / budget:.2f} of the budget; {points})"
+
+
+def cost_markdown(costs: dict[str, dict], efficiency: dict[str, dict[str, dict]], budget: int, baseline: str) -> str:
+    """The second table: training wall time and the samples to reach the baseline's final accuracies."""
+    labels = sorted({label for per in efficiency.values() for label in per})
+    lines = ["| variant | training wall time, s | vs " + baseline + " | "
+             + " | ".join(f"samples to {baseline}'s final {label}" for label in labels) + " |",
+             "|---|---:|---:|" + "---:|" * len(labels)]
+    for variant in list(costs) + [v for v in efficiency if v not in costs]:
+        c = costs.get(variant)
+        wall = "-" if c is None else f"{c['mean']:.1f}" + ("" if c["std"] is None else f" ± {c['std']:.1f}")
+        ratio = "-" if c is None or c["ratio"] is None else f"{c['ratio']:.2f}"
+        reach = [format_reach(efficiency.get(variant, {}).get(label), budget) for label in labels]
+        lines.append(f"| {variant} | {wall} | {ratio} | " + " | ".join(reach) + " |")
+    lines += ["", f"Wall time of each training (mean ± std over seeds). Samples to reach {baseline}'s final mean: "
+              "the first learning-curve point whose mean over seeds reaches it, interpolated from the point before "
+              "(both shown, samples: top-1 %); n/a: no point reaches it; - : no curve."]
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(curves: dict[str, dict[str, dict[int, list[float]]]], path: Path, title: str) -> Path:
     """Learning curves as a PNG: ``curves[metric label][variant][samples seen]`` = values over seeds;
     one panel per metric, the mean as a line and ± one standard deviation as a band."""

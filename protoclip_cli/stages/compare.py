@@ -36,36 +36,83 @@ from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.workspace import Workspace
 
 BASELINE = "clip"
-# variant -> (what it is, recipe overrides of the base ProtoCLIP recipe)
-VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "clip": (
-        "the CLIP baseline: no heads, no prototypes, no LiT finish (episodes only split the data)",
-        ("proto.enabled=false", "model.heads=false", "proto.teacher=''", "schedule.lit_start_episode=1000000"),
-    ),
-    "protoclip": ("ProtoCLIP as the recipe: extraction pass, k-means, PBT, external teacher, soft targets", ()),
+# The CLIP baseline: the same trainer without heads, prototypes or LiT finish (episodes only split the data).
+_CLIP = ("proto.enabled=false", "model.heads=false", "proto.teacher=''", "schedule.lit_start_episode=1000000")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of the table: the base recipe with ``overrides``, trained by this project or by the peer."""
+
+    description: str
+    overrides: tuple[str, ...] = ()
+    # Samples per episode instead of the recipe's (0: the whole data set); the number of episodes
+    # follows, so that every variant sees the same samples.
+    episode_size: int | None = None
+    peer: bool = False  # trained by OpenCLIP's own trainer (training/open_clip_peer.py)
+
+
+VARIANTS: dict[str, Variant] = {
+    "clip": Variant("the CLIP baseline: no heads, no prototypes, no LiT finish (episodes only split the data)", _CLIP),
+    "open_clip_train": Variant(
+        "OpenCLIP's own trainer (open_clip_train) with the clip variant's settings, on the same shards", _CLIP, peer=True),
+    "protoclip": Variant("ProtoCLIP as the recipe: extraction pass of training views, k-means, PBT, external teacher, soft targets"),
+    "eval-extraction": Variant("ProtoCLIP clustering centre crops (eval transforms) instead of training views",
+                               ("proto.extraction_transform='eval'",)),
     # The external-teacher loss is defined with PBT only (method.md section 4): without PBT it goes too.
-    "no-pbt": ("without Prototypical Back Translation (and so without the teacher loss)", ("loss.pbt=false", "proto.teacher=''")),
-    "no-teacher": ("without the external teacher", ("proto.teacher=''",)),
-    "hard-targets": ("one-hot prototype targets (tau = 0)", ("loss.target_temperature=0.0",)),
-    "single-pass": ("single-pass mode: no extraction pass, online labels", ("proto.single_pass=true",)),
+    "no-pbt": Variant("without Prototypical Back Translation (and so without the teacher loss)", ("loss.pbt=false", "proto.teacher=''")),
+    "no-teacher": Variant("without the external teacher", ("proto.teacher=''",)),
+    "hard-targets": Variant("one-hot prototype targets (tau = 0)", ("loss.target_temperature=0.0",)),
+    "single-pass": Variant("single-pass mode: one extraction pass after the warm-up, then recorded features and online labels",
+                           ("proto.single_pass=true",)),
+    "single-pass-recorded": Variant("single-pass whose first prototypes cluster the warm-up pass's recording (no extraction at all)",
+                                    ("proto.single_pass=true", "proto.single_pass_start='recorded'")),
+    "k64": Variant("64 image, text and teacher prototypes per episode", ("proto.k=64", "proto.teacher_k=64")),
+    "k128": Variant("128 image, text and teacher prototypes per episode", ("proto.k=128", "proto.teacher_k=128")),
+    "warmup2": Variant("two InfoNCE warm-up episodes", ("schedule.infonce_warmup_episodes=2",)),
+    "warmup3": Variant("three InfoNCE warm-up episodes", ("schedule.infonce_warmup_episodes=3",)),
+    "lit2": Variant("a LiT finish of two episodes", ("schedule.lit_start_episode=-2",)),
+    "no-lit": Variant("no LiT finish: the image tower trains to the end", ("schedule.lit_start_episode=1000000",)),
+    "w-proto-0.5": Variant("prototype loss weight 0.5", ("loss.w_proto=0.5",)),
+    "episode-2048": Variant("episodes of 2048 samples (half as many)", episode_size=2048),
+    "episode-all": Variant("episodes of the whole data set", episode_size=0),
 }
+DEFAULT_VARIANTS = ("clip", "open_clip_train", "protoclip", "no-pbt", "no-teacher", "hard-targets", "single-pass")
 CURVE_METRICS = ("zeroshot", "linear-probe")  # scored on intermediate checkpoints
+
+
+def _variant_seeds(entries: tuple[str, ...]) -> dict[str, int]:
+    """``--variant-seeds clip=5`` entries as a dict; a malformed entry is a ConfigError."""
+    found: dict[str, int] = {}
+    for entry in entries:
+        name, _, count = entry.partition("=")
+        require(name in VARIANTS and count.isdigit() and int(count) >= 1,
+                f"--variant-seeds {entry!r} is not VARIANT=N with a known variant and N >= 1 (e.g. clip=5).")
+        found[name] = int(count)
+    return found
 
 
 @dataclass(frozen=True)
 class CompareConfig:
     name: str = option("compare", "Name of the comparison: runs are runs/<name>-<variant>-s<seed>, results compare/<name>/.")
     recipe: str = option("", "Base ProtoCLIP recipe every variant overrides ('' = recipes/synthetic.toml of protoclip).")
-    variants: tuple[str, ...] = option(tuple(VARIANTS), f"Variants to train (the table's rows): {', '.join(VARIANTS)}.")
+    variants: tuple[str, ...] = option(DEFAULT_VARIANTS, f"Variants to train (the table's rows): {', '.join(VARIANTS)}.")
     seeds: int = option(3, "Seeds per variant (0 .. seeds-1); the table's spread and noise rule need at least 2.")
+    variant_seeds: tuple[str, ...] = option(
+        (), "Another number of seeds for a variant, VARIANT=N (e.g. --variant-seeds clip=5 --variant-seeds protoclip=5)."
+    )
     episodes: int = option(
         12, "Episodes of every run (0 = the recipe's): with the recipe's data.episode_size and batch this fixes the samples seen."
     )
     recipe_set: tuple[str, ...] = option((), "Recipe override for every variant, e.g. --recipe-set optim.lr=2e-3.")
     curves: tuple[str, ...] = option(
-        ("clip", "protoclip"), "Variants whose intermediate checkpoints are scored for the learning-curve plot."
+        ("clip", "protoclip"),
+        "Variants whose intermediate checkpoints are scored for the learning curves and the samples each needs to "
+        "reach the baseline's final accuracy.",
     )
-    curve_every: int = option(2, "Score the checkpoint of every n-th episode for the curves (the last one always).")
+    curve_every: int = option(
+        2, "Score a checkpoint every n episodes of the base recipe's size (the samples of n of them; the last always)."
+    )
     device: str = option("auto", "auto, cpu, cuda or cuda:N (training and evaluation).")
     eval_workers: int = option(1, "Data-loader workers of the evaluations.")
     eval_plots: bool = option(
@@ -78,26 +125,61 @@ class CompareConfig:
         require(BASELINE in self.variants, f"--variants must include the baseline '{BASELINE}': the table's differences are to it.")
         require(len(set(self.variants)) == len(self.variants), "--variants names a variant twice; name each once.")
         require(set(self.curves) <= set(self.variants), "--curves names a variant that --variants does not train.")
+        peers = [v for v in self.curves if VARIANTS[v].peer]
+        require(not peers, f"--curves cannot score {peers[0] if peers else ''}: open_clip_train keeps only its final checkpoint here.")
         require(self.seeds >= 1, f"--seeds is {self.seeds}; train at least one seed (3 for a spread).")
+        extra = _variant_seeds(self.variant_seeds)
+        require(set(extra) <= set(self.variants), "--variant-seeds names a variant that --variants does not train.")
         require(self.episodes >= 0, f"--episodes is {self.episodes}; use 0 (the recipe's) or more.")
         require(self.curve_every >= 1, f"--curve-every is {self.curve_every}; use 1 (every episode) or more.")
         require(self.eval_workers >= 0, f"--eval-workers is {self.eval_workers}; use 0 or more.")
+
+    def seeds_of(self, variant: str) -> int:
+        return _variant_seeds(self.variant_seeds).get(variant, self.seeds)
 
 
 def run_name(config: CompareConfig, variant: str, seed: int) -> str:
     return f"{config.name}-{variant}-s{seed}"
 
 
-def variant_recipe(config: CompareConfig, recipe: Path, variant: str, seed: int) -> TrainConfig:
-    """The base recipe with the comparison's and the variant's overrides, its seed and run name."""
+def variant_overrides(config: CompareConfig, recipe: Path, variant: str, dataset_size: int) -> list[str]:
+    """The comparison's and the variant's overrides of the base recipe (compare.json keeps them).
+
+    A variant with its own ``episode_size`` gets as many episodes as keep the samples seen of the
+    base recipe (``dataset_size``: the samples of the data set, for ``episode_size = 0``)."""
+    spec = VARIANTS[variant]
     overrides = list(config.recipe_set)
     if config.episodes:
         overrides.append(f"schedule.episodes={config.episodes}")
-    overrides += list(VARIANTS[variant][1])
+    overrides += list(spec.overrides)
+    if spec.episode_size is not None:
+        base = config_io.load(TrainConfig, recipe, overrides)
+        budget = base.schedule.episodes * (base.data.episode_size or dataset_size)
+        size = spec.episode_size or dataset_size
+        if budget % size:
+            raise ProtoclipError(
+                f"Variant {variant} needs a budget ({budget} samples) that is a whole number of its episodes of {size}; "
+                "choose --episodes so that it is."
+            )
+        overrides += [f"data.episode_size={spec.episode_size}", f"schedule.episodes={budget // size}"]
+    return overrides
+
+
+def variant_recipe(config: CompareConfig, recipe: Path, variant: str, seed: int, dataset_size: int) -> TrainConfig:
+    """The base recipe with :func:`variant_overrides`, its seed, run name and device."""
+    overrides = variant_overrides(config, recipe, variant, dataset_size)
     if variant in config.curves:  # every episode's checkpoint stays for the curves
         overrides.append("logging.keep_checkpoints=100000")
     overrides += [f"seed={seed}", f"name='{run_name(config, variant, seed)}'", f"device='{config.device}'"]
     return config_io.load(TrainConfig, recipe, overrides)
+
+
+def _dataset_size(workspace: Workspace, recipe: Path, config: CompareConfig) -> int:
+    """Samples of the base recipe's training split (img2dataset's count, as the episode plan counts them)."""
+    from protoclip_cli.training.episodes import shard_sample_count
+
+    base = config_io.load(TrainConfig, recipe, config.recipe_set)
+    return sum(shard_sample_count(path) for path in workspace.shards(base.data.dataset, base.data.split))
 
 
 def run(config: CompareConfig, workspace: Workspace, default_recipe: Path) -> dict[str, Any]:
@@ -108,11 +190,15 @@ def run(config: CompareConfig, workspace: Workspace, default_recipe: Path) -> di
     recipe = Path(config.recipe) if config.recipe else default_recipe
     if not recipe.is_file():
         raise ProtoclipError(f"Recipe {recipe} does not exist; pass --recipe FILE (a ProtoCLIP recipe such as recipes/synthetic.toml).")
-    jobs = [(variant, seed) for seed in range(config.seeds) for variant in config.variants]  # seed-major: a full row set early
-    recipes = {job: variant_recipe(config, recipe, *job) for job in jobs}
+    dataset_size = _dataset_size(workspace, recipe, config)  # raises, naming `protoclip download`
+    seeds = max(config.seeds_of(v) for v in config.variants)
+    # seed-major: a full set of rows early
+    jobs = [(variant, seed) for seed in range(seeds) for variant in config.variants if seed < config.seeds_of(variant)]
+    recipes = {job: variant_recipe(config, recipe, *job, dataset_size) for job in jobs}
     for job in jobs:  # every input of every run checked before the first step
         train.check_inputs(recipes[job], workspace)
-        train.check_run_config(recipes[job], RunDir(workspace.run_dir(recipes[job].name)), rename="compare --name NEW")
+        if not VARIANTS[job[0]].peer:
+            train.check_run_config(recipes[job], RunDir(workspace.run_dir(recipes[job].name)), rename="compare --name NEW")
     out_dir = workspace.compare_dir(config.name)
     keep = config_io.load(TrainConfig, recipe, config.recipe_set).logging.keep_checkpoints  # after the curves
     started = time.perf_counter()
@@ -121,8 +207,12 @@ def run(config: CompareConfig, workspace: Workspace, default_recipe: Path) -> di
         recipe_config = recipes[(variant, seed)]
         elapsed = time.perf_counter() - started
         console.rule(f"[bold]compare {index + 1}/{len(jobs)}: {variant}, seed {seed} ({elapsed / 60:.1f} min so far)")
-        records[recipe_config.name] = _train_and_evaluate(config, recipe_config, variant, seed, workspace, out_dir, keep)
-        result = _write_results(config, recipe, records, jobs, out_dir, time.perf_counter() - started)
+        if VARIANTS[variant].peer:
+            record = _train_and_evaluate_peer(config, recipe_config, seed, workspace, out_dir, dataset_size)
+        else:
+            record = _train_and_evaluate(config, recipe_config, variant, seed, workspace, out_dir, keep)
+        records[recipe_config.name] = record
+        result = _write_results(config, recipe, records, jobs, out_dir, time.perf_counter() - started, dataset_size)
     info(f"wrote {out_dir / 'compare.md'}, {out_dir / 'compare.json'} and {out_dir / 'curves.png'}")
     return result
 
@@ -156,11 +246,42 @@ def _train_and_evaluate(config: CompareConfig, recipe: TrainConfig, variant: str
     record = {
         "variant": variant, "seed": seed, "run": str(run.path), "checkpoint": str(final),
         "samples_seen": int(manifest["total_steps"]) * recipe.data.batch_size * int(manifest["world_size"]),
-        "train_seconds": _train_seconds(run), "metrics": results,
+        "train_seconds": _train_seconds(run), "wall_seconds": manifest.get("seconds"), "metrics": results,
     }
     if variant in config.curves:
         record["curve"] = _curve(config, recipe, run, workspace, out_dir, manifest, keep, (final, results))
     return record
+
+
+def _train_and_evaluate_peer(config: CompareConfig, recipe: TrainConfig, seed: int, workspace: Workspace,
+                             out_dir: Path, dataset_size: int) -> dict[str, Any]:
+    """open_clip_train with the recipe's settings on its shards, then the same evaluation as the runs'."""
+    from protoclip_cli.stages import evaluate
+    from protoclip_cli.training.open_clip_peer import train_peer
+
+    samples = recipe.schedule.episodes * (recipe.data.episode_size or dataset_size)
+    folder = out_dir / "open_clip_train" / f"s{seed}"
+    shards = workspace.shards(recipe.data.dataset, recipe.data.split)
+    trained = train_peer(recipe, shards, dataset_size, samples, folder, config.device)
+    if trained.get("reused"):
+        info(f"open_clip_train seed {seed}: trained already, reused ({folder}).")
+    results_file = folder / "results.json"
+    if results_file.is_file() and json.loads(results_file.read_text()).get("checkpoint") == trained["checkpoint"]:
+        results = json.loads(results_file.read_text())["metrics"]
+    else:
+        manifest = evaluate.run(
+            evaluate.EvaluateConfig(task="all", open_clip=recipe.model.arch, pretrained=trained["checkpoint"],
+                                    dataset=recipe.data.dataset, device=config.device, workers=config.eval_workers,
+                                    plots=config.eval_plots, cache=False, out=str(folder / "eval")),
+            workspace,
+        )
+        results = {record["task"]: record["metrics"] for record in manifest["written"].values()}
+        write_json(results_file, {"checkpoint": trained["checkpoint"], "metrics": results})
+    return {
+        "variant": "open_clip_train", "seed": seed, "run": str(folder), "checkpoint": trained["checkpoint"],
+        "samples_seen": samples, "wall_seconds": trained["seconds"], "process_seconds": trained["process_seconds"],
+        "metrics": results, "arguments": trained["arguments"],
+    }
 
 
 def _final_results(run, checkpoint: Path) -> dict[str, dict] | None:
@@ -184,18 +305,32 @@ def _train_seconds(run) -> float:
     return round(total, 2)
 
 
+def curve_episodes(samples_after: list[int], stride: int) -> list[int]:
+    """The episodes whose checkpoints are curve points: each one whose end (``samples_after[e]``, the
+    samples seen after episode e) reaches the next multiple of ``stride``, and the last episode."""
+    chosen = []
+    for episode, seen in enumerate(samples_after):
+        before = samples_after[episode - 1] if episode else 0
+        if seen // stride > before // stride or episode == len(samples_after) - 1:
+            chosen.append(episode)
+    return chosen
+
+
 def _curve(config: CompareConfig, recipe: TrainConfig, run, workspace: Workspace, out_dir: Path, manifest: dict,
            keep: int, final: tuple[Path, dict]) -> dict[str, dict]:
-    """Zero-shot and linear-probe top-1 of the checkpoints closing every ``curve_every``-th episode
-    (the last one's are the final evaluation's, ``final`` = (checkpoint, metrics by task))."""
+    """Zero-shot and linear-probe top-1 of the checkpoints closing the episodes that reach every
+    ``curve_every`` base episodes' worth of samples (the last one's are the final evaluation's,
+    ``final`` = (checkpoint, metrics by task))."""
     from protoclip_cli.training.checkpoint import checkpoint_path
 
     steps = manifest["steps_per_episode"]
     batch = recipe.data.batch_size * int(manifest["world_size"])
-    episodes = [e for e in range(len(steps)) if (e + 1) % config.curve_every == 0 or e == len(steps) - 1]
+    ends = [sum(steps[: e + 1]) for e in range(len(steps))]
+    base_episodes = config.episodes or len(steps)
+    stride = max(1, config.curve_every * ends[-1] * batch // base_episodes)
     points: dict[str, dict] = {}
-    for episode in episodes:
-        step = sum(steps[: episode + 1])
+    for episode in curve_episodes([end * batch for end in ends], stride):
+        step = ends[episode]
         target = out_dir / "curves" / run.name / f"step-{step:08d}.json"
         if target.is_file():
             points[str(step * batch)] = json.loads(target.read_text())["metrics"]
@@ -246,15 +381,17 @@ def _score_checkpoint(config: CompareConfig, run, workspace: Workspace, checkpoi
 
 
 def _write_results(config: CompareConfig, recipe: Path, records: dict[str, dict], jobs: list, out_dir: Path,
-                   seconds: float) -> dict[str, Any]:
+                   seconds: float, dataset_size: int) -> dict[str, Any]:
     """compare.json, compare.md and curves.png from the runs finished so far."""
     from protoclip_cli.evaluation import comparison
 
     values: dict[str, dict[str, list[float]]] = {}
+    walls: dict[str, list[float]] = {}
     for variant in config.variants:
         finished = [r for r in records.values() if r["variant"] == variant]
         if finished:
             values[variant] = {m.label: [float(r["metrics"][m.task][m.key]) for r in finished] for m in comparison.METRICS}
+            walls[variant] = [float(r["wall_seconds"]) for r in finished if r.get("wall_seconds") is not None]
     cells = comparison.table(values, BASELINE)
     budget = {r["samples_seen"] for r in records.values()}
     if len(budget) > 1:
@@ -267,6 +404,8 @@ def _write_results(config: CompareConfig, recipe: Path, records: dict[str, dict]
                 curves.setdefault(labels[task], {}).setdefault(r["variant"], {}).setdefault(int(samples), []).append(
                     float(metrics[task]["top1"]))
     samples = budget.pop()
+    efficiency = comparison.samples_to_reach(curves, cells, BASELINE)
+    cost = comparison.cost(walls, BASELINE)
     text = "\n".join([
         f"# protoclip compare: {config.name}",
         "",
@@ -274,7 +413,8 @@ def _write_results(config: CompareConfig, recipe: Path, records: dict[str, dict]
         f"held-out split of the training data set.",
         "",
         comparison.markdown(cells, BASELINE),
-        "Variants: " + "; ".join(f"{v}: {VARIANTS[v][0]}" for v in values) + ".",
+        comparison.cost_markdown(cost, efficiency, samples, BASELINE),
+        "Variants: " + "; ".join(f"{v}: {VARIANTS[v].description}" for v in values) + ".",
     ])
     write_text(out_dir / "compare.md", text + "\n")
     if curves:
@@ -283,9 +423,12 @@ def _write_results(config: CompareConfig, recipe: Path, records: dict[str, dict]
         "config": config_io.to_dict(config), "recipe": str(recipe), "baseline": BASELINE,
         "noise_rule": comparison.NOISE_RULE, "samples_seen": samples, "runs_finished": len(records),
         "runs_planned": len(jobs), "wall_seconds": round(seconds, 1),
-        "variants": {v: {"description": VARIANTS[v][0], "overrides": list(VARIANTS[v][1])} for v in config.variants},
+        "variants": {v: {"description": VARIANTS[v].description, "peer": VARIANTS[v].peer,
+                         "overrides": variant_overrides(config, recipe, v, dataset_size)} for v in config.variants},
         "runs": records,
         "table": {v: {label: c.to_json() for label, c in row.items()} for v, row in cells.items()},
+        "cost": cost,
+        "efficiency": efficiency,
         "curves": {label: {v: {str(x): ys for x, ys in sorted(p.items())} for v, p in per.items()} for label, per in curves.items()},
     }
     write_json(out_dir / "compare.json", result)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,7 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
     from protoclip_cli.training.interrupts import catching_sigint
     from protoclip_cli.training.loop import Trainer
 
+    started = time.perf_counter()
     inputs = check_inputs(config, workspace, trust_teacher)
     run_dir = RunDir(workspace.run_dir(config.name))
     if resume is True and not run_dir.exists():
@@ -282,6 +284,7 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
                 raise Interrupted(_where_it_stopped(run_dir, trainer)) from None
             raise
         summary["broken_samples"] = trainer.stats.get("broken", 0)
+        summary["seconds"] = round(time.perf_counter() - started, 2)  # this call's: inputs, model, data, training
         manifest = {}
         if rank == 0:
             summary["final_checkpoint"] = str(run_dir.latest_checkpoint())
