@@ -383,6 +383,22 @@ class EpisodeStream:
             prefetch_factor=4 if config.workers > 0 else None,
         )
 
+    def close(self) -> None:
+        """Stop the workers now. They are persistent, so nothing else stops them before garbage
+        collection; until then a process that forks (evaluation's own loader, a notebook's next
+        call) copies this live iterator into its children, whose exit then tries to stop workers
+        that are not theirs ("Exception ignored ... can only test a child process")."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
+    def __enter__(self) -> "EpisodeStream":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def _start(self, episode: int, train: bool, position: Position | None) -> Iterator[dict]:
         position = position or Position.start(self.config.workers)
         values = [episode, int(train)]

@@ -283,6 +283,8 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
             if isinstance(exc, KeyboardInterrupt):
                 raise Interrupted(_where_it_stopped(run_dir, trainer)) from None
             raise
+        finally:
+            trainer.close()  # no data-loader worker outlives the stage
         summary["broken_samples"] = trainer.stats.get("broken", 0)
         summary["seconds"] = round(time.perf_counter() - started, 2)  # this call's: inputs, model, data, training
         manifest = {}

@@ -181,6 +181,11 @@ class Trainer:
         if self.resume_from is not None:
             self._restore(self.resume_from)
 
+    def close(self) -> None:
+        """Stop the data-loader workers; the stage calls it however training ends."""
+        self._started = None
+        self.stream.close()
+
     # -- state ------------------------------------------------------------------------------------
     def _restore(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, map_location=self.device)
