@@ -63,7 +63,7 @@ def make_stream(args: argparse.Namespace):
     from protoclip_cli.core.model import get_tokenizer  # noqa: F401 (the tokenizer the workers load)
     from protoclip_cli.data import pipeline
     from protoclip_cli.data.transforms import train_transform
-    from protoclip_cli.training.episodes import shard_sample_count
+    from protoclip_cli.data.shards import shard_sample_count
     from protoclip_cli.workspace import Workspace
 
     shards = Workspace.at(args.workspace).shards(args.dataset)

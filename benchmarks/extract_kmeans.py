@@ -105,7 +105,7 @@ def time_extraction(args: argparse.Namespace, device: torch.device) -> dict:
     """Samples/s of the extraction pass: what ``extract_features`` does per batch, on synthetic input."""
     from protoclip_cli.core.model import build_model
     from protoclip_cli.data.transforms import normalize
-    from protoclip_cli.recipes import ModelConfig
+    from protoclip_cli.configs.train import ModelConfig
 
     release_memory(device)
     meter = MemoryMeter(device)
@@ -206,7 +206,7 @@ def time_pbt(labels: torch.Tensor, args: argparse.Namespace, device: torch.devic
 def time_episode(args: argparse.Namespace, device: torch.device) -> dict:
     """The trainer's whole per-episode clustering (``build_prototypes``) on random features."""
     from protoclip_cli.core.kmeans import resolve_backend
-    from protoclip_cli.recipes import ProtoConfig
+    from protoclip_cli.configs.train import ProtoConfig
     from protoclip_cli.training.prototypes import build_prototypes
 
     features = {

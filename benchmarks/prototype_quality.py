@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="", help="write every row here")
     args = parser.parse_args(argv)
 
-    from protoclip_cli.runs import resolve
+    from protoclip_cli.workspace import resolve
     from protoclip_cli.workspace import Workspace
 
     workspace = Workspace.at(args.workspace)

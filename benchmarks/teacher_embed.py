@@ -39,7 +39,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def download_embedded(root: Path, count: int):
-    from protoclip_cli.stages.download import DownloadConfig, run
+    from protoclip_cli.configs.download import DownloadConfig
+    from protoclip_cli.stages.download import run
     from protoclip_cli.workspace import Workspace
 
     workspace = Workspace.at(root)
@@ -71,7 +72,8 @@ def main() -> None:
 
     from protoclip_cli.console import out
     from protoclip_cli.data import synthetic
-    from protoclip_cli.stages.teacher_embed import TeacherConfig, load_encoder, offline_minilm_path, resolve_model, run
+    from protoclip_cli.configs.teacher import TeacherConfig
+    from protoclip_cli.stages.teacher_embed import load_encoder, offline_minilm_path, resolve_model, run
 
     if args.threads:
         torch.set_num_threads(args.threads)

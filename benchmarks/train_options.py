@@ -118,7 +118,7 @@ def build_variant(name: str, args: argparse.Namespace, device: torch.device, inp
     from protoclip_cli.core.model import build_model
     from protoclip_cli.core.optim import build_optimizer, parameter_groups
     from protoclip_cli.data.transforms import normalize
-    from protoclip_cli.recipes import ModelConfig, OptimConfig
+    from protoclip_cli.configs.train import ModelConfig, OptimConfig
     from protoclip_cli.training.episodes import Phase
     from protoclip_cli.training.step import Stepper
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = prepare_device(args)
     from protoclip_cli.artifacts import write_json
     from protoclip_cli.console import info
-    from protoclip_cli.recipes import ModelConfig
+    from protoclip_cli.configs.train import ModelConfig
 
     load_before = os.getloadavg()  # the machine may be shared: the load says how much the times mean
     inputs = make_inputs(args.arch, args.batch, args.k, device, args.seed)

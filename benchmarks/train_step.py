@@ -320,7 +320,7 @@ def build_project(args: argparse.Namespace, device: torch.device, inputs: Inputs
     from protoclip_cli.core.model import build_model
     from protoclip_cli.core.optim import build_optimizer, parameter_groups
     from protoclip_cli.data.transforms import normalize
-    from protoclip_cli.recipes import LossConfig, ModelConfig, OptimConfig
+    from protoclip_cli.configs.train import LossConfig, ModelConfig, OptimConfig
 
     model_cfg, optim_cfg, loss_cfg = ModelConfig(arch=args.arch, heads=prototypes), OptimConfig(), LossConfig()
     # The same seed as the OpenCLIP variant: identical tower weights, so the first CLIP losses agree.

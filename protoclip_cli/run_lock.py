@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from protoclip_cli.console import info
 from protoclip_cli.errors import ProtoclipError, write_error
 
 
@@ -68,8 +69,6 @@ class RunLock:
             raise write_error(self.path, exc) from exc
         self.fd = fd
         if stale:
-            from protoclip_cli.console import info
-
             info(f"Run {self.path.parent} was left locked by process {stale.get('pid')} on {stale.get('host')}, "
                  "which has ended; taking the lock over.")
         return self

@@ -19,32 +19,31 @@ docs/training.md); the formats of the files are their writers' (``training/check
 
 One process writes a run at a time: ``train`` holds :meth:`RunDir.lock` (an OS lock on
 ``train.lock``, which the kernel releases when the process ends, however it ends). A second writer
-is refused naming the holder; a lock file left by a process that died is stale and taken over.
-(:mod:`protoclip_cli.run_lock`). Readers (evaluate, cluster, export) take no lock: every file train writes is renamed into place
-whole, so they read a running run's latest checkpoint as it is.
+is refused naming the holder; a lock file left by a process that died is stale and taken over
+(:mod:`protoclip_cli.run_lock`). Readers (evaluate, cluster, export) take no lock: every file train
+writes is renamed into place whole, so they read a running run's latest checkpoint as it is.
 
-:func:`resolve` is the one way every stage turns a target (a run name, a run folder or a
-checkpoint file) into a :class:`ResolvedRun`.
+RunDir knows paths: loading a run's model is :mod:`protoclip_cli.core.run_model`'s, and finding a
+run from what the user typed is :func:`protoclip_cli.workspace.resolve`'s.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from protoclip_cli import config as config_io
+from protoclip_cli.artifacts import write_text
+from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.errors import MissingInputError, ProtoclipError
 from protoclip_cli.run_lock import RunLock
 
-if TYPE_CHECKING:
-    from protoclip_cli.recipes import TrainConfig
-    from protoclip_cli.workspace import Workspace
-
-__all__ = ["RunDir", "ResolvedRun", "resolve", "latest_checkpoint", "load_run_config", "load_run_model"]
-
 CONFIG_FILE = "config.toml"
 CHECKPOINTS = "checkpoints"
+_CHECKPOINT = re.compile(r"^step-(\d{8})\.pt$")
 EPISODES = "episodes"
 LOCK_FILE = "train.lock"
 TRAIN_COMMAND = "protoclip train recipes/synthetic.toml"
@@ -118,8 +117,6 @@ class RunDir:
         return self.wandb_id_file.read_text().strip() or None
 
     def record_wandb_run_id(self, run_id: str) -> None:
-        from protoclip_cli.artifacts import write_text
-
         write_text(self.wandb_id_file, run_id + "\n")
 
     @property
@@ -181,18 +178,24 @@ class RunDir:
             )
         return self
 
-    def config(self) -> "TrainConfig":
+    def config(self) -> TrainConfig:
         """The resolved recipe the run was trained with."""
-        from protoclip_cli import config as config_io
-        from protoclip_cli.recipes import TrainConfig
-
         return config_io.load(TrainConfig, self.require().config_file)
+
+    def checkpoint_file(self, global_step: int) -> Path:
+        return self.checkpoints_dir / f"step-{global_step:08d}.pt"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest (lowest step) first; a killed writer's temporaries are not."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoints_dir.iterdir() if (m := _CHECKPOINT.match(p.name))]
+        return [p for _, p in sorted(found)]
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint, or None."""
-        from protoclip_cli.training.checkpoint import latest_checkpoint as newest
-
-        return newest(self.path)
+        checkpoints = self.checkpoints()
+        return checkpoints[-1] if checkpoints else None
 
     def checkpoint(self, chosen: str | Path | None = None) -> Path:
         """``chosen`` (a checkpoint file) or the newest checkpoint; an error when there is none."""
@@ -235,129 +238,3 @@ class RunDir:
                     f"Run {self.path} has no episode {number}; it has {', '.join(map(str, sorted(found)))}."
                 )
         return number, found[number]
-
-    def load_model(self, checkpoint: str | Path | None = None, device: str = "cpu"):
-        """Rebuild the run's model with a checkpoint's weights (the newest when ``checkpoint`` is None).
-
-        Returns ``(model, config, info)``: the :class:`~protoclip_cli.core.model.ProtoCLIP` in eval
-        mode on ``device``, the run's :class:`TrainConfig`, and ``info`` = ``{"path", "episode",
-        "batches_done", "steps_in_episode", "global_step", "total_steps", "complete"}``
-        (``complete``: the checkpoint closes the whole run).
-        """
-        from protoclip_cli.core.model import build_model
-        from protoclip_cli.training.checkpoint import load_checkpoint
-
-        config = self.config()
-        for attempt in range(3):
-            path = self.checkpoint(checkpoint)
-            try:
-                state = load_checkpoint(path)
-                break
-            except ProtoclipError:
-                # A running train deletes its older checkpoints: the newest of a moment ago may be
-                # gone by the time it is opened, so look for the newest again.
-                if checkpoint or path.exists() or attempt == 2:
-                    raise
-        model = build_model(config.model, contrastive=config.loss.contrastive)
-        model.load_state_dict(state["model"])
-        model.to(device).eval()
-        info: dict[str, Any] = {
-            "path": str(path),
-            "episode": int(state["episode"]),
-            "batches_done": int(state["batches_done"]),
-            "steps_in_episode": int(state["steps_in_episode"]),
-            "global_step": int(state["global_step"]),
-            "total_steps": int(state["total_steps"]),
-            "complete": int(state["global_step"]) >= int(state["total_steps"]),
-        }
-        return model, config, info
-
-
-@dataclass(frozen=True)
-class ResolvedRun:
-    """What a stage works on: the run, the checkpoint the user named (None: the newest) and the
-    workspace the run belongs to (whose data sets it was trained on)."""
-
-    run: RunDir
-    checkpoint: Path | None
-    workspace: "Workspace"
-
-
-def resolve(workspace: "Workspace", target: str | Path | None, checkpoint: str | Path | None = None) -> ResolvedRun:
-    """The run ``target`` names, for every stage that reads a run (cluster, evaluate, export).
-
-    ``target`` is, in this order:
-    - empty: the workspace's latest run (the console says which);
-    - an existing path, as given or relative to the workspace (``runs/NAME``): a checkpoint file
-      (its run is the folder above ``checkpoints/``) or a run folder;
-    - otherwise a run name: ``<workspace>/runs/<target>``.
-
-    A run folder inside ``<ws>/runs/`` brings its workspace along, so ``protoclip evaluate
-    WS/runs/NAME`` finds the data sets of WS from anywhere. ``checkpoint`` (``--checkpoint``)
-    overrides the checkpoint a target names. The run must exist (its ``config.toml``).
-    """
-    from protoclip_cli.workspace import Workspace
-
-    chosen = Path(checkpoint) if checkpoint else None
-    if not target:
-        run = RunDir(workspace.run_dir(workspace.resolve_run(None))).require()
-        _say_if_running(run)
-        return ResolvedRun(run, chosen, workspace)
-    path = next((p for p in (Path(target), workspace.root / target) if p.exists()), None)
-    if path is None:
-        from protoclip_cli.workspace import is_valid_name
-
-        if not is_valid_name(str(target)):
-            raise MissingInputError(
-                f"{target} is neither a file, a folder nor a run name of {workspace.runs_dir}; pass a run name, "
-                "a run folder or a checkpoint file."
-            )
-        run = RunDir(workspace.run_dir(str(target))).require()
-        _say_if_running(run)
-        return ResolvedRun(run, chosen, workspace)
-    if path.is_file():
-        run = RunDir(path.parent.parent if path.parent.name == CHECKPOINTS else path.parent)
-        if not run.exists():
-            raise ProtoclipError(
-                f"Checkpoint {path} is not inside a run folder (no {CONFIG_FILE} in {run.path}); for an OpenCLIP "
-                "checkpoint use `protoclip evaluate --open-clip ARCH --pretrained FILE`."
-            )
-        chosen = chosen or path
-    else:
-        run = RunDir(path).require()
-    _say_if_running(run)
-    owner = workspace
-    if run.path.resolve().parent.name == "runs":
-        owner = Workspace(run.path.resolve().parent.parent)
-        if owner.root.resolve() != workspace.root.resolve():
-            from protoclip_cli.console import info
-
-            info(f"Run {run.path} belongs to the workspace {owner.root}; reading its data sets there.")
-    return ResolvedRun(run, chosen, owner)
-
-
-def _say_if_running(run: RunDir) -> None:
-    writer = run.writer()
-    if writer is not None:
-        from protoclip_cli.console import info
-
-        info(f"Run {run.name} is being trained now (process {writer.get('pid', '?')} on {writer.get('host', '?')}); "
-             "reading its latest checkpoint, which later ones will supersede.")
-
-
-# -- the same for a folder path ----------------------------------------------------------------------
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of ``run_dir`` (``checkpoints/step-*.pt``), or None."""
-    return RunDir(Path(run_dir)).latest_checkpoint()
-
-
-def load_run_config(run_dir: str | Path) -> "TrainConfig":
-    """The resolved recipe a run was trained with (``runs/<run>/config.toml``)."""
-    return RunDir(Path(run_dir)).config()
-
-
-def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu"):
-    """:meth:`RunDir.load_model` of the run folder ``run_dir``."""
-    return RunDir(Path(run_dir)).load_model(checkpoint, device)

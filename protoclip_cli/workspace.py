@@ -11,18 +11,21 @@
 <workspace>/cache/<name>/...                           download's inputs for img2dataset (renderings, URL list)
 ```
 Where a data set or run is not named, commands take the workspace's only or latest one and say
-which they took.
+which they took. :func:`resolve` is the one way every stage turns a target (a run name, a run
+folder or a checkpoint file) into a :class:`ResolvedRun`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from protoclip_cli.artifacts import MANIFEST, read_manifest
+from protoclip_cli.console import info
 from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.names import check_name, is_valid_name, slugify
+from protoclip_cli.runs import CHECKPOINTS, CONFIG_FILE, RunDir
 
 DEFAULT_WORKSPACE = "protoclip-workspace"
 WORKSPACE_ENV = "PROTOCLIP_WORKSPACE"
@@ -30,36 +33,6 @@ WORKSPACE_ENV = "PROTOCLIP_WORKSPACE"
 
 def default_workspace() -> Path:
     return Path(os.environ.get(WORKSPACE_ENV, DEFAULT_WORKSPACE))
-
-
-# Names of data sets, runs and teacher slugs become folder and file names inside the workspace: one
-# path component of portable characters, so a name can neither leave the workspace ('../x') nor nest
-# folders ('a/b'), and it survives shells, URLs and other file systems.
-NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-def is_valid_name(name: str) -> bool:
-    """True for a name that is one safe path component (see :data:`NAME_RULE`)."""
-    return isinstance(name, str) and _NAME.fullmatch(name) is not None
-
-
-def name_error(what: str, name: str, setting: str) -> str:
-    """The one sentence refusing ``name`` as ``what`` (e.g. 'run name'), naming the ``setting`` to change."""
-    return f"{what} {name!r} is not a valid name: use {NAME_RULE} (one folder name, no '/'), e.g. {setting}."
-
-
-def check_name(name: str, what: str, setting: str) -> str:
-    if not is_valid_name(name):
-        raise ProtoclipError(name_error(what, name, setting))
-    return name
-
-
-def slugify(name: str) -> str:
-    """A file-name-safe slug, always a valid name: 'sentence-transformers/all-MiniLM-L6-v2' -> 'all-MiniLM-L6-v2'."""
-    base = name.rstrip("/").split("/")[-1]
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).lstrip("-._")[:100].rstrip("-.")
-    return slug if is_valid_name(slug) else "model"
 
 
 @dataclass(frozen=True)
@@ -142,16 +115,14 @@ class Workspace:
 
     def runs(self) -> list[str]:
         """Training runs (see :class:`protoclip_cli.runs.RunDir`), oldest first."""
-        from protoclip_cli.runs import RunDir
-
         if not self.runs_dir.is_dir():
             return []
         runs = [RunDir(p) for p in self.runs_dir.iterdir() if RunDir(p).exists()]
         return [run.name for run in sorted(runs, key=lambda run: run.config_file.stat().st_mtime)]
 
     def resolve_run(self, name: str | None) -> str:
-        """``name`` if given, else the latest run (and say which); :func:`protoclip_cli.runs.resolve`
-        also takes run folders and checkpoint files."""
+        """``name`` if given, else the latest run (and say which); :func:`resolve` also takes run
+        folders and checkpoint files."""
         return _resolve(name, self.runs(), "run", self.runs_dir, "protoclip train recipes/synthetic.toml")
 
 
@@ -168,7 +139,72 @@ def _resolve(name: str | None, existing: list[str], what: str, folder: Path, com
     if not existing:
         raise MissingInputError(f"No {what} in {folder}. Run `{command}` first, or name one.")
     chosen = existing[-1]
-    from protoclip_cli.console import info
-
     info(f"Using {what} '{chosen}' ({'the only one' if len(existing) == 1 else 'the latest'} in {folder}).")
     return chosen
+
+
+# -- finding a run from what the user typed -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """What a stage works on: the run, the checkpoint the user named (None: the newest) and the
+    workspace the run belongs to (whose data sets it was trained on)."""
+
+    run: RunDir
+    checkpoint: Path | None
+    workspace: Workspace
+
+
+def resolve(workspace: Workspace, target: str | Path | None, checkpoint: str | Path | None = None) -> ResolvedRun:
+    """The run ``target`` names, for every stage that reads a run (cluster, evaluate, export).
+
+    ``target`` is, in this order:
+    - empty: the workspace's latest run (the console says which);
+    - an existing path, as given or relative to the workspace (``runs/NAME``): a checkpoint file
+      (its run is the folder above ``checkpoints/``) or a run folder;
+    - otherwise a run name: ``<workspace>/runs/<target>``.
+
+    A run folder inside ``<ws>/runs/`` brings its workspace along, so ``protoclip evaluate
+    WS/runs/NAME`` finds the data sets of WS from anywhere. ``checkpoint`` (``--checkpoint``)
+    overrides the checkpoint a target names. The run must exist (its ``config.toml``).
+    """
+    chosen = Path(checkpoint) if checkpoint else None
+    if not target:
+        run = RunDir(workspace.run_dir(workspace.resolve_run(None))).require()
+        _say_if_running(run)
+        return ResolvedRun(run, chosen, workspace)
+    path = next((p for p in (Path(target), workspace.root / target) if p.exists()), None)
+    if path is None:
+        if not is_valid_name(str(target)):
+            raise MissingInputError(
+                f"{target} is neither a file, a folder nor a run name of {workspace.runs_dir}; pass a run name, "
+                "a run folder or a checkpoint file."
+            )
+        run = RunDir(workspace.run_dir(str(target))).require()
+        _say_if_running(run)
+        return ResolvedRun(run, chosen, workspace)
+    if path.is_file():
+        run = RunDir(path.parent.parent if path.parent.name == CHECKPOINTS else path.parent)
+        if not run.exists():
+            raise ProtoclipError(
+                f"Checkpoint {path} is not inside a run folder (no {CONFIG_FILE} in {run.path}); for an OpenCLIP "
+                "checkpoint use `protoclip evaluate --open-clip ARCH --pretrained FILE`."
+            )
+        chosen = chosen or path
+    else:
+        run = RunDir(path).require()
+    _say_if_running(run)
+    owner = workspace
+    if run.path.resolve().parent.name == "runs":
+        owner = Workspace(run.path.resolve().parent.parent)
+        if owner.root.resolve() != workspace.root.resolve():
+            info(f"Run {run.path} belongs to the workspace {owner.root}; reading its data sets there.")
+    return ResolvedRun(run, chosen, owner)
+
+
+def _say_if_running(run: RunDir) -> None:
+    writer = run.writer()
+    if writer is not None:
+        info(f"Run {run.name} is being trained now (process {writer.get('pid', '?')} on {writer.get('host', '?')}); "
+             "reading its latest checkpoint, which later ones will supersede.")

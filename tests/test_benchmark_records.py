@@ -80,7 +80,8 @@ def trained_run(synthetic_workspace, synthetic_teacher):
 def test_clip_benchmark_build_collects_every_task(trained_run, synthetic_workspace, tmp_path, monkeypatch):
     from clip_benchmark import cli as clip_benchmark_cli
 
-    from protoclip_cli.stages.evaluate import EvaluateConfig, run
+    from protoclip_cli.configs.evaluate import EvaluateConfig
+    from protoclip_cli.stages.evaluate import run
 
     manifest = run(EvaluateConfig(task="all", model="eval-fixture", workers=0, device="cpu"), synthetic_workspace)
     folder = trained_run / "eval" / "clip_benchmark"

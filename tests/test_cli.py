@@ -53,7 +53,7 @@ def test_console_script_reports_errors_with_exit_1(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    assert "missing.toml does not exist" in proc.stderr.replace("\n", "")
+    assert "missing.toml is neither a file nor the name of a shipped recipe" in proc.stderr.replace("\n", "")
     assert "Traceback" not in proc.stderr
 
 

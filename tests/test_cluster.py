@@ -101,10 +101,10 @@ def test_k_without_features_is_refused(k, tmp_path):
 
 def test_report_from_a_checkpoint_file(trained_run, tmp_path):
     """A checkpoint path names its run (and brings the run's workspace along)."""
-    from protoclip_cli.runs import latest_checkpoint
+    from protoclip_cli.runs import RunDir
 
     out = tmp_path / "report"
-    result = _cli("cluster", str(latest_checkpoint(trained_run)), "--tsne-points", "0", "--out", str(out),
+    result = _cli("cluster", str(RunDir(trained_run).latest_checkpoint()), "--tsne-points", "0", "--out", str(out),
                   "-w", str(tmp_path / "elsewhere"))
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())

@@ -61,7 +61,8 @@ def compared(compare_workspace):
     """2 variants x 2 seeds, 4 episodes of 256 samples (4 steps of 64) each: two prototype episodes
     between the warm-up and the LiT finish, two passes over the 512 samples; and one seed of
     OpenCLIP's own trainer with the CLIP variant's settings."""
-    from protoclip_cli.stages.compare import CompareConfig, run
+    from protoclip_cli.configs.compare import CompareConfig
+    from protoclip_cli.stages.compare import run
 
     config = CompareConfig(
         name="t-compare", variants=("clip", "open_clip_train", "protoclip"), seeds=2,
@@ -69,7 +70,7 @@ def compared(compare_workspace):
         recipe_set=("data.episode_size=256", "data.workers=1", "logging.checkpoint_every_steps=0"),
         device="cpu", eval_workers=0,
     )
-    return config, run(config, compare_workspace, RECIPE)
+    return config, run(config, compare_workspace)
 
 
 def test_table_numbers_are_the_statistics_of_the_runs_eval_files(compared, compare_workspace):
@@ -139,7 +140,7 @@ def test_rerun_reuses_finished_runs_and_evaluations(compared, compare_workspace,
     monkeypatch.setattr(train, "run", refuse)
     monkeypatch.setattr(evaluate, "run", refuse)
     monkeypatch.setattr(compare, "_score_checkpoint", refuse)
-    again = compare.run(config, compare_workspace, RECIPE)
+    again = compare.run(config, compare_workspace)
     assert again["table"] == first["table"] and again["curves"] == first["curves"]
 
 
@@ -153,7 +154,7 @@ def test_a_run_folder_of_another_configuration_is_refused_before_any_training(co
     monkeypatch.setattr(train, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
     changed = replace(config, recipe_set=(*config.recipe_set, "optim.lr=2e-3"))
     with pytest.raises(ProtoclipError) as error:
-        compare.run(changed, compare_workspace, RECIPE)
+        compare.run(changed, compare_workspace)
     message = " ".join(str(error.value).split())
     assert "t-compare-clip-s0 holds a run with another configuration (differs in optim.lr)" in message
     assert "pick another run name with compare --name NEW, or delete the folder." in message
@@ -262,7 +263,7 @@ def test_open_clip_train_reads_webdataset_shards_with_the_end_of_shard_workaroun
 def test_a_budget_that_is_not_whole_passes_is_refused_for_the_peer(tmp_path):
     from protoclip_cli import config as config_io
     from protoclip_cli.errors import ProtoclipError
-    from protoclip_cli.recipes import TrainConfig
+    from protoclip_cli.configs.train import TrainConfig
     from protoclip_cli.training.open_clip_peer import peer_arguments
 
     recipe = config_io.load(TrainConfig, RECIPE, [])
@@ -280,7 +281,8 @@ def test_curve_points_follow_samples_whatever_the_episode_size():
 
 
 def test_episode_size_variants_keep_the_budget(compare_workspace):
-    from protoclip_cli.stages.compare import CompareConfig, variant_overrides, variant_recipe
+    from protoclip_cli.configs.compare import CompareConfig
+    from protoclip_cli.stages.compare import variant_overrides, variant_recipe
 
     config = CompareConfig(episodes=12, variants=("clip", "episode-2048", "episode-all"), curves=("clip",))
     for variant, size, episodes in (("episode-2048", 2048, 6), ("episode-all", 0, 3)):

@@ -8,7 +8,7 @@ import pytest
 
 from protoclip_cli import config
 from protoclip_cli.config import ConfigError
-from protoclip_cli.recipes import TrainConfig
+from protoclip_cli.configs.train import TrainConfig
 
 
 def write(tmp_path, text: str):
@@ -197,11 +197,11 @@ def test_recipe_inconsistency_fails_when_loaded(tmp_path):
 
 
 def test_stage_configs_name_the_option_to_change():
-    from protoclip_cli.stages.cluster import ClusterConfig
-    from protoclip_cli.stages.download import DownloadConfig
-    from protoclip_cli.stages.evaluate import EvaluateConfig
-    from protoclip_cli.stages.export import ExportConfig
-    from protoclip_cli.stages.teacher_embed import TeacherConfig
+    from protoclip_cli.configs.cluster import ClusterConfig
+    from protoclip_cli.configs.download import DownloadConfig
+    from protoclip_cli.configs.evaluate import EvaluateConfig
+    from protoclip_cli.configs.export import ExportConfig
+    from protoclip_cli.configs.teacher import TeacherConfig
 
     cases = [
         (lambda: DownloadConfig(resize_mode="stretch"), "--resize-mode 'stretch' is not one of border, keep_ratio"),

@@ -33,7 +33,7 @@ CONTRASTIVE = ("infonce", "sigmoid")
 def _setup(seed: int = 0, contrastive: str = "infonce"):
     from protoclip_cli.core.losses import Prototypes, ProtoCLIPLoss
     from protoclip_cli.core.model import build_model
-    from protoclip_cli.recipes import ModelConfig
+    from protoclip_cli.configs.train import ModelConfig
 
     torch.manual_seed(seed)
     # No hidden head layer: BatchNorm would normalise per rank and make the two runs differ by design.
@@ -118,8 +118,8 @@ def test_two_ranks_give_the_documented_gradient(mode, tmp_path):
 
 def test_sync_batchnorm_converts_what_the_recipe_names():
     from protoclip_cli.core.model import build_model
-    from protoclip_cli.recipes import ModelConfig
-    from protoclip_cli.training.loop import sync_batchnorm
+    from protoclip_cli.configs.train import ModelConfig
+    from protoclip_cli.training.setup import sync_batchnorm
 
     import copy
 

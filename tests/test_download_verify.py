@@ -17,7 +17,7 @@ from protoclip_cli.data import synthetic
 from protoclip_cli.data.shard_verify import LOST, check_shard
 from protoclip_cli.data.shards import iter_samples
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.training.episodes import shard_sample_count
+from protoclip_cli.data.shards import shard_sample_count
 from protoclip_cli.workspace import Workspace
 from test_train_broken import corrupt_first_jpeg  # the same damage train must survive
 

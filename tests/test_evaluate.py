@@ -20,12 +20,12 @@ RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "synthetic.toml"
 def train_shared_run(workspace, teacher_path: Path) -> Path:
     """Train the small run once per test session (later callers find its final checkpoint)."""
     from protoclip_cli import config as config_io
-    from protoclip_cli.recipes import TrainConfig
-    from protoclip_cli.runs import latest_checkpoint
+    from protoclip_cli.configs.train import TrainConfig
+    from protoclip_cli.runs import RunDir
     from protoclip_cli.stages import train
 
     run_dir = workspace.run_dir(RUN)
-    if latest_checkpoint(run_dir) is not None and (run_dir / "manifest.json").is_file():
+    if RunDir(run_dir).latest_checkpoint() is not None and (run_dir / "manifest.json").is_file():
         if json.loads((run_dir / "manifest.json").read_text()).get("status") == "complete":
             return run_dir
     overrides = [
@@ -51,7 +51,8 @@ def _cli(*args: str):
 
 
 def test_trained_run_beats_chance_on_heldout_zeroshot(trained_run, synthetic_workspace):
-    from protoclip_cli.stages.evaluate import EvaluateConfig, run
+    from protoclip_cli.configs.evaluate import EvaluateConfig
+    from protoclip_cli.stages.evaluate import run
 
     manifest = run(EvaluateConfig(task="synthetic-zeroshot", model=RUN, workers=0, device="cpu"), synthetic_workspace)
     path = trained_run / "eval" / "synthetic-zeroshot.json"

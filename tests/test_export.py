@@ -27,7 +27,7 @@ def test_export_round_trip_through_open_clip(trained_run, synthetic_workspace, t
     from protoclip_cli.core.model import get_tokenizer, register_tiny_configs
     from protoclip_cli.data.shards import iter_samples
     from protoclip_cli.data.transforms import decode_image, eval_transform, normalize
-    from protoclip_cli.runs import load_run_model
+    from protoclip_cli.core.run_model import load_run_model
 
     out = tmp_path / "tiny.pt"
     result = CliRunner().invoke(app, ["export", RUN, "--format", "open_clip", "--out", str(out),
@@ -91,7 +91,8 @@ def hub_folder(trained_run, synthetic_workspace, tmp_path_factory):
     from typer.testing import CliRunner
 
     from protoclip_cli.cli import app
-    from protoclip_cli.stages.evaluate import EvaluateConfig, run
+    from protoclip_cli.configs.evaluate import EvaluateConfig
+    from protoclip_cli.stages.evaluate import run
 
     run(EvaluateConfig(task="synthetic-zeroshot", model=RUN, workers=0, device="cpu"), synthetic_workspace)
     # A result of another checkpoint must stay out of the card.
@@ -118,7 +119,7 @@ def test_hub_folder_loads_through_open_clip_without_registration(hub_folder, tra
     from protoclip_cli.core.model import TINY_CONFIG_DIR, get_tokenizer
     from protoclip_cli.data.shards import iter_samples
     from protoclip_cli.data.transforms import decode_image, eval_transform, normalize
-    from protoclip_cli.runs import load_run_model
+    from protoclip_cli.core.run_model import load_run_model
 
     assert sorted(p.name for p in hub_folder.iterdir()) == ["README.md", "open_clip_config.json", "open_clip_model.safetensors"]
     config = json.loads((hub_folder / "open_clip_config.json").read_text())
@@ -218,7 +219,7 @@ def test_a_sigmoid_runs_hub_folder_carries_its_logit_bias(tmp_path):
     bias of a sigmoid-loss run would not load (strict state dict) or be lost."""
     from protoclip_cli.core.hub_folder import load_hub_folder, write_hub_folder
     from protoclip_cli.core.model import build_model
-    from protoclip_cli.recipes import ModelConfig
+    from protoclip_cli.configs.train import ModelConfig
     from protoclip_cli.stages.export import round_trip_difference
 
     torch.manual_seed(0)

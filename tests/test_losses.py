@@ -259,7 +259,7 @@ def test_prototypes_to_moves_every_tensor():
 
 def test_gradients_reach_both_towers_both_heads_and_both_temperatures():
     from protoclip_cli.core.model import build_model, get_tokenizer
-    from protoclip_cli.recipes import ModelConfig
+    from protoclip_cli.configs.train import ModelConfig
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(projection_hidden_dim=64, projection_dim=D))

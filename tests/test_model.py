@@ -18,7 +18,7 @@ from protoclip_cli.core.model import (
     register_tiny_configs,
 )
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.recipes import ModelConfig
+from protoclip_cli.configs.train import ModelConfig
 
 torch.set_num_threads(2)
 TINY = ModelConfig(arch="protoclip-tiny", projection_hidden_dim=256, projection_dim=32)

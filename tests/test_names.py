@@ -12,8 +12,9 @@ import pytest
 from protoclip_cli import config as config_io
 from protoclip_cli.config import ConfigError
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.recipes import TrainConfig
-from protoclip_cli.workspace import Workspace, is_valid_name, slugify
+from protoclip_cli.configs.train import TrainConfig
+from protoclip_cli.names import is_valid_name, slugify
+from protoclip_cli.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "synthetic.toml"
@@ -27,9 +28,9 @@ def test_valid_names(name):
 
 @pytest.mark.parametrize("name", BAD)
 def test_every_config_refuses_an_unsafe_name(name):
-    from protoclip_cli.stages.download import DownloadConfig
-    from protoclip_cli.stages.evaluate import EvaluateConfig
-    from protoclip_cli.stages.teacher_embed import TeacherConfig
+    from protoclip_cli.configs.download import DownloadConfig
+    from protoclip_cli.configs.evaluate import EvaluateConfig
+    from protoclip_cli.configs.teacher import TeacherConfig
 
     with pytest.raises(ConfigError, match=r"Run name .* is not a valid name: use letters, digits.*--set name="):
         config_io.load(TrainConfig, RECIPE, [f"name={name!r}"])
@@ -64,7 +65,7 @@ def test_teacher_slugs_are_always_valid_names(model):
 
 def test_a_target_that_is_no_path_and_no_name_is_one_sentence(tmp_path):
     from protoclip_cli.errors import MissingInputError
-    from protoclip_cli.runs import resolve
+    from protoclip_cli.workspace import resolve
 
     with pytest.raises(MissingInputError, match=r"\.\./\.\./nope is neither a file, a folder nor a run name"):
         resolve(Workspace.at(tmp_path), "../../nope")

@@ -11,7 +11,7 @@ from torch import nn
 
 from protoclip_cli.core.optim import build_optimizer, cosine_schedule, parameter_groups, set_learning_rates
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.recipes import OptimConfig
+from protoclip_cli.configs.train import OptimConfig
 
 
 class TinyClip(nn.Module):

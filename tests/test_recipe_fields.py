@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from protoclip_cli import recipes
+from protoclip_cli.configs import train as recipes
 from protoclip_cli.config import explain
 from test_train import small_config  # the same small run settings
 
@@ -34,7 +34,7 @@ ONLY_WHEN_SWITCHED_ON = {
     "proto.single_pass_start": "proto.single_pass (tests/test_single_pass.py trains with each value)",
 }
 # Modules whose reads are the config machinery itself, not a use of the setting.
-MACHINERY = {"dataclasses", "copy", "protoclip_cli.config", "protoclip_cli.recipes"}
+MACHINERY = {"dataclasses", "copy", "protoclip_cli.config", "protoclip_cli.configs.train"}
 
 
 def _sections() -> dict[type, str]:
@@ -80,7 +80,7 @@ def test_a_protoclip_run_reads_every_recipe_field(synthetic_teacher, synthetic_w
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_every_proto_setting_reaches_kmeans(backend):
     from protoclip_cli.core.kmeans import kmeans
-    from protoclip_cli.recipes import ProtoConfig
+    from protoclip_cli.configs.train import ProtoConfig
     from protoclip_cli.training.prototypes import build_prototypes
 
     generator = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import pytest
 import numpy as np
 
 from protoclip_cli import config as config_io
-from protoclip_cli.recipes import TrainConfig
+from protoclip_cli.configs.train import TrainConfig
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
 

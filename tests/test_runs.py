@@ -8,7 +8,8 @@ import time
 import pytest
 
 from protoclip_cli.errors import MissingInputError, ProtoclipError
-from protoclip_cli.runs import RunDir, resolve
+from protoclip_cli.runs import RunDir
+from protoclip_cli.workspace import resolve
 from protoclip_cli.workspace import Workspace
 
 

@@ -15,7 +15,7 @@ import torch
 from protoclip_cli.config import ConfigError
 from protoclip_cli.data.sources import KEY_STRIDE, RunDatasets, run_datasets, split_keys
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.recipes import DataConfig, TrainConfig
+from protoclip_cli.configs.train import DataConfig, TrainConfig
 from protoclip_cli.training.episodes import plan_episodes
 
 
@@ -180,7 +180,7 @@ def mixed_run(tmp_path_factory, synthetic_teacher, synthetic_workspace):
 
 
 def _dataset_keys(workspace, name: str) -> dict[str, list[int]]:
-    from protoclip_cli.training.episodes import shard_keys
+    from protoclip_cli.data.shards import shard_keys
 
     return {f"{name}/{p.name}": shard_keys(p) for p in workspace.shards(name)}
 
@@ -241,13 +241,13 @@ def test_teacher_clusters_use_each_data_sets_own_teacher_rows(mixed_run):
 def test_a_run_over_several_data_sets_resumes_to_the_same_weights(mixed_run):
     from protoclip_cli.runs import RunDir
     from protoclip_cli.stages.train import run
-    from protoclip_cli.training.checkpoint import load_checkpoint
+    from protoclip_cli.core.checkpoint import load_checkpoint
     from protoclip_cli.training.episodes import EpisodePlan
 
     config, workspace, _ = mixed_run
     run_dir = RunDir(workspace.run_dir("mixed"))
     final = run_dir.latest_checkpoint()
-    expected = load_checkpoint(final, map_location="cpu")["model"]
+    expected = load_checkpoint(final, map_location="cpu").model
     plan = EpisodePlan.load(run_dir.plan_file)
     first, total = plan.samples(0) // 32, (plan.samples(0) // 32) + (plan.samples(1) // 32)
     checkpoints = sorted(run_dir.checkpoints_dir.glob("*.pt"))
@@ -258,14 +258,15 @@ def test_a_run_over_several_data_sets_resumes_to_the_same_weights(mixed_run):
         if step > inside[0]:
             path.unlink()  # as if killed after that step
     run(config, workspace, resume=True)
-    resumed = load_checkpoint(run_dir.latest_checkpoint(), map_location="cpu")["model"]
+    resumed = load_checkpoint(run_dir.latest_checkpoint(), map_location="cpu").model
     assert resumed.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(resumed[name], value), name
 
 
 def test_the_cluster_report_reads_every_data_set_of_the_run(mixed_run):
-    from protoclip_cli.stages.cluster import ClusterConfig, report_episode
+    from protoclip_cli.configs.cluster import ClusterConfig
+    from protoclip_cli.stages.cluster import report_episode
 
     _, workspace, _ = mixed_run
     report = report_episode(ClusterConfig(run="mixed", episode="1", grid_clusters=1, grid_samples=2, tsne_points=0),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from protoclip_cli.training.episodes import shard_keys
+from protoclip_cli.data.shards import shard_keys
 from protoclip_cli.training.single_pass import FeatureRecorder, nearest_centroid
 from test_train import small_config  # the same small run settings
 
@@ -75,7 +75,7 @@ def test_prototypes_come_from_the_previous_pass_and_no_episode_extracts(single_p
 
 def test_online_labels_are_the_nearest_prototypes_of_the_features_the_step_computed(single_pass_run):
     """Reload the last checkpoint's model: its labels for a batch are the argmin over the centroids."""
-    from protoclip_cli.runs import load_run_model
+    from protoclip_cli.core.run_model import load_run_model
     from protoclip_cli.training.prototypes import load_prototypes
     from protoclip_cli.training.single_pass import OnlineLabels
 

@@ -18,7 +18,8 @@ from protoclip_cli.data.shards import iter_samples
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.data.teacher_file import check_teacher_covers, load_teacher, partial_path
 from protoclip_cli.stages import teacher_embed
-from protoclip_cli.stages.teacher_embed import MINILM_NAME, TeacherConfig, resolve_model, run
+from protoclip_cli.configs.teacher import TeacherConfig
+from protoclip_cli.stages.teacher_embed import MINILM_NAME, resolve_model, run
 from protoclip_cli.workspace import Workspace
 
 MINILM_DIM = 384
@@ -188,7 +189,8 @@ def test_pca_is_reproducible_and_force_replaces_a_file(
 KILLED_RUN = """
 import os, signal, torch
 torch.set_num_threads(2)
-from protoclip_cli.stages.teacher_embed import TeacherConfig, run
+from protoclip_cli.configs.teacher import TeacherConfig
+from protoclip_cli.stages.teacher_embed import run
 from protoclip_cli.workspace import Workspace
 
 def die_after_two_chunks(rows_done, rows_encoded):

@@ -17,7 +17,7 @@ import torch
 
 from protoclip_cli import config as config_io
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.recipes import TrainConfig
+from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.data.pipeline import batches_to_skip, canonical_order
 from protoclip_cli.training.episodes import plan_episodes, steps_in_episode
 
@@ -113,7 +113,7 @@ def test_run_writes_the_documented_artifacts(trained):
     with h5py.File(run_dir / "episodes" / "1" / "prototypes.h5") as f:
         keys = f["keys"][:]
         shard_keys = set()
-        from protoclip_cli.training.episodes import shard_keys as read_keys
+        from protoclip_cli.data.shards import shard_keys as read_keys
         for name in plan["episodes"][1]:
             shard_keys |= set(read_keys(run_dir.parents[1] / "datasets" / "synthetic" / "shards" / name))
         assert keys.dtype == np.int64 and len(keys) == 256 and np.all(np.diff(keys) > 0)
@@ -177,13 +177,14 @@ def test_lit_episode_leaves_the_image_tower_unchanged(trained):
 
 
 def test_load_run_model_returns_the_last_checkpoint(trained):
-    from protoclip_cli.runs import latest_checkpoint, load_run_model
+    from protoclip_cli.core.run_model import load_run_model
+    from protoclip_cli.runs import RunDir
 
     config, run_dir, _ = trained
     model, loaded, info = load_run_model(run_dir)
     assert loaded == config and info["global_step"] == 24 and info["complete"] and not model.training
-    assert latest_checkpoint(run_dir).name == "step-00000024.pt"
-    state = torch.load(latest_checkpoint(run_dir), weights_only=True)["model"]
+    assert RunDir(run_dir).latest_checkpoint().name == "step-00000024.pt"
+    state = torch.load(RunDir(run_dir).latest_checkpoint(), weights_only=True)["model"]
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 

@@ -29,7 +29,7 @@ def options_run(synthetic_teacher, synthetic_workspace):
 
 
 def test_sigmoid_run_trains_its_bias_with_the_prototype_terms(options_run):
-    from protoclip_cli.runs import load_run_model
+    from protoclip_cli.core.run_model import load_run_model
 
     config, run_dir, manifest = options_run
     steps = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"step"' in l]
@@ -50,8 +50,9 @@ def test_sigmoid_run_exports_its_bias_to_open_clip(options_run, synthetic_worksp
     import open_clip
 
     from protoclip_cli.core.model import register_tiny_configs
-    from protoclip_cli.runs import load_run_model
-    from protoclip_cli.stages.export import ExportConfig, run
+    from protoclip_cli.core.run_model import load_run_model
+    from protoclip_cli.configs.export import ExportConfig
+    from protoclip_cli.stages.export import run
 
     _, run_dir, _ = options_run
     out = tmp_path / "siglip.pt"

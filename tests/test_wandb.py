@@ -13,7 +13,7 @@ import torch
 
 from conftest import linked_workspace
 from protoclip_cli import config as config_io
-from protoclip_cli.recipes import TrainConfig
+from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.training.metrics import wandb_values
 
 torch.set_num_threads(2)

@@ -10,7 +10,8 @@ import pytest
 
 from protoclip_cli import artifacts
 from protoclip_cli.errors import MissingInputError, ProtoclipError
-from protoclip_cli.workspace import Workspace, slugify
+from protoclip_cli.names import slugify
+from protoclip_cli.workspace import Workspace
 
 
 def make_dataset(workspace: Workspace, name: str, shards=("00000.tar",)):

@@ -77,9 +77,11 @@ def test_a_checkpoint_that_does_not_fit_is_one_sentence_and_leaves_no_temporary(
     script = (
         "import torch\n"
         "from protoclip_cli.errors import WriteError\n"
-        "from protoclip_cli.training.checkpoint import save_checkpoint\n"
+        "from protoclip_cli.core.checkpoint import TrainState, save_checkpoint\n"
+        "from protoclip_cli.runs import RunDir\n"
+        "state = TrainState({'w': torch.zeros(200_000)}, {}, 0, 3, 3, 3, 3, 1, 0, {}, {})\n"
         "try:\n"
-        f"    save_checkpoint({str(tmp_path)!r}, {{'global_step': 3, 'model': {{'w': torch.zeros(200_000)}}}}, 2)\n"
+        f"    save_checkpoint(RunDir({str(tmp_path)!r}), state, 2)\n"
         "except WriteError as exc:\n"
         "    print(exc)\n"
     )

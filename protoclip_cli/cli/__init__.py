@@ -10,7 +10,7 @@ import typer
 
 from protoclip_cli import __version__
 from protoclip_cli.cli.common import handle_errors
-from protoclip_cli.cli import cluster, compare, demo, download, evaluate, export, teacher, train
+from protoclip_cli.cli import cluster, compare, demo, download, evaluate, export, recipes, teacher, train
 
 app = typer.Typer(
     name="protoclip",
@@ -34,6 +34,10 @@ app.command("evaluate")(handle_errors(evaluate.command))
 app.command("export")(handle_errors(export.command))
 app.command("compare")(handle_errors(compare.command))
 app.command("demo")(handle_errors(demo.command))
+app.add_typer(recipes.app, name="recipes")
+for recipe_command in recipes.app.registered_commands:
+    recipe_command.callback = handle_errors(recipe_command.callback)
+recipes.app.registered_callback.callback = handle_errors(recipes.app.registered_callback.callback)
 
 
 def _version(value: bool) -> None:

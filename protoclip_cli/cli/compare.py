@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from protoclip_cli.cli.common import workspace
 from protoclip_cli.cli.options import Flag, build_config, stage_command
-from protoclip_cli.stages.compare import CompareConfig
+from protoclip_cli.configs.compare import CompareConfig
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "synthetic.toml"
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -23,7 +21,7 @@ def run(values: dict[str, Any], overrides: list[str], workspace_path) -> None:
 
     for name in ("variants", "curves"):
         values[name] = _split(values[name])
-    result = compare(build_config(CompareConfig, values, overrides), workspace(workspace_path), RECIPE)
+    result = compare(build_config(CompareConfig, values, overrides), workspace(workspace_path))
     print_table(result)
     print_cost(result)
     out.print(f"samples seen per run: {result['samples_seen']}; noise rule: {result['noise_rule']}")

@@ -9,8 +9,6 @@ import typer
 
 from protoclip_cli.cli.common import WorkspaceOption
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-
 
 def command(
     workspace: Optional[Path] = WorkspaceOption,
@@ -19,6 +17,13 @@ def command(
     ),
     set_: Optional[list[str]] = typer.Option(
         None, "--set", help="Override a field of both training recipes, e.g. --set schedule.episodes=2 (repeatable)."
+    ),
+    train_size: Optional[int] = typer.Option(
+        None, "--train-size", help="Training scenes of the embedded set (default 4096); fewer for a quicker look.",
+        show_default=False,
+    ),
+    heldout_size: Optional[int] = typer.Option(
+        None, "--heldout-size", help="Held-out scenes of the embedded set (default 1024).", show_default=False
     ),
 ) -> None:
     """Run download, teacher-embed, train and evaluate on the embedded data set, then print the results.
@@ -31,7 +36,9 @@ def command(
       protoclip demo
 
       protoclip demo --no-baseline --set schedule.episodes=2 --workspace /tmp/demo
+
+      protoclip demo --train-size 1024 --heldout-size 256 --set data.episode_size=256 --workspace /tmp/small
     """
     from protoclip_cli.stages import demo
 
-    demo.run(RECIPES, workspace, baseline=baseline, overrides=tuple(set_ or ()))
+    demo.run(workspace, baseline=baseline, overrides=tuple(set_ or ()), train_size=train_size, heldout_size=heldout_size)

@@ -10,7 +10,7 @@ import typer
 
 from protoclip_cli.cli.common import workspace
 from protoclip_cli.cli.options import Flag, build_config, stage_command
-from protoclip_cli.stages.download import DownloadConfig, defaults_for
+from protoclip_cli.configs.download import DownloadConfig, defaults_for
 
 KNOWN = ("synthetic", "cc3m", "cc12m")
 EMBEDDED_ONLY = ("synthetic_train_size", "synthetic_heldout_size", "seed")
@@ -67,7 +67,8 @@ def _verify(name: str, values: dict[str, Any], overrides: list[str], workspace_p
     """`download NAME --verify`: the data set as downloaded, re-read and repaired."""
     from protoclip_cli.console import info, out
     from protoclip_cli.errors import ProtoclipError
-    from protoclip_cli.stages.download import recorded_config, run as download
+    from protoclip_cli.stages.download import recorded_config
+    from protoclip_cli.stages.download import run as download
 
     given = [key for key, value in values.items() if key not in (*RUN_SETTINGS, "name") and value not in (None, [])]
     if given or overrides:

@@ -10,7 +10,7 @@ import typer
 
 from protoclip_cli.cli.common import workspace
 from protoclip_cli.cli.options import Flag, build_config, stage_command
-from protoclip_cli.stages.evaluate import EvaluateConfig
+from protoclip_cli.configs.evaluate import EvaluateConfig
 
 IMAGENET_ROOT = inspect.Parameter(
     "imagenet_root", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],

@@ -6,11 +6,12 @@ from typing import Any
 
 from protoclip_cli.cli.common import workspace
 from protoclip_cli.cli.options import Flag, build_config, stage_command
-from protoclip_cli.stages.export import ExportConfig
+from protoclip_cli.configs.export import ExportConfig
 
 
 def run(values: dict[str, Any], overrides: list[str], workspace_path) -> None:
-    from protoclip_cli.console import info, out as stdout
+    from protoclip_cli.console import info
+    from protoclip_cli.console import out as stdout
     from protoclip_cli.stages.export import run as export
 
     manifest = export(build_config(ExportConfig, values, overrides), workspace(workspace_path))

@@ -6,7 +6,7 @@ from typing import Any
 
 from protoclip_cli.cli.common import workspace
 from protoclip_cli.cli.options import Flag, build_config, stage_command
-from protoclip_cli.stages.teacher_embed import TeacherConfig
+from protoclip_cli.configs.teacher import TeacherConfig
 
 
 def run(values: dict[str, Any], overrides: list[str], workspace_path) -> None:

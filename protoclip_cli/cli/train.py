@@ -11,8 +11,11 @@ from protoclip_cli.cli.common import SetOption, WorkspaceOption, workspace
 
 
 def command(
-    recipe: Optional[Path] = typer.Argument(
-        None, help="TOML recipe, e.g. recipes/synthetic.toml (see `protoclip train --explain`).", show_default=False
+    recipe: Optional[str] = typer.Argument(
+        None,
+        help="TOML recipe file (recipes/synthetic.toml) or the name of a shipped recipe (synthetic, cc3m; "
+        "`protoclip recipes` lists them). Fields: `protoclip train --explain`.",
+        show_default=False,
     ),
     overrides: Optional[List[str]] = SetOption,
     resume: Optional[bool] = typer.Option(
@@ -38,19 +41,21 @@ def command(
 
       protoclip train recipes/synthetic.toml
 
-      protoclip train recipes/cc3m.toml --set optim.lr=1e-4 --set name=cc3m-lr1e-4
+      protoclip train cc3m --set optim.lr=1e-4 --set name=cc3m-lr1e-4
 
       torchrun --nproc_per_node 8 -m protoclip_cli train recipes/cc3m-8gpu.toml
     """
     from protoclip_cli import config as config_io
+    from protoclip_cli.configs import recipes
+    from protoclip_cli.configs.train import TrainConfig
     from protoclip_cli.console import console, out
     from protoclip_cli.errors import ProtoclipError
-    from protoclip_cli.recipes import TrainConfig
 
     if recipe is None and not explain:
-        raise ProtoclipError("Name a recipe, e.g. `protoclip train recipes/synthetic.toml` (fields: `protoclip train --explain`).")
+        raise ProtoclipError("Name a recipe, e.g. `protoclip train synthetic` or `protoclip train recipes/synthetic.toml` "
+                             "(fields: `protoclip train --explain`).")
     config = (
-        config_io.load(TrainConfig, recipe, overrides or [])
+        config_io.load(TrainConfig, recipes.resolve(recipe), overrides or [])
         if recipe is not None
         else config_io.from_dict(TrainConfig, config_io.apply_overrides({}, overrides or []), "--set")
     )
@@ -77,11 +82,11 @@ def _print_explain(config) -> None:
     from rich.table import Table
 
     from protoclip_cli import config as config_io
+    from protoclip_cli.configs.train import TrainConfig
     from protoclip_cli.console import out
-    from protoclip_cli.recipes import TrainConfig
 
     values = config_io.to_dict(config)
-    table = Table(title="Recipe fields (protoclip_cli.recipes.TrainConfig)")
+    table = Table(title="Recipe fields (protoclip_cli.configs.train.TrainConfig)")
     for column in ("key", "type", "value", "default", "help"):
         table.add_column(column, overflow="fold")
     for key, type_name, default, help_text in config_io.explain(TrainConfig):

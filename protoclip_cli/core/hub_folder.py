@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from protoclip_cli.core.model import SIGLIP_INIT_LOGIT_BIAS, register_tiny_configs
 from protoclip_cli.errors import ProtoclipError
 
 CONFIG_FILE = "open_clip_config.json"
@@ -42,14 +43,11 @@ def write_hub_folder(clip, arch: str, folder: Path, readme: str) -> list[Path]:
     import open_clip
     from open_clip.push_to_hf_hub import save_for_hf
 
-    from protoclip_cli.core.model import register_tiny_configs
-
     register_tiny_configs()
     model_config = open_clip.get_model_config(arch)
     if not model_config:
         raise ProtoclipError(f"open_clip has no config for architecture {arch}; the hub folder needs one.")
     if getattr(clip, "logit_bias", None) is not None:  # a sigmoid-loss run: open_clip builds the bias when asked
-        from protoclip_cli.core.model import SIGLIP_INIT_LOGIT_BIAS
 
         model_config = {**model_config, "init_logit_bias": SIGLIP_INIT_LOGIT_BIAS}
     tokenizer = open_clip.get_tokenizer(arch)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protoclip_cli.configs.train import ModelConfig
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.recipes import ModelConfig
 
 TINY_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 TINY_ARCHS = tuple(sorted(p.stem for p in TINY_CONFIG_DIR.glob("*.json")))

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from protoclip_cli.configs.train import OptimConfig
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.recipes import OptimConfig
 
 NO_DECAY_PREFIXES = ("image_head", "text_head")
 

@@ -55,7 +55,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from protoclip_cli.core.model import get_tokenizer
 from protoclip_cli.data.teacher_file import TeacherRows
+from protoclip_cli.data.transforms import crop_transform, decode_image, device_augmentation, eval_batch
 
 _SEED_MIX = 1_000_003
 # Random views of a sample: the training pass's (view 0) and the extraction pass's (view 1).
@@ -225,9 +227,6 @@ class EpisodeDataset(IterableDataset):
         self._ready = False
 
     def _setup(self) -> None:
-        from protoclip_cli.core.model import get_tokenizer
-        from protoclip_cli.data.transforms import crop_transform, device_augmentation
-
         cfg = self.config
         self._crop = crop_transform(cfg.augmentation, cfg.image_size)
         self._device_augmentation = device_augmentation(cfg.augmentation, cfg.image_size)
@@ -254,8 +253,6 @@ class EpisodeDataset(IterableDataset):
 
     # -- passes ------------------------------------------------------------------------------------
     def _extraction(self, episode: int, worker: int, urls: list[str]) -> Iterator[dict]:
-        from protoclip_cli.data.transforms import eval_batch
-
         if self.config.extraction_transform == "train":
             batcher = _Batcher(self, self.config.extract_batch_size, worker)
             transform = lambda image, key: self._augment(image, key, episode, EXTRACTION_VIEW)  # noqa: E731
@@ -298,8 +295,6 @@ class EpisodeDataset(IterableDataset):
     # -- samples -----------------------------------------------------------------------------------
     def _sample(self, record: dict, transform: Callable) -> tuple | None:
         """(image, params, caption, key) of a record, or None when anything in it is broken."""
-        from protoclip_cli.data.transforms import decode_image
-
         try:
             key = int(record["__key__"].rsplit("/", 1)[-1]) + self.config.key_offsets.get(record.get("__url__", ""), 0)
             caption = record["txt"].decode("utf-8")

@@ -27,6 +27,7 @@ from typing import Callable
 
 from protoclip_cli.artifacts import atomic_path, write_json
 from protoclip_cli.console import progress, warn
+from protoclip_cli.data.transforms import decode_image
 from protoclip_cli.errors import ProtoclipError
 
 REQUIRED = ("jpg", "txt")  # what training needs of a sample
@@ -62,8 +63,6 @@ def _key(name: str) -> str:
 
 def _judge(parts: dict[str, bytes]) -> str:
     """Why a sample would be skipped in training ("" when it would not)."""
-    from protoclip_cli.data.transforms import decode_image
-
     missing = [ext for ext in REQUIRED if ext not in parts]
     if missing:
         return f"no .{missing[0]} in the tar"

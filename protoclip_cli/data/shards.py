@@ -8,6 +8,7 @@ the zero-padded index in the shard, which we read as an int.
 from __future__ import annotations
 
 import json
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -74,3 +75,30 @@ def iter_captions(shards: Iterable[str | Path]) -> Iterator[tuple[int, str]]:
     """(key, caption) pairs without decoding images."""
     for sample in iter_samples(shards, images=False, meta=False):
         yield sample.key, sample.caption
+
+
+def shard_sample_count(shard: Path) -> int:
+    """Samples in a shard: img2dataset's ``<shard>_stats.json`` ``successes``, else counted in the tar."""
+    stats = shard.with_name(shard.name.removesuffix(".tar") + "_stats.json")
+    if stats.is_file():
+        data = json.loads(stats.read_text())
+        if "successes" in data:
+            return int(data["successes"])
+    return len(shard_keys(shard))
+
+
+def iter_key_stems(shard: Path) -> Iterator[str]:
+    """The sample keys of a shard as img2dataset wrote them (zero-padded digits), in file order,
+    from its tar headers (no image is read)."""
+    seen: set[str] = set()
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            stem = member.name.rsplit("/", 1)[-1].split(".", 1)[0]
+            if member.isfile() and stem not in seen and stem.isdigit():
+                seen.add(stem)
+                yield stem
+
+
+def shard_keys(shard: Path) -> list[int]:
+    """The sample keys of a shard in file order (tar headers only)."""
+    return [int(stem) for stem in iter_key_stems(shard)]

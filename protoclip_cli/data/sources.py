@@ -27,18 +27,17 @@ as before, ``<data set>/<file name>`` with several.
 
 from __future__ import annotations
 
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from protoclip_cli.configs.train import DataConfig
+from protoclip_cli.data.shards import Sample, iter_key_stems, iter_samples
 from protoclip_cli.errors import ProtoclipError
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from protoclip_cli.data.shards import Sample
-    from protoclip_cli.recipes import DataConfig
     from protoclip_cli.workspace import Workspace
 
 KEY_STRIDE = 10**12
@@ -70,7 +69,7 @@ class RunDatasets:
         """Refuse a data set whose img2dataset keys could reach the next data set's keys."""
         if len(self.names) == 1:
             return
-        digits = len(_first_key(shard))
+        digits = len(next(iter_key_stems(shard), ""))
         if digits > KEY_DIGITS:
             raise ProtoclipError(
                 f"Data set '{self.names[index]}' has {digits}-digit sample keys; training several data sets "
@@ -78,7 +77,7 @@ class RunDatasets:
             )
 
 
-def run_datasets(data: "DataConfig") -> RunDatasets:
+def run_datasets(data: DataConfig) -> RunDatasets:
     """The run's data sets: ``data.datasets`` when set, else ``data.dataset``; weights default to 1."""
     names = tuple(data.datasets) or (data.dataset,)
     weights = tuple(float(w) for w in data.weights) or (1.0,) * len(names)
@@ -93,11 +92,9 @@ def split_keys(keys: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
     return keys // KEY_STRIDE, keys % KEY_STRIDE
 
 
-def iter_run_samples(workspace: "Workspace", data: "DataConfig", images: bool = True,
-                     meta: bool = True) -> Iterator["Sample"]:
+def iter_run_samples(workspace: "Workspace", data: DataConfig, images: bool = True,
+                     meta: bool = True) -> Iterator[Sample]:
     """The training split's samples of every data set of a run, keyed as the run keys them."""
-    from protoclip_cli.data.shards import iter_samples
-
     datasets = run_datasets(data)
     for index, name in enumerate(datasets.names):
         offset = datasets.key_offset(index)
@@ -106,10 +103,3 @@ def iter_run_samples(workspace: "Workspace", data: "DataConfig", images: bool = 
             yield sample
 
 
-def _first_key(shard: Path) -> str:
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            stem = member.name.rsplit("/", 1)[-1].split(".", 1)[0]
-            if member.isfile() and stem.isdigit():
-                return stem
-    return ""

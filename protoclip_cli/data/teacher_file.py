@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from protoclip_cli import __version__
 from protoclip_cli.artifacts import atomic_path, file_sha256
 from protoclip_cli.console import info
+from protoclip_cli.data.sources import split_keys
 from protoclip_cli.errors import MissingInputError, ProtoclipError
 
 if TYPE_CHECKING:
@@ -304,7 +305,6 @@ class TeacherRows:
         wanted = keys.cpu().numpy()
         if len(self.paths) == 1:
             return torch.from_numpy(self._rows_of(0, wanted))
-        from protoclip_cli.data.sources import split_keys
 
         index, local = split_keys(wanted)
         found = np.zeros((len(wanted), self._file(0)[0]["embeddings"].shape[1]), dtype=np.float32)

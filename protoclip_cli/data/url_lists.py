@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from protoclip_cli.artifacts import atomic_path, write_json
 from protoclip_cli.console import info, progress, warn
+from protoclip_cli.data import synthetic
 from protoclip_cli.errors import ProtoclipError
 
 if TYPE_CHECKING:
@@ -28,12 +29,6 @@ HEADERLESS_COLUMNS: dict[str, tuple[str, str]] = {
     "cc3m": ("caption", "url"),
     "cc12m": ("url", "caption"),
 }
-
-# img2dataset keeps these names for its own metadata; an extra column may not use them.
-RESERVED_COLUMNS = frozenset(
-    {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
-     "error_message", "exif", "md5", "sha256", "sha512"}
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -172,8 +167,6 @@ def synthetic_url_list(folder: Path, split: str, count: int, *, seed: int, image
     return its URL list (``urls.parquet``: ``file://`` URLs, captions and ground-truth attributes)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from protoclip_cli.data import synthetic
 
     url_file = folder / "urls.parquet"
     params = {"count": count, "seed": seed, "split": split, "image_size": image_size,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from protoclip_cli.evaluation.plots import band_curves_png
+
 NOISE_RULE = "|mean difference| > 2 x sqrt(s_variant^2/n_variant + s_baseline^2/n_baseline) (s: std over seeds, ddof 1)"
 
 
@@ -215,8 +217,6 @@ def cost_markdown(costs: dict[str, dict], efficiency: dict[str, dict[str, dict]]
 def plot_curves(curves: dict[str, dict[str, dict[int, list[float]]]], path: Path, title: str) -> Path:
     """Learning curves as a PNG: ``curves[metric label][variant][samples seen]`` = values over seeds;
     one panel per metric, the mean as a line and ± one standard deviation as a band."""
-    from protoclip_cli.evaluation.plots import band_curves_png
-
     panels = {}
     for label, variants in curves.items():
         panels[label] = {}

@@ -20,7 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from protoclip_cli.data.shards import iter_samples
+from protoclip_cli.data.transforms import decode_image
 from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.evaluation import imagenet as meta
+from protoclip_cli.evaluation.prompts import CLASSNAMES, TEMPLATES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 TORCHVISION_SETS = ("cifar10", "cifar100", "stl10")
@@ -66,8 +70,6 @@ def _files_fingerprint(paths: Sequence[Path]) -> str:
 
 
 def read_file_image(path: Path) -> torch.Tensor:
-    from protoclip_cli.data.transforms import decode_image
-
     try:
         return decode_image(path.read_bytes())
     except RuntimeError as error:
@@ -109,9 +111,6 @@ class _ShardImages(IterableDataset):
         return len(self.rows)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        from protoclip_cli.data.shards import iter_samples
-        from protoclip_cli.data.transforms import decode_image
-
         worker = get_worker_info()
         shards = self.shards if worker is None else self.shards[worker.id :: worker.num_workers]
         if not shards:
@@ -203,8 +202,6 @@ def image_folder(root: str | Path, classnames_file: str | Path | None, name: str
 
 def imagenet(root: str | Path, split: str = "val") -> ImageSet:
     """ImageNet-1k ``ROOT/<split>/<wnid>/*.JPEG``: labels are ImageNet-1k indices, names open_clip's."""
-    from protoclip_cli.evaluation import imagenet as meta
-
     folder = Path(root) / split
     hint = f"expected {Path(root)}/{split}/<wnid>/*.JPEG (e.g. {split}/n01440764/) as in the ImageNet-1k {split} set."
     folders, paths, folder_labels = _class_folders(folder, hint)
@@ -242,7 +239,6 @@ def torchvision_set(name: str, root: str | Path, train: bool) -> ImageSet:
         raise MissingInputError(
             f"{name} is not in {root} ({error}); extract the official archive so that {Path(root) / folder} exists."
         ) from error
-    from protoclip_cli.evaluation.prompts import CLASSNAMES, TEMPLATES
 
     # Zero-shot uses the data set's own CLIP class names and templates; the files' class list must
     # be the one they describe, in the same order.
@@ -266,8 +262,6 @@ def torchvision_set(name: str, root: str | Path, train: bool) -> ImageSet:
 def _shard_set(name: str, shards: list[Path], ground_truth: dict | None = None) -> ImageSet:
     """Image-text pairs of webdataset shards (captions from ``.txt``, or a ``captions`` list in the
     json); labels from the json's ``label`` when ``ground_truth`` names the classes."""
-    from protoclip_cli.data.shards import iter_samples
-
     rows: dict[int, int] = {}
     captions: list[list[str]] = []
     labels: list[int] = []

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from protoclip_cli.artifacts import atomic_path
 from protoclip_cli.console import progress, warn
+from protoclip_cli.data.transforms import eval_transform
 from protoclip_cli.errors import WriteError
 from protoclip_cli.evaluation.datasets import ImageSet
 from protoclip_cli.evaluation.models import EvalModel
@@ -64,8 +65,6 @@ def image_features(
 ) -> torch.Tensor:
     """(N, D) float32 image features of ``images`` in row order (cached): L2-normalised, or the raw
     image tower outputs with ``normalized=False``."""
-    from protoclip_cli.data.transforms import eval_transform
-
     label = f"{images.name}-image" if normalized else f"{images.name}-image-raw"
     cache = _cache_file(cache_dir, model, label, images.fingerprint)
     cached = _load(cache, images.size)

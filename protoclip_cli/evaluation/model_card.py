@@ -12,8 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from protoclip_cli import __version__
+from protoclip_cli import config as config_io
+from protoclip_cli.data.sources import run_datasets
+from protoclip_cli.evaluation.results import checkpoint_results
+
 if TYPE_CHECKING:
-    from protoclip_cli.recipes import TrainConfig
+    from protoclip_cli.configs.train import TrainConfig
 
 CITATION = """@article{chen2022prototypical,
   title={Prototypical Contrastive Language Image Pretraining},
@@ -41,9 +46,6 @@ def _method(config: "TrainConfig") -> str:
 
 def card_fields(config: "TrainConfig", info: dict[str, Any], dataset: dict | None, license: str, load_as: str) -> dict:
     """open_clip's ``model_card`` dict for ``generate_readme``."""
-    from protoclip_cli import __version__
-    from protoclip_cli.data.sources import run_datasets
-
     names = ", ".join(f"`{name}`" for name in run_datasets(config.data).names)
     pairs = _split_count(dataset, config.data.split)[0]
     source = f" ({dataset.get('source')}, {pairs} image-text pairs)" if dataset else ""
@@ -95,9 +97,6 @@ def render_model_card(
 ) -> str:
     """The README.md of the hub folder of ``config``'s run at the checkpoint ``info`` describes."""
     from open_clip.push_to_hf_hub import generate_readme
-
-    from protoclip_cli import config as config_io
-    from protoclip_cli.evaluation.results import checkpoint_results
 
     text = generate_readme(card_fields(config, info, dataset, license, load_as), name)
     kept, others = checkpoint_results(results, info["path"])

@@ -8,17 +8,18 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from protoclip_cli.core.distributed import resolve_device
+from protoclip_cli.core.model import ProtoCLIP, get_tokenizer, register_tiny_configs
+from protoclip_cli.core.run_model import load_run_model
+from protoclip_cli.data.transforms import normalize
 from protoclip_cli.errors import MissingInputError, ProtoclipError
-
-if TYPE_CHECKING:
-    from protoclip_cli.runs import RunDir
+from protoclip_cli.runs import RunDir
 
 
 def file_fingerprint(path: Path) -> str:
@@ -48,16 +49,12 @@ class EvalModel:
 
     def _image_tower(self) -> nn.Module:
         # A run's ProtoCLIP normalises in encode_image; its open_clip model gives the raw outputs.
-        from protoclip_cli.core.model import ProtoCLIP
-
         return self.clip.clip if isinstance(self.clip, ProtoCLIP) else self.clip
 
     @torch.no_grad()
     def encode_images(self, uint8_batch: torch.Tensor, normalized: bool = True) -> torch.Tensor:
         """(B, 3, H, W) uint8 at the model's size -> (B, D) float32 features on the CPU, L2-normalised
         unless ``normalized`` is false (the raw image tower outputs)."""
-        from protoclip_cli.data.transforms import normalize
-
         images = normalize(uint8_batch, self.mean, self.std, self.device)
         with self._autocast():
             if not normalized:
@@ -74,13 +71,11 @@ class EvalModel:
         return F.normalize(features.float(), dim=-1).cpu()
 
 
-def from_run(run: "RunDir", checkpoint: Path | None, device: str) -> EvalModel:
-    """A run of this project with ``checkpoint`` (None: its newest), as :func:`protoclip_cli.runs.resolve`
+def from_run(run: RunDir, checkpoint: Path | None, device: str) -> EvalModel:
+    """A run of this project with ``checkpoint`` (None: its newest), as :func:`protoclip_cli.workspace.resolve`
     found it."""
-    from protoclip_cli.core.model import get_tokenizer
-
     torch_device = resolve_device(device)
-    proto, config, info = run.load_model(checkpoint, device=str(torch_device))
+    proto, config, info = load_run_model(run, checkpoint, device=str(torch_device))
     return EvalModel(
         name=f"{run.name}@{Path(info['path']).name}",
         fingerprint=file_fingerprint(Path(info["path"])),
@@ -98,8 +93,6 @@ def from_run(run: "RunDir", checkpoint: Path | None, device: str) -> EvalModel:
 def load_open_clip(arch: str, pretrained: str, device: str) -> EvalModel:
     """An OpenCLIP architecture with a local checkpoint file (this package's tiny configs included)."""
     import open_clip
-
-    from protoclip_cli.core.model import register_tiny_configs
 
     register_tiny_configs()
     weights = Path(pretrained)

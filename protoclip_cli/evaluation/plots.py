@@ -19,6 +19,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from protoclip_cli.artifacts import atomic_path
+from protoclip_cli.errors import ProtoclipError
+
 
 def _pyplot():
     import matplotlib
@@ -31,8 +34,6 @@ def _pyplot():
 
 def _save(figure, path: Path, title: str) -> Path:
     """Written under a temporary name and renamed (a failed write is one sentence naming ``path``)."""
-    from protoclip_cli.artifacts import atomic_path
-
     plt = _pyplot()
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
@@ -86,8 +87,6 @@ def metric_curves_png(
     ``series`` is a list of ``{"label": str, "x": [samples seen, ...], "y": [metric, ...]}`` (x and y
     of the same non-zero length; labels unique), drawn in the given order with matplotlib's default
     colour cycle (tab:blue, tab:orange, ...), sorted by x. Returns ``path``."""
-    from protoclip_cli.errors import ProtoclipError
-
     named: dict[str, tuple[list[float], list[float]]] = {}
     for i, entry in enumerate(series):
         label, x, y = str(entry.get("label", "")), list(entry.get("x", ())), list(entry.get("y", ()))

@@ -11,6 +11,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from protoclip_cli.data.transforms import normalize
 from protoclip_cli.errors import ProtoclipError
 
 MODALITIES = ("image", "text", "teacher")
@@ -54,8 +55,6 @@ def ground_truth_of(samples: Iterable, keys: np.ndarray) -> tuple[np.ndarray, di
 @torch.no_grad()
 def projected_features(model, images: list[torch.Tensor], device: torch.device, batch_size: int = 128) -> np.ndarray:
     """L2-normalised projected image features (the space k-means clustered) of eval-transformed uint8 images."""
-    from protoclip_cli.data.transforms import normalize
-
     parts = []
     for start in range(0, len(images), batch_size):
         batch = normalize(torch.stack(images[start : start + batch_size]), model.image_mean, model.image_std, device)

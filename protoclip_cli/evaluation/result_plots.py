@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from protoclip_cli.data.transforms import eval_transform
 from protoclip_cli.evaluation import plots
 from protoclip_cli.evaluation.datasets import ImageSet
+from protoclip_cli.evaluation.retrieval import retrieval_recall
 
 SAMPLES = 16
 
@@ -56,8 +58,6 @@ class ResultPlots:
                 log_x=True, marks={"chosen": result["weight_decay"]},
             ))  # fmt: skip
         elif task == "retrieval":
-            from protoclip_cli.evaluation.retrieval import retrieval_recall
-
             ks = list(range(1, min(50, data.size) + 1))
             recall = retrieval_recall(figures["features"], figures["captions"], figures["owners"], ks=ks)
             written.append(plots.curves_png(
@@ -90,8 +90,6 @@ class ResultPlots:
 
     def _samples(self, stem: Path, data: ImageSet, labels: np.ndarray, predicted: np.ndarray, title: str) -> Path:
         """The first images of ``data`` with their true and predicted class."""
-        from protoclip_cli.data.transforms import eval_transform
-
         dataset = data.images(eval_transform(self.image_size))
         if isinstance(dataset, torch.utils.data.IterableDataset):
             shown = [item for _, item in zip(range(SAMPLES), dataset)]

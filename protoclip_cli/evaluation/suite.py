@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 import tarfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,8 +30,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from protoclip_cli.console import warn
+from protoclip_cli.data.transforms import decode_image
 from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.evaluation import datasets, imagenet, tasks
 from protoclip_cli.evaluation.datasets import IMAGE_EXTENSIONS, ImageSet
+from protoclip_cli.evaluation.prompts import CLASSNAMES, TEMPLATES
 
 CLASSIFICATION = ("imagenet", "cifar10", "cifar100", "stl10", "birdsnap", "country211", "flowers102", "gtsrb",
                   "stanford_cars", "ucf101")  # fmt: skip
@@ -88,10 +92,7 @@ def prompts_source(name: str) -> str:
 
 def _lists(name: str) -> tuple[list[str], list, str]:
     if name == "imagenet":
-        from protoclip_cli.evaluation import imagenet
-
         return imagenet.classnames(), imagenet.templates(), "open_clip"
-    from protoclip_cli.evaluation.prompts import CLASSNAMES, TEMPLATES
 
     if name in CLASSNAMES:
         return list(CLASSNAMES[name]), list(TEMPLATES[name]), "protoclip_cli.evaluation.prompts"
@@ -110,8 +111,6 @@ Source = tuple[str, int, int]  # (file, byte offset, size); size -1 = the whole 
 
 
 def _decode(data: bytes, where: str) -> torch.Tensor:
-    from protoclip_cli.data.transforms import decode_image
-
     try:
         return decode_image(data)
     except RuntimeError:  # torchvision does not decode every format (GTSRB's PPM): PIL does
@@ -274,8 +273,6 @@ def _folders(root: Path, name: str) -> list[Path]:
 
 def find(root: str | Path, name: str) -> ImageSet | None:
     """Suite data set ``name`` under ``root`` in the first layout found, or None."""
-    from protoclip_cli.evaluation import datasets
-
     root = Path(root)
     wds = root / f"wds_{WDS_NAMES[name]}" if name in WDS_NAMES else None
     if name == RETRIEVAL:
@@ -329,9 +326,6 @@ def run_suite(
 ) -> dict:
     """Zero-shot top-1/top-5 on every suite data set found under ``root`` (or exactly ``names``),
     their mean top-1, and COCO retrieval: ``{"metrics", "members", "missing"}``."""
-    from protoclip_cli.console import warn
-    from protoclip_cli.evaluation import tasks
-
     members, missing = [], []
     for name in names or SUITE:
         data = find(root, name)

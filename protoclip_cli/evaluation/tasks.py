@@ -9,10 +9,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from protoclip_cli.core.kmeans import kmeans
 from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.evaluation import imagenet
+from protoclip_cli.evaluation.clustering import PROTOCOLS, agreement, reference_kmeans_labels
 from protoclip_cli.evaluation.datasets import ImageSet
 from protoclip_cli.evaluation.features import image_features, text_features
+from protoclip_cli.evaluation.linear_probe import linear_probe as fit_and_score
+from protoclip_cli.evaluation.linear_probe import reference_linear_probe
+from protoclip_cli.evaluation.modality import modality_gap as gap
 from protoclip_cli.evaluation.models import EvalModel
+from protoclip_cli.evaluation.retrieval import retrieval_recall
+from protoclip_cli.evaluation.zeroshot import class_embeddings, prompts_for, topk_accuracy, zeroshot_scores
+
 
 def _percent(metrics: dict[str, float]) -> dict[str, float]:
     return {k: round(100.0 * v, 4) for k, v in metrics.items()}
@@ -33,9 +42,6 @@ def zeroshot(
 ) -> dict:
     """Top-1/top-5 accuracy of classifying ``data`` by its class names put into ``templates``, the
     top-k curve, and (into ``figures``, when given) the image features, labels and class scores."""
-    from protoclip_cli.evaluation import imagenet
-    from protoclip_cli.evaluation.zeroshot import class_embeddings, prompts_for, topk_accuracy, zeroshot_scores
-
     labels = _require_labels(data, "zero-shot classification")
     source = "file" if templates else ("dataset" if data.templates else "openai-imagenet")
     templates = list(templates or data.templates or imagenet.templates())
@@ -79,9 +85,6 @@ def linear_probe(
     refit, scored once on test. ``"reference"``: the ProtoCLIP reference's SGD probe on the raw
     features, best test top-1 over its 100 epochs (see :func:`reference_linear_probe`).
     """
-    from protoclip_cli.evaluation.linear_probe import linear_probe as fit_and_score
-    from protoclip_cli.evaluation.linear_probe import reference_linear_probe
-
     train_y = torch.from_numpy(_require_labels(train, "the linear probe"))
     test_y = torch.from_numpy(_require_labels(test, "the linear probe"))
     if len(train.classnames) != len(test.classnames):
@@ -130,8 +133,6 @@ def retrieval(
     model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size: int, workers: int, figures: dict | None = None
 ) -> dict:
     """Image-text recall@1/5/10 both ways and their mean (features into ``figures``, when given)."""
-    from protoclip_cli.evaluation.retrieval import retrieval_recall
-
     images, captions, owners = _pairs(model, data, cache_dir, batch_size, workers)
     if figures is not None:
         figures.update(features=images, captions=captions, owners=owners)
@@ -144,8 +145,6 @@ def retrieval(
 
 def modality_gap(model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size: int, workers: int) -> dict:
     """Distance between the modality means, and the mean cosine of matching pairs."""
-    from protoclip_cli.evaluation.modality import modality_gap as gap
-
     images, captions, owners = _pairs(model, data, cache_dir, batch_size, workers)
     return {"metrics": gap(images, captions, owners), "images": data.size, "captions": int(owners.numel())}
 
@@ -159,9 +158,6 @@ def clustering(
     ``protocol="default"``: this package's k-means, 50 iterations, 3 restarts; ``"reference"``: the
     ProtoCLIP reference's faiss k-means, 100 iterations, 5 restarts (:func:`reference_kmeans_labels`).
     """
-    from protoclip_cli.core.kmeans import kmeans
-    from protoclip_cli.evaluation.clustering import PROTOCOLS, agreement, reference_kmeans_labels
-
     labels = _require_labels(data, "clustering evaluation")
     k = k or len(data.classnames)
     if k > data.size:

@@ -12,50 +12,22 @@ and writes ``keys`` (when present), ``labels`` and ``centroids`` to ``<file>.kme
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
+from typing import Any
 
 from protoclip_cli.artifacts import atomic_dir, atomic_path, write_json
-from protoclip_cli.config import check_choices, option, require
+from protoclip_cli.configs.cluster import ClusterConfig
 from protoclip_cli.console import info
+from protoclip_cli.core.distributed import resolve_device
+from protoclip_cli.core.kmeans import kmeans
+from protoclip_cli.core.run_model import load_run_model
+from protoclip_cli.data.sources import iter_run_samples, run_datasets
+from protoclip_cli.data.transforms import decode_image, eval_transform
 from protoclip_cli.errors import MissingInputError, ProtoclipError
-from protoclip_cli.workspace import Workspace
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    run: str = option("", "Run name, run folder or checkpoint file ('' = the workspace's latest run).")
-    episode: str = option("last", "Episode to report on: 'last' or its number.")
-    grid_clusters: int = option(6, "Clusters shown in each image grid (the largest ones).")
-    grid_samples: int = option(8, "Samples per cluster in the grids.")
-    tsne_points: int = option(1000, "Samples of the episode in the t-SNE map (0 = no map).")
-    device: str = option("auto", "Device for recomputing the t-SNE features.")
-    features: str = option("", "Cluster this HDF5 file's `embeddings` instead of reporting on a run.")
-    k: int = option(0, "Clusters for --features.")
-    backend: Literal["auto", "torch", "faiss"] = option("auto", "k-means backend for --features.")
-    iterations: int = option(20, "k-means iterations for --features.")
-    restarts: int = option(1, "k-means restarts for --features (the lowest objective is kept).")
-    seed: int = option(0, "Seed of k-means, sampling and t-SNE.")
-    out: str = option("", "Output: the report folder, or the labels/centroids HDF5 for --features.")
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        require(
-            self.episode == "last" or self.episode.isdigit(), f"--episode {self.episode} is neither 'last' nor a number."
-        )
-        require(not self.features or self.k >= 1, "--features needs --k, the number of clusters (e.g. --k 1000).")
-        require(
-            self.features or self.k == 0,
-            f"--k {self.k} is read only with --features; a run's prototypes have the k of its recipe (proto.k).",
-        )
-        for name in ("iterations", "restarts", "grid_samples"):
-            value = getattr(self, name)
-            require(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}.")
-        for name in ("grid_clusters", "tsne_points"):
-            value = getattr(self, name)
-            require(value >= 0, f"--{name.replace('_', '-')} must be 0 (none) or more, got {value}.")
+from protoclip_cli.evaluation import plots
+from protoclip_cli.evaluation import prototype_report as pr
+from protoclip_cli.evaluation.clustering import agreement, size_histogram, size_summary
+from protoclip_cli.workspace import Workspace, resolve
 
 
 def run(config: ClusterConfig, workspace: Workspace) -> dict[str, Any]:
@@ -72,9 +44,6 @@ def cluster_feature_file(config: ClusterConfig) -> dict[str, Any]:
     import h5py
     import numpy as np
     import torch
-
-    from protoclip_cli.core.kmeans import kmeans
-    from protoclip_cli.evaluation.clustering import size_summary
 
     source = Path(config.features)
     if not source.is_file():
@@ -109,11 +78,6 @@ def cluster_feature_file(config: ClusterConfig) -> dict[str, Any]:
 
 def report_episode(config: ClusterConfig, workspace: Workspace) -> dict[str, Any]:
     import numpy as np
-
-    from protoclip_cli.data.sources import iter_run_samples, run_datasets
-    from protoclip_cli.evaluation import prototype_report as pr
-    from protoclip_cli.evaluation.clustering import agreement, size_histogram, size_summary
-    from protoclip_cli.runs import resolve
 
     resolved = resolve(workspace, config.run)
     run, workspace = resolved.run, resolved.workspace
@@ -156,11 +120,6 @@ def _figures(config, resolved, episode, run_samples, samples, truth, folder: Pat
     import numpy as np
     import torch
 
-    from protoclip_cli.core.distributed import resolve_device
-    from protoclip_cli.data.transforms import decode_image, eval_transform
-    from protoclip_cli.evaluation import plots
-    from protoclip_cli.evaluation import prototype_report as pr
-
     rng = np.random.default_rng(config.seed)
     shown: dict[str, list[tuple[int, "np.ndarray"]]] = {}
     for modality in ("image", "text"):
@@ -177,7 +136,7 @@ def _figures(config, resolved, episode, run_samples, samples, truth, folder: Pat
     model, train_config, checkpoint = (None, None, None)
     if len(tsne_rows) > 1:
         device = resolve_device(config.device)
-        model, train_config, checkpoint = resolved.run.load_model(resolved.checkpoint, device=str(device))
+        model, train_config, checkpoint = load_run_model(resolved.run, resolved.checkpoint, device=str(device))
     transform = eval_transform(model.image_size if model is not None else 64)
     images: dict[int, torch.Tensor] = {}
     for sample in run_samples(True, False):

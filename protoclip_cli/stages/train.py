@@ -9,6 +9,7 @@ it joins the process group itself: NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -17,12 +18,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from protoclip_cli import config as config_io
 from protoclip_cli.artifacts import MANIFEST, write_manifest, write_text
+from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.console import info, warn
+from protoclip_cli.core import distributed as dist_utils
+from protoclip_cli.data import teacher_file
+from protoclip_cli.data.shards import shard_keys, shard_sample_count
+from protoclip_cli.data.sources import run_datasets
 from protoclip_cli.errors import Interrupted, MissingInputError, ProtoclipError
-from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.runs import RunDir
+from protoclip_cli.training.episodes import (
+    EpisodePlan,
+    RunLayout,
+    episode_phase,
+    lit_start_episode,
+    plan_episodes,
+    run_layout,
+)
+from protoclip_cli.training.interrupts import catching_sigint
+from protoclip_cli.training.loop import Trainer
 from protoclip_cli.workspace import Workspace
 
 # Fields that may change between a run and its resumption: they do not change what is computed
@@ -59,13 +76,9 @@ def check_inputs(config: TrainConfig, workspace: Workspace, trust_teacher: bool 
     ``trust_teacher`` accepts one of another version whose captions the user knows are the same,
     after checking that it covers every sample.
     """
-    from protoclip_cli.data.sources import run_datasets
-    from protoclip_cli.training.episodes import shard_sample_count
 
     warn_about_recipe(config)
     if config.logging.wandb:
-        import importlib.util
-
         if importlib.util.find_spec("wandb") is None:
             raise ProtoclipError("logging.wandb is on but wandb is not installed; `pip install wandb`, or set logging.wandb = false.")
     datasets = run_datasets(config.data)
@@ -100,17 +113,13 @@ def check_inputs(config: TrainConfig, workspace: Workspace, trust_teacher: bool 
                 f"covers all {sum(inputs.counts.values())} samples; lower data.episode_size."
             )
     if len(inputs.teacher_paths) > 1:
-        from protoclip_cli.data.teacher_file import check_same_space
-
-        check_same_space(inputs.teacher_paths)
+        teacher_file.check_same_space(inputs.teacher_paths)
     return inputs
 
 
 def _check_teacher(config: TrainConfig, workspace: Workspace, name: str, shards: list[Path], samples: int,
                    trust_teacher: bool) -> tuple[Path, bool]:
     """The teacher file of data set ``name``, checked to cover its shards, and whether it was trusted."""
-    from protoclip_cli.data import teacher_file
-    from protoclip_cli.training.episodes import shard_keys
 
     teacher_path = workspace.teacher_file(name, config.proto.teacher)
     if not teacher_path.is_file():
@@ -135,11 +144,8 @@ def _check_teacher(config: TrainConfig, workspace: Workspace, name: str, shards:
     return teacher_path, trusted
 
 
-def check_plan(config: TrainConfig, plan, world_size: int) -> None:
+def check_plan(config: TrainConfig, plan: EpisodePlan, layout: RunLayout, world_size: int) -> None:
     """Every episode must give each rank a shard and a full batch, and hold at least k samples."""
-    from protoclip_cli.training.episodes import episode_phase, run_layout
-
-    layout = run_layout(config, plan, world_size)
     for episode, shards in enumerate(plan.episodes):
         if len(shards) < world_size:
             raise ProtoclipError(
@@ -224,13 +230,6 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
     Rank 0 holds the run's lock (:meth:`RunDir.lock`) from before the folder is touched to the end,
     so a second ``train`` of the same run is refused instead of interleaving with this one.
     """
-    import torch
-
-    from protoclip_cli.core import distributed as dist_utils
-    from protoclip_cli.training.episodes import EpisodePlan, plan_episodes
-    from protoclip_cli.training.interrupts import catching_sigint
-    from protoclip_cli.training.loop import Trainer
-
     started = time.perf_counter()
     inputs = check_inputs(config, workspace, trust_teacher)
     run_dir = RunDir(workspace.run_dir(config.name))
@@ -240,7 +239,7 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
     lock = None
     try:
         rank, world_size = dist_utils.rank(), dist_utils.world_size()
-        decision: list[Any] = [None, None]
+        decision: list[Any] = [None, None, None]  # the checkpoint to resume from, an error, steps per episode
         if rank == 0:
             try:
                 lock = run_dir.lock("train")
@@ -252,22 +251,24 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
                 else:
                     plan = plan_episodes(inputs.counts, config.schedule.episodes, config.data.episode_size, config.seed,
                                          weights=inputs.weights)
-                check_plan(config, plan, world_size)
+                layout = run_layout(config, plan, world_size)
+                check_plan(config, plan, layout, world_size)
                 note_episode_size(config, plan, world_size)
                 write_text(run_dir.config_file, config_io.dumps(config))
                 plan.save(run_dir.plan_file)
                 _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
-                decision = [str(resume_from) if resume_from else None, None]
+                decision = [str(resume_from) if resume_from else None, None, layout.steps]
             except ProtoclipError as exc:
-                decision = [None, str(exc)]
+                decision = [None, str(exc), None]
         decision = dist_utils.broadcast_object(decision)
         if decision[1] is not None:
             raise ProtoclipError(decision[1])
         resume_from = Path(decision[0]) if decision[0] else None
         plan = EpisodePlan.load(run_dir.plan_file)
+        layout = RunLayout(decision[2], lit_start_episode(config))
         if config.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
-        trainer = Trainer(config, run_dir.path, plan, inputs.shard_paths, inputs.teacher_paths, resume_from,
+        trainer = Trainer(config, run_dir.path, plan, layout, inputs.shard_paths, inputs.teacher_paths, resume_from,
                           key_offsets=inputs.key_offsets)
         info(
             f"Training run '{config.name}': {config.schedule.episodes} episodes, {trainer.layout.total_steps} steps, "

@@ -15,38 +15,14 @@ prototypes, plain CLIP, LiT finish) follows from the recipe alone.
 from __future__ import annotations
 
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from protoclip_cli.artifacts import write_json
+from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.data.pipeline import split_for_rank, worker_batches
-from protoclip_cli.recipes import TrainConfig
-
-
-def shard_sample_count(shard: Path) -> int:
-    """Samples in a shard: img2dataset's ``<shard>_stats.json`` ``successes``, else counted in the tar."""
-    stats = shard.with_name(shard.name.removesuffix(".tar") + "_stats.json")
-    if stats.is_file():
-        data = json.loads(stats.read_text())
-        if "successes" in data:
-            return int(data["successes"])
-    return len(shard_keys(shard))
-
-
-def shard_keys(shard: Path) -> list[int]:
-    """The sample keys of a shard in file order (tar headers only, no image is read)."""
-    keys: list[int] = []
-    seen: set[str] = set()
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            stem = member.name.rsplit("/", 1)[-1].split(".", 1)[0]
-            if member.isfile() and stem not in seen and stem.isdigit():
-                seen.add(stem)
-                keys.append(int(stem))
-    return keys
 
 
 @dataclass(frozen=True)

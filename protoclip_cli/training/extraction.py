@@ -8,6 +8,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from protoclip_cli.data.transforms import to_model_input
+
 
 def extract_features(
     model: torch.nn.Module,
@@ -31,8 +33,6 @@ def extract_features(
     batch's ``augment`` parameters (the reference's extraction sees training views, pipeline.py).
     ``on_batch(samples, seconds)`` is called after each batch (progress).
     """
-    from protoclip_cli.data.transforms import to_model_input
-
     forward = forward or model
     was_training = model.training
     model.eval()

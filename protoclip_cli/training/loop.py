@@ -17,63 +17,34 @@ that stand alone already live beside it (``episodes.py``, ``step.py``, ``prototy
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
 from protoclip_cli import config as config_io
+from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.console import info, progress
 from protoclip_cli.core import distributed as dist_utils
-from protoclip_cli.core.distributed import resolve_device
+from protoclip_cli.core.checkpoint import TrainState, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from protoclip_cli.core.losses import ProtoCLIPLoss
+from protoclip_cli.core.optim import build_optimizer, cosine_schedule, parameter_groups, set_learning_rates
 from protoclip_cli.data.pipeline import EpisodeStream, Position, StreamConfig, batches_to_skip, split_for_rank
 from protoclip_cli.data.teacher_file import run_teacher_rows
+from protoclip_cli.data.transforms import device_augmentation, to_model_input
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.runs import RunDir
-from protoclip_cli.training import checkpoint as ckpt
-from protoclip_cli.training.interrupts import raise_if_interrupted
-from protoclip_cli.training.episodes import EpisodePlan, Phase, episode_phase, run_layout
+from protoclip_cli.training.episodes import EpisodePlan, Phase, RunLayout, episode_phase
 from protoclip_cli.training.extraction import extract_features
+from protoclip_cli.training.interrupts import raise_if_interrupted
 from protoclip_cli.training.metrics import MetricsLog, batch_diagnostics
-from protoclip_cli.training.prototypes import (
-    EpisodePrototypes,
-    build_prototypes,
-    load_prototypes,
-    save_prototypes,
-)
+from protoclip_cli.training.prototypes import EpisodePrototypes, build_prototypes, load_prototypes, save_prototypes
+from protoclip_cli.training.setup import TrainingDevice, build_training_model
 from protoclip_cli.training.single_pass import FeatureRecorder, OnlineLabels
 from protoclip_cli.training.step import Stepper, micro_batches
-
-
-def _autocast_factory(config: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    if not bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def sync_batchnorm(model: torch.nn.Module, which: str) -> int:
-    """Turn the BatchNorm layers ``which`` names ('none', 'heads', 'all') into SyncBatchNorm, in place;
-    returns how many were converted. The reference keeps BatchNorm per GPU ('none')."""
-    convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm
-    if which == "all":
-        for name, child in list(model.named_children()):
-            setattr(model, name, convert(child))
-    elif which == "heads":
-        for name in ("image_head", "text_head"):
-            if getattr(model, name, None) is not None:
-                setattr(model, name, convert(getattr(model, name)))
-    return sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-
-
-def _is_convolutional(arch: str) -> bool:
-    lowered = arch.lower()
-    return lowered.startswith("rn") or "convnext" in lowered
 
 
 @dataclass
@@ -83,6 +54,7 @@ class Trainer:
     config: TrainConfig
     run_dir: Path
     plan: EpisodePlan
+    layout: RunLayout  # steps per episode and the LiT start, computed once by the stage
     shard_paths: dict[str, Path]  # shard id (the plan's) -> path
     teacher_paths: list[Path]  # one per data set of the run (data.datasets order); empty: no external teacher
     resume_from: Path | None = None
@@ -90,73 +62,56 @@ class Trainer:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from protoclip_cli.core.losses import ProtoCLIPLoss
-        from protoclip_cli.core.model import build_model
-        from protoclip_cli.core.optim import build_optimizer, cosine_schedule, parameter_groups
-        from protoclip_cli.data.transforms import device_augmentation
-
         cfg = self.config
+        self.run = RunDir(self.run_dir)
         self.rank = dist_utils.rank()
         self.world_size = dist_utils.world_size()
-        self.device = resolve_device(cfg.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-            # As open_clip_train: TF32 matmuls and cuDNN autotuning (fixed input shapes).
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
-        self.autocast = _autocast_factory(cfg, self.device)
-        self.channels_last = self.device.type == "cuda" and cfg.model.channels_last and _is_convolutional(cfg.model.arch)
-        self.layout = run_layout(cfg, self.plan, self.world_size)
-
+        self.runtime = TrainingDevice.for_recipe(cfg)
+        self.device, self.autocast, self.channels_last = self.runtime.device, self.runtime.autocast, self.runtime.channels_last
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, contrastive=cfg.loss.contrastive)
-        if self.world_size > 1 and self.device.type == "cuda":
-            sync_batchnorm(model, cfg.model.sync_batchnorm)
-        model.to(self.device)
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.optimizer = build_optimizer(parameter_groups(model, cfg.optim.weight_decay), cfg.optim, fused=self.device.type in ("cuda", "cpu"))
-        total = self.layout.total_steps
-        lit_step = self.layout.first_step(self.layout.lit_start) if self.layout.lit_start is not None else None
-        self.schedules = {
-            "rest": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, total),
-            "visual": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, total, end_step=lit_step),
-        }
-        self.loss_fn = ProtoCLIPLoss(
-            cfg.loss.w_clip, cfg.loss.w_proto, cfg.loss.w_ext, cfg.loss.target_temperature, cfg.loss.pbt,
-            contrastive=cfg.loss.contrastive,
-        )
-        self.train_model: torch.nn.Module = model
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # Warm-up and LiT episodes leave the heads and the prototype temperature without gradients.
-            self.train_model = DistributedDataParallel(
-                model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=model.has_heads,
-            )
-        compiled = cfg.model.compile and self.device.type == "cuda"
-        if compiled:
-            self.train_model = torch.compile(self.train_model)
-        # The extraction pass runs the bare model in eval mode; compiled for one batch shape when asked.
-        self.extract_forward = torch.compile(model, dynamic=False) if compiled else model
-        self.augmentation = device_augmentation(cfg.data.augmentation, model.image_size)
+        self.model, self.train_model, self.extract_forward = build_training_model(cfg, self.runtime, self.world_size)
+        self._setup_optimizer()
+        self.augmentation = device_augmentation(cfg.data.augmentation, self.model.image_size)
         self.stepper = Stepper(
-            model, self.train_model, self.optimizer, self.loss_fn, self.autocast, self._model_input,
-            world_size=self.world_size, ddp_gradients=cfg.optim.ddp_gradients, grad_clip=cfg.optim.grad_clip,
-            no_sync=getattr(self.train_model, "no_sync", None),
+            self.model, self.train_model, self.optimizer,
+            ProtoCLIPLoss(cfg.loss.w_clip, cfg.loss.w_proto, cfg.loss.w_ext, cfg.loss.target_temperature, cfg.loss.pbt,
+                          contrastive=cfg.loss.contrastive),
+            self.autocast, self._model_input, world_size=self.world_size, ddp_gradients=cfg.optim.ddp_gradients,
+            grad_clip=cfg.optim.grad_clip, no_sync=getattr(self.train_model, "no_sync", None),
         )
         self.single_pass = cfg.proto.enabled and cfg.proto.single_pass
-        self.stream = EpisodeStream(
+        self.stream = self._setup_stream()
+        self.recorder = FeatureRecorder()
+        self.metrics = MetricsLog.for_run(self.run_dir, cfg, enabled=self.rank == 0)
+        self.global_step = 0
+        self.start_episode = 0
+        self.start_batches = 0
+        self.position = Position.start(cfg.data.workers)
+        self._started: tuple[int, str, Iterator[dict]] | None = None
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+
+    def _setup_optimizer(self) -> None:
+        """AdamW over the parameter groups, and the per-step learning rates (the visual ones end at LiT)."""
+        cfg, layout = self.config, self.layout
+        groups = parameter_groups(self.model, cfg.optim.weight_decay)
+        self.optimizer = build_optimizer(groups, cfg.optim, fused=self.device.type in ("cuda", "cpu"))
+        lit_step = layout.first_step(layout.lit_start) if layout.lit_start is not None else None
+        self.schedules = {
+            "rest": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, layout.total_steps),
+            "visual": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, layout.total_steps, end_step=lit_step),
+        }
+
+    def _setup_stream(self) -> EpisodeStream:
+        """This rank's one data loader for every pass of the run."""
+        cfg = self.config
+        return EpisodeStream(
             StreamConfig(
                 episodes=[[self.shard_paths[s] for s in self._rank_shards(e)] for e in range(cfg.schedule.episodes)],
                 counts=self.plan.counts,
                 batch_size=cfg.data.batch_size,
                 extract_batch_size=cfg.data.extract_batch_size,
-                image_size=model.image_size,
+                image_size=self.model.image_size,
                 tokenizer_arch=cfg.model.arch,
                 augmentation=cfg.data.augmentation,
                 seed=cfg.seed,
@@ -171,15 +126,6 @@ class Trainer:
             ),
             pin_memory=self.device.type == "cuda",
         )
-        self.recorder = FeatureRecorder()
-        self.metrics = MetricsLog.for_run(self.run_dir, cfg, enabled=self.rank == 0)
-        self.global_step = 0
-        self.start_episode = 0
-        self.start_batches = 0
-        self.position = Position.start(cfg.data.workers)
-        self._started: tuple[int, str, Iterator[dict]] | None = None
-        if self.resume_from is not None:
-            self._restore(self.resume_from)
 
     def close(self) -> None:
         """Stop the data-loader workers; the stage calls it however training ends."""
@@ -188,26 +134,26 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------------
     def _restore(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, map_location=self.device)
-        if state["world_size"] != self.world_size or state["workers"] != self.config.data.workers:
+        state = load_checkpoint(path, map_location=self.device)
+        if state.world_size != self.world_size or state.workers != self.config.data.workers:
             raise ProtoclipError(
-                f"Checkpoint {path.name} was written by {state['world_size']} process(es) x {state['workers']} "
+                f"Checkpoint {path.name} was written by {state.world_size} process(es) x {state.workers} "
                 f"data worker(s); resume with the same launch, or start over with --no-resume."
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        ckpt.restore_rng_state({k: (v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v]) for k, v in state["rng"].items()})
-        self.global_step = int(state["global_step"])
-        episode, done = int(state["episode"]), int(state["batches_done"])
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        restore_rng_state(state.rng)
+        self.global_step = state.global_step
+        episode, done = state.episode, state.batches_done
         if done >= self.layout.steps[episode]:
             episode, done = episode + 1, 0
-        elif "loader" in state:
-            self.position = Position.from_json(state["loader"][self.rank])
+        elif state.loader is not None:
+            self.position = Position.from_json(state.loader[self.rank])
         else:  # a checkpoint of an older version: batches only, no record counts
             given = batches_to_skip(self.stream.config.owed(episode), done * self.config.optim.accum_freq)
             self.position = Position(tuple(g * self.config.data.batch_size for g in given), tuple(given))
-        if "recorded" in state and done > 0:
-            self.recorder.restore(state["recorded"], self.device)
+        if state.recorded is not None and done > 0:
+            self.recorder.restore(state.recorded, self.device)
         self.start_episode, self.start_batches = episode, done
         self.metrics.truncate_after(self.global_step, episode)
         info(f"Resuming from {path.name}: episode {episode}, {done} of its batches done, step {self.global_step}.")
@@ -218,23 +164,13 @@ class Trainer:
         recorded = self.recorder.gathered_state() if batches_done < self.layout.steps[episode] else None
         path = None
         if self.rank == 0:
-            state = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "episode": episode,
-                "batches_done": batches_done,
-                "steps_in_episode": self.layout.steps[episode],
-                "global_step": self.global_step,
-                "total_steps": self.layout.total_steps,
-                "world_size": self.world_size,
-                "workers": self.config.data.workers,
-                "config": config_io.to_dict(self.config),
-                "rng": ckpt.rng_state(),
-                "loader": positions,
-            }
-            if recorded is not None:
-                state["recorded"] = recorded
-            path = ckpt.save_checkpoint(self.run_dir, state, self.config.logging.keep_checkpoints)
+            state = TrainState(
+                model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), episode=episode,
+                batches_done=batches_done, steps_in_episode=self.layout.steps[episode], global_step=self.global_step,
+                total_steps=self.layout.total_steps, world_size=self.world_size, workers=self.config.data.workers,
+                config=config_io.to_dict(self.config), rng=rng_state(), loader=positions, recorded=recorded,
+            )
+            path = save_checkpoint(self.run, state, self.config.logging.keep_checkpoints)
         self._barrier()
         return path
 
@@ -254,7 +190,7 @@ class Trainer:
         return split_for_rank(self.plan.episodes[episode], self.rank, self.world_size)
 
     def _prototype_path(self, episode: int) -> Path:
-        return RunDir(self.run_dir).prototypes_file(episode)
+        return self.run.prototypes_file(episode)
 
     def _first_pass(self, episode: int) -> str:
         """'extract' when the episode clusters its own samples before training, else 'train'."""
@@ -357,8 +293,6 @@ class Trainer:
 
     def _model_input(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch's images (augmented and normalised on the device) and tokens."""
-        from protoclip_cli.data.transforms import to_model_input
-
         images = to_model_input(
             batch["images"], self.model.image_mean, self.model.image_std, self.device,
             self.augmentation, batch.get("augment"), self.channels_last,
@@ -368,8 +302,6 @@ class Trainer:
     def _step(self, batches: list[dict], phase: Phase, prototypes: EpisodePrototypes | None, protos, online) -> tuple[dict, dict, dict]:
         """One optimiser step on ``batches`` (its micro-batches); returns the loss terms, the outputs
         of the whole step and the learning rates."""
-        from protoclip_cli.core.optim import set_learning_rates
-
         lrs = set_learning_rates(self.optimizer, self.global_step, self.schedules)
 
         def labeller(outputs: dict, step_batches: list[dict]) -> dict | None:

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from protoclip_cli.artifacts import write_text
+from protoclip_cli.config import to_dict
+from protoclip_cli.console import warn
 from protoclip_cli.errors import ProtoclipError, write_error
 from protoclip_cli.runs import RunDir
 
 if TYPE_CHECKING:
-    from protoclip_cli.recipes import TrainConfig
+    from protoclip_cli.configs.train import TrainConfig
 
 
 def batch_diagnostics(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -77,7 +79,6 @@ class WandbMirror:
             raise ProtoclipError(
                 "logging.wandb is on but wandb is not installed; `pip install wandb`, or set logging.wandb = false."
             ) from None
-        from protoclip_cli.config import to_dict
 
         logging = config.logging
         run_id = run.wandb_run_id() or secrets.token_hex(4)  # wandb's own ids are 8 lowercase alphanumerics
@@ -122,7 +123,6 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
-                from protoclip_cli.console import warn
 
                 warn("logging.tensorboard is on but tensorboard is not installed (pip install 'protoclip[tensorboard]').")
             else:

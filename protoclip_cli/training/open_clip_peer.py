@@ -32,8 +32,9 @@ import time
 from pathlib import Path
 
 from protoclip_cli.artifacts import write_json
+from protoclip_cli.configs.train import TrainConfig
+from protoclip_cli.core.model import register_tiny_configs
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.recipes import TrainConfig
 
 RECORD = "peer.json"  # written last: a peer folder without it is an unfinished run, trained again
 SECONDS = "train_seconds.json"  # the child's time inside open_clip_train's main (imports and start-up excluded)
@@ -105,8 +106,6 @@ def _without_end_of_shard_marker() -> None:
 
 def main(argv: list[str]) -> None:
     from open_clip_train.main import main as open_clip_train_main
-
-    from protoclip_cli.core.model import register_tiny_configs
 
     register_tiny_configs()
     _without_end_of_shard_marker()

@@ -22,10 +22,14 @@ import numpy as np
 import torch
 
 from protoclip_cli.artifacts import atomic_path
+from protoclip_cli.core.distributed import is_distributed
+from protoclip_cli.core.kmeans import kmeans
+from protoclip_cli.core.losses import Prototypes
+from protoclip_cli.core.pbt import cluster_means
 from protoclip_cli.errors import ProtoclipError
 
 if TYPE_CHECKING:
-    from protoclip_cli.recipes import ProtoConfig
+    from protoclip_cli.configs.train import ProtoConfig
 
 MODALITIES = ("image", "text", "teacher")
 # PBT centroids: (dataset name, clustering whose labels group the samples, feature space averaged).
@@ -67,8 +71,6 @@ class EpisodePrototypes:
 
     def for_loss(self, device: torch.device):
         """The centroids as ``core.losses.Prototypes`` on ``device``."""
-        from protoclip_cli.core.losses import Prototypes
-
         def t(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
 
@@ -101,8 +103,6 @@ class EpisodePrototypes:
 
 
 def _gather_labels(local_keys: torch.Tensor, local_labels: dict[str, torch.Tensor]) -> tuple[np.ndarray, dict]:
-    from protoclip_cli.core.distributed import is_distributed
-
     part = (local_keys.cpu().numpy(), {m: v.cpu().numpy() for m, v in local_labels.items()})
     if is_distributed():
         import torch.distributed as dist
@@ -127,9 +127,6 @@ def build_prototypes(
     clustering's seed derives from ``seed``, the episode and the modality. Returns the episode's
     prototypes with labels of all ranks' samples.
     """
-    from protoclip_cli.core.kmeans import kmeans
-    from protoclip_cli.core.pbt import cluster_means
-
     teacher_k = proto.teacher_k or proto.k
     clusters = {m: (teacher_k if m == "teacher" else proto.k) for m in MODALITIES if m in features}
     centroids: dict[str, np.ndarray] = {}

@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from protoclip_cli.core.distributed import all_reduce_sum, is_distributed
 from protoclip_cli.training.episodes import Phase
 
 # Per-sample outputs of the model; the rest (scales, bias) are parameters of the model.
@@ -109,8 +110,6 @@ def batchnorm_statistics_kept(model: torch.nn.Module) -> Iterator[None]:
 
 def _sum_over_ranks(shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The whole global batch's terms from this rank's shares (one all-reduce under DDP)."""
-    from protoclip_cli.core.distributed import all_reduce_sum, is_distributed
-
     if not shares or not is_distributed():
         return shares
     summed = all_reduce_sum(torch.stack([shares[name] for name in shares]))

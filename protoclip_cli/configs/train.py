@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 from protoclip_cli.config import check_choices, option, require
-from protoclip_cli.workspace import is_valid_name, name_error
+from protoclip_cli.names import is_valid_name, name_error
 
 
 @dataclass(frozen=True)

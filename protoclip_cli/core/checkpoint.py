@@ -1,0 +1,102 @@
+"""A run's checkpoint, ``runs/<run>/checkpoints/step-<global step, 8 digits>.pt``: the one place that
+says what it holds. The trainer saves a :class:`TrainState` and resumes from one; every stage that
+reads a run loads one (:mod:`protoclip_cli.core.run_model`). Where the files lie is
+:class:`~protoclip_cli.runs.RunDir`'s.
+
+Each file is one ``torch.save`` dict of tensors and plain types only, so it loads with
+``torch.load(weights_only=True)``: ``format`` and the fields of :class:`TrainState`. Files are
+written through :func:`protoclip_cli.artifacts.atomic_path`: a process killed while writing leaves
+only a hidden ``.step-*.pt.*.tmp`` file, which :meth:`RunDir.checkpoints` never returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protoclip_cli.artifacts import atomic_path
+from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.runs import RunDir
+
+FORMAT = 1
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: the weights, the optimiser and where the run stands."""
+
+    model: dict[str, torch.Tensor]  # ProtoCLIP's state dict, without DDP or compile prefixes
+    optimizer: dict[str, Any]
+    episode: int  # the episode in progress, or just finished
+    batches_done: int  # steps done in that episode
+    steps_in_episode: int
+    global_step: int
+    total_steps: int
+    world_size: int
+    workers: int  # data-loader workers per process
+    config: dict[str, Any]  # the resolved recipe as plain data
+    rng: dict[str, Any]  # torch's CPU state and the CUDA states, as uint8 tensors
+    loader: list[dict] | None = None  # per rank, per worker: records read and batches given in the episode
+    recorded: dict[str, torch.Tensor] | None = None  # single-pass, mid-episode: every rank's recorded keys and features
+
+    @property
+    def complete(self) -> bool:
+        """The checkpoint closes the whole run."""
+        return self.global_step >= self.total_steps
+
+    @property
+    def episode_done(self) -> bool:
+        return self.batches_done >= self.steps_in_episode
+
+    def position(self, path: Path) -> dict[str, Any]:
+        """Where the checkpoint at ``path`` stands, as stages report it (evaluate's records, export's manifest)."""
+        return {"path": str(path), "episode": self.episode, "batches_done": self.batches_done,
+                "steps_in_episode": self.steps_in_episode, "global_step": self.global_step,
+                "total_steps": self.total_steps, "complete": self.complete}  # fmt: skip
+
+
+_REQUIRED = tuple(f.name for f in dataclasses.fields(TrainState) if f.default is dataclasses.MISSING)
+
+
+def save_checkpoint(run: RunDir, state: TrainState, keep: int) -> Path:
+    """Write ``state`` atomically as the checkpoint of its global step; keep the newest ``keep``."""
+    path = run.checkpoint_file(state.global_step)
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if getattr(state, f.name) is not None}
+    # Through a file object: a failed write then carries its OSError (full disk, ...) for the message.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **fields}, f)
+    for old in run.checkpoints()[: -max(1, keep)]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> TrainState:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise ProtoclipError(
+            f"Checkpoint {path} cannot be read ({type(exc).__name__}); delete it to fall back to the previous one."
+        ) from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT or any(k not in data for k in _REQUIRED):
+        raise ProtoclipError(f"{path} is not a protoclip checkpoint (format {FORMAT}); pass a step-*.pt of a run.")
+    return TrainState(**{f.name: data[f.name] for f in dataclasses.fields(TrainState) if f.name in data})
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
