@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKSPACE ?= protoclip-workspace
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-fast install clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ demo: $(STAMP)
 	$(BIN)/protoclip demo --workspace $(WORKSPACE)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# The fast lane: everything but the integration tests (real downloads, the teacher, processes, several trainings).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15 -m "not integration and not slow and not gpu"
 
 clean:
 	rm -rf $(VENV) $(WORKSPACE) build *.egg-info

@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from multiprocessing import get_context
@@ -94,22 +92,7 @@ def _render_shard(job: tuple[Path, int, int, int, int]) -> tuple[str, int]:
     from protoclip_cli.data import synthetic
 
     folder, shard_id, start, stop, image_size = job
-    name = f"{shard_id:05d}.tar"
-    with tarfile.open(folder / name, "w") as tar:
-        for offset, index in enumerate(range(start, stop)):
-            scene = synthetic.scene(index, 0, "train")
-            key = f"{shard_id:05d}{offset:04d}"
-            members = {
-                "jpg": synthetic.jpeg_bytes(synthetic.render(scene, image_size)),
-                "txt": scene.caption.encode(),
-                "json": json.dumps({"key": key, "caption": scene.caption, **scene.attributes()}).encode(),
-            }
-            for extension, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (folder / f"{shard_id:05d}_stats.json").write_text(json.dumps({"successes": stop - start, "count": stop - start}))
-    return name, stop - start
+    return synthetic.write_shard(folder, shard_id, (synthetic.scene(i, 0, "train") for i in range(start, stop)), image_size)
 
 
 def make_dataset(args: argparse.Namespace):

@@ -1,5 +1,11 @@
 """Shared fixtures: a small embedded data set downloaded once per test session through the real
-img2dataset path, and its teacher file (real all-MiniLM-L6-v2)."""
+img2dataset path, its teacher file (real all-MiniLM-L6-v2) and one trained run that the tests
+which only read a run share; a tiny data set written straight to shards and a run trained on it
+for the fast lane.
+
+Lanes: a test is ``integration`` when it needs the real download or teacher fixtures (marked here,
+from its fixtures), or starts processes or several trainings (marked in its module). ``make
+test-fast`` runs the rest; ``make test`` (CI) runs everything."""
 
 from __future__ import annotations
 
@@ -13,6 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Fixtures that download through img2dataset or embed with the real teacher: their tests are integration tests.
+INTEGRATION_FIXTURES = {"synthetic_workspace", "synthetic_teacher"}
 
 SMALL_TRAIN = 512
 SMALL_HELDOUT = 256
@@ -83,3 +92,42 @@ def tiny_open_clip(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("openclip") / "tiny.pt"
     torch.save(open_clip.create_model("protoclip-tiny").state_dict(), path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_workspace, synthetic_teacher) -> Path:
+    """The one evaluation run of the session (helpers.RUN), for the tests that only read a run."""
+    from helpers import train_shared_run
+
+    return train_shared_run(synthetic_workspace, synthetic_teacher)
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory):
+    """A workspace with a tiny embedded data set written straight to shards (256 train, 128 held out)."""
+    from helpers import write_tiny_dataset
+    from protoclip_cli.workspace import Workspace
+
+    workspace = Workspace.at(tmp_path_factory.mktemp("tiny") / "ws")
+    write_tiny_dataset(workspace)
+    return workspace
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_workspace):
+    """A two-episode ProtoCLIP run (warm-up, prototypes; no teacher) on the tiny data set."""
+    import torch
+
+    from helpers import small_config
+    from protoclip_cli.stages.train import run
+
+    torch.set_num_threads(2)
+    config = small_config("name='tiny'", "schedule.episodes=2", "schedule.lit_start_episode=99", "data.episode_size=128")
+    run(config, tiny_workspace)
+    return config, tiny_workspace.run_dir(config.name)

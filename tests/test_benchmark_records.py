@@ -70,13 +70,6 @@ def test_retrieval_metrics_match_clip_benchmark_directions(captions_per_image):
     assert 0 < converted["image_retrieval_recall@1"] < converted["image_retrieval_recall@10"] < 1
 
 
-@pytest.fixture(scope="module")
-def trained_run(synthetic_workspace, synthetic_teacher):
-    from test_evaluate import train_shared_run
-
-    return train_shared_run(synthetic_workspace, synthetic_teacher)
-
-
 def test_clip_benchmark_build_collects_every_task(trained_run, synthetic_workspace, tmp_path, monkeypatch):
     from clip_benchmark import cli as clip_benchmark_cli
 

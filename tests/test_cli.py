@@ -23,6 +23,7 @@ print(result.output)
 
 
 @pytest.mark.parametrize("args", [["--help"]] + [[command, "--help"] for command in COMMANDS])
+@pytest.mark.integration  # starts processes
 def test_help_does_not_import_heavy_libraries(args):
     proc = subprocess.run(
         [sys.executable, "-c", PROBE.format(args=args)], capture_output=True, text=True, timeout=120
@@ -44,6 +45,7 @@ def test_top_level_help_lists_every_stage():
         assert command in output
 
 
+@pytest.mark.integration  # starts processes
 def test_console_script_reports_errors_with_exit_1(tmp_path):
     """A ProtoclipError becomes one sentence on stderr and exit status 1, with no traceback."""
     proc = subprocess.run(

@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from test_evaluate import RUN, train_shared_run
+from helpers import RUN
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def trained_run(synthetic_workspace, synthetic_teacher):
-    return train_shared_run(synthetic_workspace, synthetic_teacher)
 
 
 def _cli(*args: str):

@@ -98,6 +98,7 @@ def _rank(rank: int, port: int, mode: str, out: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["reference", "global-batch"])
+@pytest.mark.integration  # starts processes
 def test_two_ranks_give_the_documented_gradient(mode, tmp_path):
     out = str(tmp_path / "grads.pt")
     torch.multiprocessing.spawn(_rank, args=(_free_port(), mode, out), nprocs=WORLD, join=True)

@@ -21,6 +21,8 @@ from protoclip_cli.workspace import Workspace
 
 TRAIN, HELDOUT, PER_SHARD = 200, 64, 64
 
+pytestmark = pytest.mark.integration  # downloads through img2dataset in processes
+
 
 def protoclip(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """The real console entry point (main() turns errors into one sentence and exit 1)."""

@@ -147,7 +147,7 @@ def test_verify_takes_only_run_settings_and_needs_a_download(tmp_path):
 
 
 def test_training_on_shards_with_nothing_decodable_names_verify(synthetic_workspace, tmp_path):
-    from test_train import small_config
+    from helpers import small_config
 
     from protoclip_cli.stages.train import run
 

@@ -10,7 +10,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "synthetic.toml"
 
 
 def test_note_names_the_asked_and_the_real_episode_size(capsys):
-    from test_train import small_config
+    from helpers import small_config
 
     from protoclip_cli.stages.train import note_episode_size
 

@@ -13,33 +13,7 @@ import torch
 
 torch.set_num_threads(2)
 
-RUN = "eval-fixture"
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "synthetic.toml"
-
-
-def train_shared_run(workspace, teacher_path: Path) -> Path:
-    """Train the small run once per test session (later callers find its final checkpoint)."""
-    from protoclip_cli import config as config_io
-    from protoclip_cli.configs.train import TrainConfig
-    from protoclip_cli.runs import RunDir
-    from protoclip_cli.stages import train
-
-    run_dir = workspace.run_dir(RUN)
-    if RunDir(run_dir).latest_checkpoint() is not None and (run_dir / "manifest.json").is_file():
-        if json.loads((run_dir / "manifest.json").read_text()).get("status") == "complete":
-            return run_dir
-    overrides = [
-        f"name={RUN}", "device=cpu", "data.workers=0", "data.episode_size=256", "data.batch_size=64",
-        "schedule.episodes=12", "schedule.warmup_steps=8", "proto.k=12", "proto.teacher_k=12", "proto.restarts=1",
-        f'proto.teacher="{teacher_path.stem}"', "optim.lr=2e-3", "logging.checkpoint_every_steps=0",
-    ]
-    train.run(config_io.load(TrainConfig, RECIPE, overrides), workspace)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def trained_run(synthetic_workspace, synthetic_teacher) -> Path:
-    return train_shared_run(synthetic_workspace, synthetic_teacher)
+from helpers import RUN
 
 
 def _cli(*args: str):

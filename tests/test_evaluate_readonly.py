@@ -13,13 +13,6 @@ import pytest
 from conftest import linked_workspace
 
 
-@pytest.fixture(scope="module")
-def trained_run(synthetic_workspace, synthetic_teacher):
-    from test_evaluate import train_shared_run
-
-    return train_shared_run(synthetic_workspace, synthetic_teacher)
-
-
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
 
@@ -50,7 +43,7 @@ def _evaluate(*args: str):
 
 
 def test_no_cache_and_out_elsewhere_work_on_a_read_only_workspace(readonly_workspace, tmp_path):
-    from test_evaluate import RUN
+    from helpers import RUN
 
     before = _snapshot(readonly_workspace.root)
     out = tmp_path / "results" / "zeroshot.json"
@@ -66,7 +59,7 @@ def test_no_cache_and_out_elsewhere_work_on_a_read_only_workspace(readonly_works
 
 
 def test_an_unwritable_feature_cache_is_skipped_with_a_warning(readonly_workspace, tmp_path):
-    from test_evaluate import RUN
+    from helpers import RUN
 
     before = _snapshot(readonly_workspace.root)
     out = tmp_path / "zeroshot.json"

@@ -8,15 +8,10 @@ import pytest
 import torch
 
 from protoclip_cli.artifacts import file_sha256
-from test_evaluate import RUN, train_shared_run
+from helpers import RUN
 
 torch.set_num_threads(2)
 ATOL = 1e-5  # float32 CPU: the same weights and ops, so only summation-order noise is allowed
-
-
-@pytest.fixture(scope="module")
-def trained_run(synthetic_workspace, synthetic_teacher):
-    return train_shared_run(synthetic_workspace, synthetic_teacher)
 
 
 def test_export_round_trip_through_open_clip(trained_run, synthetic_workspace, tmp_path):

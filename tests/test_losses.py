@@ -335,6 +335,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration  # starts processes
 def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path):
     world = 2
     mp.spawn(_rank_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)

@@ -71,6 +71,7 @@ def test_a_target_that_is_no_path_and_no_name_is_one_sentence(tmp_path):
         resolve(Workspace.at(tmp_path), "../../nope")
 
 
+@pytest.mark.integration  # starts processes
 def test_train_with_an_escaping_name_writes_nothing(tmp_path):
     workspace = tmp_path / "deep" / "ws"
     result = subprocess.run(

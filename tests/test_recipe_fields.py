@@ -19,7 +19,7 @@ import torch
 
 from protoclip_cli.configs import train as recipes
 from protoclip_cli.config import explain
-from test_train import small_config  # the same small run settings
+from helpers import small_config
 
 # Read only where a CPU test cannot go; each with the reason.
 ONLY_ON_CUDA_OR_SEVERAL_RANKS = {

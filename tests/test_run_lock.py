@@ -106,7 +106,7 @@ def test_a_lock_kept_only_by_a_killed_writers_children_is_taken_over(tmp_path, c
 
 
 def test_train_refuses_a_run_another_process_writes_and_touches_nothing(holder, synthetic_workspace):
-    from test_train import small_config
+    from helpers import small_config
 
     from protoclip_cli.stages.train import run
 
@@ -120,7 +120,7 @@ def test_train_refuses_a_run_another_process_writes_and_touches_nothing(holder, 
 def test_train_removes_stale_temporaries_when_it_starts(synthetic_workspace):
     """The cleanup happens as soon as the lock is held, before the plan is even checked: a run
     refused for its batch size (so that no training time is spent) has cleaned up already."""
-    from test_train import small_config
+    from helpers import small_config
 
     from protoclip_cli.stages.train import run
 
@@ -137,13 +137,6 @@ def test_train_removes_stale_temporaries_when_it_starts(synthetic_workspace):
         run(small_config("name='t-stale'", "data.batch_size=512"), synthetic_workspace)
     assert not any(run_dir.path.rglob("*.tmp")) and kept.is_file()
     assert not run_dir.lock_file.exists()  # released on the way out
-
-
-@pytest.fixture(scope="module")
-def trained_run(synthetic_workspace, synthetic_teacher):
-    from test_evaluate import train_shared_run
-
-    return train_shared_run(synthetic_workspace, synthetic_teacher)
 
 
 def test_evaluate_cluster_and_export_read_a_run_that_is_being_trained(holder, trained_run, synthetic_workspace, tmp_path):

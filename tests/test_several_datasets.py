@@ -166,7 +166,7 @@ def mixed_run(tmp_path_factory, synthetic_teacher, synthetic_workspace):
     from protoclip_cli.stages import download, teacher_embed
     from protoclip_cli.stages.train import run
     from protoclip_cli.workspace import Workspace
-    from test_train import small_config
+    from helpers import small_config
 
     torch.set_num_threads(2)
     workspace = Workspace.at(tmp_path_factory.mktemp("mixed"))

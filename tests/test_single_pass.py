@@ -13,7 +13,7 @@ import torch
 
 from protoclip_cli.data.shards import shard_keys
 from protoclip_cli.training.single_pass import FeatureRecorder, nearest_centroid
-from test_train import small_config  # the same small run settings
+from helpers import small_config
 
 
 def test_nearest_centroid_is_the_brute_force_argmin():

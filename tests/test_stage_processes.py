@@ -11,7 +11,7 @@ import torch
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from conftest import linked_workspace
-from test_train import small_config
+from helpers import small_config
 
 
 def _live_loader_iterators() -> list:

@@ -33,7 +33,7 @@ def reseeded(synthetic_workspace, synthetic_teacher, tmp_path) -> Workspace:
 
 
 def test_train_refuses_a_teacher_of_another_data_set_version(reseeded, synthetic_teacher):
-    from test_train import small_config
+    from helpers import small_config
 
     from protoclip_cli.stages.train import run
 
@@ -49,7 +49,7 @@ def test_train_refuses_a_teacher_of_another_data_set_version(reseeded, synthetic
 def test_trust_teacher_accepts_it_after_checking_coverage(reseeded, synthetic_teacher, capsys):
     """The override passes the input checks (the plan check after them stops this run before any
     training) and still requires every sample to have a row."""
-    from test_train import small_config
+    from helpers import small_config
 
     from protoclip_cli.stages.train import check_inputs, run
 

@@ -21,22 +21,7 @@ from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.data.pipeline import batches_to_skip, canonical_order
 from protoclip_cli.training.episodes import plan_episodes, steps_in_episode
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "synthetic.toml"
-
-# 3 episodes of 2 shards (256 samples): InfoNCE warm-up, one prototype episode, the LiT finish.
-SMALL = [
-    "data.episode_size=256", "data.batch_size=32", "data.workers=0", "data.augmentation='rrc'",
-    "data.shuffle_buffer=64", "data.extract_batch_size=128",
-    "model.projection_dim=32", "model.projection_hidden_dim=64",
-    "proto.k=8", "proto.teacher_k=6", "proto.iterations=5", "proto.restarts=1",
-    "optim.lr=1e-3", "schedule.episodes=3", "schedule.warmup_steps=4",
-    "logging.log_every_steps=1", "logging.checkpoint_every_steps=0", "logging.keep_checkpoints=2",
-]
-
-
-def small_config(*extra: str, teacher: str = "") -> TrainConfig:
-    return config_io.load(TrainConfig, RECIPE, [*SMALL, f"proto.teacher='{teacher}'", *extra])
+from helpers import RECIPE, REPO, SMALL, small_config
 
 
 # -- episode plan --------------------------------------------------------------------------------

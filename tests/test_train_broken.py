@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from protoclip_cli.workspace import Workspace
-from test_train import small_config  # the same small run settings
+from helpers import small_config
 
 
 def _copy_dataset(source: Workspace, root: Path) -> Workspace:

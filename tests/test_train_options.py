@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import small_config
+from helpers import small_config
 
 # A warm-up episode and a prototype episode with the teacher; no LiT finish.
 OPTIONS = ["schedule.episodes=2", "schedule.lit_start_episode=99", "loss.contrastive='sigmoid'",

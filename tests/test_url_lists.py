@@ -61,6 +61,7 @@ def test_opencv_empty_buffer_reads_empty_body():
     assert readable_reason("HTTP Error 404: Not Found\n") == "HTTP Error 404: Not Found"
 
 
+@pytest.mark.integration  # starts processes
 def test_a_download_counts_duplicates_repairs_captions_and_names_empty_bodies(tmp_path):
     good = tmp_path / "good.jpg"
     good.write_bytes(synthetic.jpeg_bytes(synthetic.render(synthetic.scene(0), 48)))

@@ -73,6 +73,7 @@ def _limited(limit_bytes: int):
     return apply
 
 
+@pytest.mark.integration  # starts processes
 def test_a_checkpoint_that_does_not_fit_is_one_sentence_and_leaves_no_temporary(tmp_path):
     script = (
         "import torch\n"
@@ -95,6 +96,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_sentence_and_leaves_no_temporary(
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
+@pytest.mark.integration  # starts processes
 def test_torch_save_to_a_path_that_fails_is_a_write_error(tmp_path):
     """export and the evaluation cache hand torch.save a path: its failure names no errno."""
     script = (
@@ -131,13 +133,6 @@ def test_the_command_line_turns_a_stray_os_error_into_one_sentence():
     assert "Traceback" not in result.output
 
 
-@pytest.fixture(scope="module")
-def trained_run(synthetic_workspace, synthetic_teacher):
-    from test_evaluate import train_shared_run
-
-    return train_shared_run(synthetic_workspace, synthetic_teacher)
-
-
 @pytest.mark.parametrize(
     "args, target",
     [
@@ -151,7 +146,7 @@ def test_stages_that_cannot_write_their_output_say_so_in_one_sentence(trained_ru
     from typer.testing import CliRunner
 
     from protoclip_cli.cli import app
-    from test_evaluate import RUN
+    from helpers import RUN
 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -162,6 +157,7 @@ def test_stages_that_cannot_write_their_output_say_so_in_one_sentence(trained_ru
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.integration  # starts processes
 def test_train_that_cannot_write_its_checkpoint_says_so_and_marks_the_run_failed(synthetic_workspace):
     from protoclip_cli.runs import RunDir
 

@@ -40,7 +40,7 @@ Batches are dicts: ``images`` (B, 3, H, W) uint8 (eval extraction: possibly at t
 ``broken`` (samples this worker skipped since its previous batch), ``worker``, ``position``
 (training), and ``augment`` (B, P) float32 where part of the augmentation runs on the device.
 
-Why one module of ~380 lines: the worker side (the iterable dataset) and the trainer side
+Why one module of ~410 lines: the worker side (the iterable dataset) and the trainer side
 (:class:`EpisodeStream`) share the control block and the position format; transforms,
 augmentation, shard reading, run keys and teacher rows live in their own modules.
 """

@@ -88,7 +88,8 @@ def _print(results: dict[str, dict[str, dict]], configs: list[TrainConfig], timi
     out.print(table)
     zeroshot = results[runs[0]]["zeroshot"]
     out.print(
-        f"{len(configs)} run(s) of one seed each; the comparison over seeds is in {RESULTS_PAGE}. Chance: "
+        f"{' and '.join('ProtoCLIP' if c is configs[0] else 'CLIP' for c in configs)}, one seed each; the comparison "
+        f"over seeds is in {RESULTS_PAGE}. Chance: "
         f"{zeroshot['chance_top1']:.1f}% top-1 ({zeroshot['classes']} classes). Your own data: `protoclip download NAME "
         "--url-list FILE`, `protoclip teacher-embed NAME`, `protoclip train synthetic --set data.dataset=NAME`."
     )

@@ -75,12 +75,7 @@ def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
         "splits": splits,
     }
     if config.source == "synthetic":
-        fields["ground_truth"] = {
-            "attribute": "class_name",
-            "classes": list(synthetic.CLASS_NAMES),
-            "templates": list(synthetic.TEMPLATES),
-            "attributes": list(synthetic.ATTRIBUTE_COLUMNS),
-        }
+        fields["ground_truth"] = synthetic.ground_truth()
     if previous is not None and _same_data(previous[1], config, fields):
         # A rerun that changed nothing keeps the manifest byte for byte: its sha256 is the data
         # set's version, which teacher files record, so a no-op rerun must not make them stale.

@@ -9,10 +9,11 @@ Every pass of the run is served by one persistent data loader (``data/pipeline.p
 started as soon as the trainer knows it comes next, so its first batches are decoded while the
 trainer clusters or writes a checkpoint.
 
-Why one module of ~480 lines: the :class:`Trainer`'s passes share its state (model, optimiser,
-step counters, stream, recorder) and its order of operations is what resume depends on; the pieces
-that stand alone already live beside it (``episodes.py``, ``step.py``, ``prototypes.py``,
-``single_pass.py``, ``checkpoint.py``, ``metrics.py``).
+The :class:`Trainer`'s passes share its state (model, optimiser, step counters, stream, recorder)
+and its order of operations is what resume depends on, so they stay together here; what stands
+alone lives beside it (``setup.py``: the device and the model as training uses it; ``episodes.py``,
+``step.py``, ``prototypes.py``, ``single_pass.py``, ``metrics.py``; the checkpoint's contents are
+``core/checkpoint.py``'s ``TrainState``).
 """
 
 from __future__ import annotations
