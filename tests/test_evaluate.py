@@ -76,7 +76,7 @@ def test_trained_run_beats_chance_on_heldout_zeroshot(trained_run, synthetic_wor
     classes = classes.mean(dim=1)
     classes = classes / classes.norm(dim=-1, keepdim=True)
     scores = (images @ classes.T).numpy()
-    from protoclip_cli.evaluation.datasets import embedded
+    from protoclip_cli.evaluation.data.readers import embedded
 
     labels = embedded(synthetic_workspace, "synthetic", "heldout").labels
     own = scores[np.arange(len(labels)), labels]

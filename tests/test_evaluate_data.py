@@ -43,8 +43,8 @@ def folder_set(tmp_path_factory) -> Path:
 
 
 def test_imagenet_folders_get_their_indices_and_open_clip_names(fake_imagenet):
-    from protoclip_cli.evaluation.datasets import imagenet
-    from protoclip_cli.evaluation.zeroshot import prompts_for
+    from protoclip_cli.evaluation.data.readers import imagenet
+    from protoclip_cli.evaluation.tasks.zeroshot import prompts_for
 
     data = imagenet(fake_imagenet, "val")
     assert data.size == 2 + 3 + 4 and len(data.classnames) == 1000 and len(data.templates) == 80
@@ -76,9 +76,9 @@ class BagOfTokens(torch.nn.Module):
 
 
 def test_imagenet_zeroshot_task_embeds_1000_by_80_prompts(fake_imagenet, tiny_open_clip, tmp_path):
-    from protoclip_cli.evaluation import tasks
-    from protoclip_cli.evaluation.datasets import imagenet
-    from protoclip_cli.evaluation.models import load_open_clip
+    from protoclip_cli.evaluation.tasks import glue as tasks
+    from protoclip_cli.evaluation.data.readers import imagenet
+    from protoclip_cli.evaluation.tasks.model import load_open_clip
 
     model = load_open_clip("protoclip-tiny", str(tiny_open_clip), "cpu")
     model.clip = BagOfTokens(model.clip)
@@ -93,7 +93,7 @@ def test_imagenet_zeroshot_task_embeds_1000_by_80_prompts(fake_imagenet, tiny_op
 
 
 def test_imagenet_root_with_wrong_layout_is_rejected(tmp_path):
-    from protoclip_cli.evaluation.datasets import imagenet
+    from protoclip_cli.evaluation.data.readers import imagenet
 
     _jpegs(tmp_path / "val" / "cats", 2, 0)
     with pytest.raises(ProtoclipError, match="'cats' is not an ImageNet-1k wnid"):
@@ -103,7 +103,7 @@ def test_imagenet_root_with_wrong_layout_is_rejected(tmp_path):
 
 
 def test_image_folder_layout_and_classnames_errors(tmp_path, folder_set):
-    from protoclip_cli.evaluation.datasets import image_folder, read_templates
+    from protoclip_cli.evaluation.data.readers import image_folder, read_templates
 
     _jpegs(tmp_path / "flat", 3, 0)
     with pytest.raises(ProtoclipError, match="is not an ImageFolder \\(it holds 3 loose images and no class folders\\)"):
@@ -228,10 +228,10 @@ def official_files_accepted(monkeypatch):
 def test_cifar_and_stl_zeroshot_prompt_their_own_templates_times_class_names(
     name, classes, templates, some_prompts, official_files_accepted, tiny_open_clip, tmp_path
 ):
-    from protoclip_cli.evaluation import tasks
-    from protoclip_cli.evaluation.datasets import torchvision_set
-    from protoclip_cli.evaluation.models import load_open_clip
-    from protoclip_cli.evaluation.prompts import CLASSNAMES, TEMPLATES
+    from protoclip_cli.evaluation.tasks import glue as tasks
+    from protoclip_cli.evaluation.data.prompts import CLASSNAMES, TEMPLATES
+    from protoclip_cli.evaluation.data.readers import torchvision_set
+    from protoclip_cli.evaluation.tasks.model import load_open_clip
 
     on_disk = [c.replace(" ", "_") for c in CLASSNAMES[name]]  # as the official meta files spell them
     _torchvision_files(tmp_path / "data", name, on_disk, count=6, seed=classes)
@@ -249,7 +249,7 @@ def test_cifar_and_stl_zeroshot_prompt_their_own_templates_times_class_names(
 
 
 def test_torchvision_set_with_another_class_list_is_refused(official_files_accepted, tmp_path):
-    from protoclip_cli.evaluation.datasets import torchvision_set
+    from protoclip_cli.evaluation.data.readers import torchvision_set
 
     _torchvision_files(tmp_path, "cifar10", ["cat", "dog"], count=4, seed=0)
     with pytest.raises(ProtoclipError, match="is not cifar10's"):

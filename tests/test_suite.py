@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from protoclip_cli.evaluation import suite
+from protoclip_cli.evaluation.data import suite_layouts as suite
 
 torch.set_num_threads(2)
 RNG = np.random.default_rng(0)
@@ -171,7 +171,7 @@ def test_suite_names_and_templates_are_clip_benchmarks_where_it_ships_them():
         assert prompts == [t.replace("{c}", "{}") for t in templates[theirs]], name
     assert suite.classes_and_templates("imagenet")[0] == names["imagenet1k"] == list(open_clip.IMAGENET_CLASSNAMES)
     assert [suite.prompts_source(n) for n in ("imagenet", "cifar10", "gtsrb", "birdsnap")] == [
-        "open_clip", "protoclip_cli.evaluation.prompts", "clip_benchmark", "zeroshot_suite.json"]
+        "open_clip", "protoclip_cli.evaluation.data.prompts", "clip_benchmark", "zeroshot_suite.json"]
 
 
 def test_without_clip_benchmark_the_bundled_lists_are_the_same(monkeypatch):

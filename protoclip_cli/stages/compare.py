@@ -35,8 +35,11 @@ from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.console import console, info
 from protoclip_cli.data.shards import shard_sample_count
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.evaluation import comparison, datasets, models, tasks
-from protoclip_cli.evaluation.results import checkpoint_results, read_results
+from protoclip_cli.evaluation.data import readers as datasets
+from protoclip_cli.evaluation.reports import comparison
+from protoclip_cli.evaluation.reports.results import checkpoint_results, read_results
+from protoclip_cli.evaluation.tasks import glue as tasks
+from protoclip_cli.evaluation.tasks import model as models
 from protoclip_cli.runs import RunDir
 from protoclip_cli.stages import evaluate, train
 from protoclip_cli.training.open_clip_peer import train_peer

@@ -29,12 +29,13 @@ from protoclip_cli.configs.evaluate import (
 from protoclip_cli.console import info
 from protoclip_cli.data.sources import run_datasets
 from protoclip_cli.errors import ProtoclipError, write_error
-from protoclip_cli.evaluation import datasets as ds
-from protoclip_cli.evaluation import models, tasks
-from protoclip_cli.evaluation.datasets import read_templates
-from protoclip_cli.evaluation.result_plots import ResultPlots
-from protoclip_cli.evaluation.results import write_result
-from protoclip_cli.evaluation.suite import run_suite
+from protoclip_cli.evaluation.data import readers as ds
+from protoclip_cli.evaluation.data.readers import read_templates
+from protoclip_cli.evaluation.data.suite_layouts import run_suite
+from protoclip_cli.evaluation.reports.result_plots import ResultPlots
+from protoclip_cli.evaluation.reports.results import write_result
+from protoclip_cli.evaluation.tasks import glue as tasks
+from protoclip_cli.evaluation.tasks import model as models
 from protoclip_cli.names import slugify
 from protoclip_cli.runs import RunDir
 from protoclip_cli.workspace import Workspace, resolve

@@ -32,8 +32,8 @@ from protoclip_cli.core.model import SIGLIP_INIT_LOGIT_BIAS, get_tokenizer, regi
 from protoclip_cli.core.run_model import load_run_model
 from protoclip_cli.data.sources import run_datasets
 from protoclip_cli.errors import MissingInputError, ProtoclipError
-from protoclip_cli.evaluation.model_card import render_model_card
-from protoclip_cli.evaluation.results import checkpoint_results, read_results
+from protoclip_cli.evaluation.reports.model_card import render_model_card
+from protoclip_cli.evaluation.reports.results import checkpoint_results, read_results
 from protoclip_cli.workspace import Workspace, resolve
 
 ROUND_TRIP_ATOL = 1e-5

@@ -23,8 +23,8 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from protoclip_cli.data.shards import iter_samples
 from protoclip_cli.data.transforms import decode_image
 from protoclip_cli.errors import MissingInputError, ProtoclipError
-from protoclip_cli.evaluation import imagenet as meta
-from protoclip_cli.evaluation.prompts import CLASSNAMES, TEMPLATES
+from protoclip_cli.evaluation.data import imagenet as meta
+from protoclip_cli.evaluation.data.prompts import CLASSNAMES, TEMPLATES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 TORCHVISION_SETS = ("cifar10", "cifar100", "stl10")

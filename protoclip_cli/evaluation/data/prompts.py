@@ -1,7 +1,7 @@
 """Class names and zero-shot prompt templates of CIFAR-10, CIFAR-100 and STL-10.
 
 open_clip ships templates for ImageNet only (``open_clip.OPENAI_IMAGENET_TEMPLATES``, used by
-:mod:`protoclip_cli.evaluation.imagenet`). The lists below are the ones published with OpenAI CLIP
+:mod:`protoclip_cli.evaluation.data.imagenet`). The lists below are the ones published with OpenAI CLIP
 (``data/prompts.md`` of openai/CLIP, "Prompts for Image Classification"), which are also the lists
 of the ProtoCLIP reference evaluation (``src/training/evaluations/zero_shot.py`` of
 megvii-research/protoclip): 18 templates for CIFAR-10 and CIFAR-100, 2 for STL-10. Class names are

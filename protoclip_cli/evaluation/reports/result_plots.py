@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from protoclip_cli.data.transforms import eval_transform
-from protoclip_cli.evaluation import plots
-from protoclip_cli.evaluation.datasets import ImageSet
-from protoclip_cli.evaluation.retrieval import retrieval_recall
+from protoclip_cli.evaluation.data.readers import ImageSet
+from protoclip_cli.evaluation.reports import plots
+from protoclip_cli.evaluation.tasks.retrieval import retrieval_recall
 
 SAMPLES = 16
 

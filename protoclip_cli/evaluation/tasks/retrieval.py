@@ -3,7 +3,7 @@
 ``text_image[t]`` is the index of the image that caption ``t`` describes. Image -> text: an image
 is found at k when one of its captions ranks in the top k of all captions. Text -> image: a
 caption is found at k when its image ranks in the top k of all images. Ties count against the
-model, as in :mod:`protoclip_cli.evaluation.zeroshot`: the rank of the right answer is the number
+model, as in :mod:`protoclip_cli.evaluation.tasks.zeroshot`: the rank of the right answer is the number
 of wrong answers scoring greater than or equal to it.
 """
 

@@ -11,16 +11,25 @@ import torch
 
 from protoclip_cli.core.kmeans import kmeans
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.evaluation import imagenet
-from protoclip_cli.evaluation.clustering import PROTOCOLS, agreement, reference_kmeans_labels
-from protoclip_cli.evaluation.datasets import ImageSet
-from protoclip_cli.evaluation.features import image_features, text_features
-from protoclip_cli.evaluation.linear_probe import linear_probe as fit_and_score
-from protoclip_cli.evaluation.linear_probe import reference_linear_probe
-from protoclip_cli.evaluation.modality import modality_gap as gap
-from protoclip_cli.evaluation.models import EvalModel
-from protoclip_cli.evaluation.retrieval import retrieval_recall
-from protoclip_cli.evaluation.zeroshot import class_embeddings, prompts_for, topk_accuracy, zeroshot_scores
+from protoclip_cli.evaluation.data import imagenet
+from protoclip_cli.evaluation.data.readers import ImageSet
+from protoclip_cli.evaluation.tasks.clustering import (
+    PROTOCOLS,
+    agreement,
+    reference_kmeans_labels,
+)
+from protoclip_cli.evaluation.tasks.features import image_features, text_features
+from protoclip_cli.evaluation.tasks.linear_probe import linear_probe as fit_and_score
+from protoclip_cli.evaluation.tasks.linear_probe import reference_linear_probe
+from protoclip_cli.evaluation.tasks.modality_gap import modality_gap as gap
+from protoclip_cli.evaluation.tasks.model import EvalModel
+from protoclip_cli.evaluation.tasks.retrieval import retrieval_recall
+from protoclip_cli.evaluation.tasks.zeroshot import (
+    class_embeddings,
+    prompts_for,
+    topk_accuracy,
+    zeroshot_scores,
+)
 
 
 def _percent(metrics: dict[str, float]) -> dict[str, float]:

@@ -33,9 +33,11 @@ from torch.utils.data import Dataset
 from protoclip_cli.console import warn
 from protoclip_cli.data.transforms import decode_image
 from protoclip_cli.errors import MissingInputError, ProtoclipError
-from protoclip_cli.evaluation import datasets, imagenet, tasks
-from protoclip_cli.evaluation.datasets import IMAGE_EXTENSIONS, ImageSet
-from protoclip_cli.evaluation.prompts import CLASSNAMES, TEMPLATES
+from protoclip_cli.evaluation.data import imagenet
+from protoclip_cli.evaluation.data import readers as datasets
+from protoclip_cli.evaluation.data.prompts import CLASSNAMES, TEMPLATES
+from protoclip_cli.evaluation.data.readers import IMAGE_EXTENSIONS, ImageSet
+from protoclip_cli.evaluation.tasks import glue as tasks
 
 CLASSIFICATION = ("imagenet", "cifar10", "cifar100", "stl10", "birdsnap", "country211", "flowers102", "gtsrb",
                   "stanford_cars", "ucf101")  # fmt: skip
@@ -79,7 +81,7 @@ def _clip_benchmark() -> tuple[dict, dict] | None:
 def classes_and_templates(name: str) -> tuple[list[str], list]:
     """The class names and templates of a suite data set (those of the CLIP paper, which the
     reference also uses), from the package that ships them: ImageNet open_clip's; CIFAR-10/100 and
-    STL-10 :mod:`protoclip_cli.evaluation.prompts`; Country211, Flowers102, GTSRB and Stanford Cars
+    STL-10 :mod:`protoclip_cli.evaluation.data.prompts`; Country211, Flowers102, GTSRB and Stanford Cars
     CLIP_benchmark's (``{c}`` written ``{}``) when it is installed; otherwise, and for Birdsnap and
     UCF101 (shipped by neither), ``zeroshot_suite.json`` (openai/CLIP ``data/prompts.md``)."""
     return _lists(name)[:2]
@@ -95,7 +97,7 @@ def _lists(name: str) -> tuple[list[str], list, str]:
         return imagenet.classnames(), imagenet.templates(), "open_clip"
 
     if name in CLASSNAMES:
-        return list(CLASSNAMES[name]), list(TEMPLATES[name]), "protoclip_cli.evaluation.prompts"
+        return list(CLASSNAMES[name]), list(TEMPLATES[name]), "protoclip_cli.evaluation.data.prompts"
     entry, shipped = _bundled()[name], _clip_benchmark()
     classes, templates, source = list(entry["classes"]), list(entry["templates"]), "zeroshot_suite.json"
     if shipped is not None and name in CLIP_BENCHMARK_LISTS:

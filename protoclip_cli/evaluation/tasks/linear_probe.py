@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from protoclip_cli.evaluation.zeroshot import mean_per_class_recall, topk_accuracy
+from protoclip_cli.evaluation.tasks.zeroshot import mean_per_class_recall, topk_accuracy
 
 DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
