@@ -50,7 +50,7 @@ def test_imagenet_folders_get_their_indices_and_open_clip_names(fake_imagenet):
     assert data.size == 2 + 3 + 4 and len(data.classnames) == 1000 and len(data.templates) == 80
     dataset = data.images(lambda image: image)
     for row in range(data.size):
-        wnid = dataset.paths[row].parent.name
+        wnid = Path(dataset.sources[row][0]).parent.name  # (file, offset, size)
         index, name = WNIDS[wnid]
         assert data.labels[row] == index and data.classnames[index] == name
     prompts = prompts_for(data.classnames, data.templates)
@@ -76,8 +76,8 @@ class BagOfTokens(torch.nn.Module):
 
 
 def test_imagenet_zeroshot_task_embeds_1000_by_80_prompts(fake_imagenet, tiny_open_clip, tmp_path):
-    from protoclip_cli.evaluation.tasks import glue as tasks
     from protoclip_cli.evaluation.data.readers import imagenet
+    from protoclip_cli.evaluation.tasks import glue as tasks
     from protoclip_cli.evaluation.tasks.model import load_open_clip
 
     model = load_open_clip("protoclip-tiny", str(tiny_open_clip), "cpu")
@@ -103,7 +103,8 @@ def test_imagenet_root_with_wrong_layout_is_rejected(tmp_path):
 
 
 def test_image_folder_layout_and_classnames_errors(tmp_path, folder_set):
-    from protoclip_cli.evaluation.data.readers import image_folder, read_templates
+    from protoclip_cli.evaluation.data.prompts import read_templates
+    from protoclip_cli.evaluation.data.readers import image_folder
 
     _jpegs(tmp_path / "flat", 3, 0)
     with pytest.raises(ProtoclipError, match="is not an ImageFolder \\(it holds 3 loose images and no class folders\\)"):
@@ -228,9 +229,9 @@ def official_files_accepted(monkeypatch):
 def test_cifar_and_stl_zeroshot_prompt_their_own_templates_times_class_names(
     name, classes, templates, some_prompts, official_files_accepted, tiny_open_clip, tmp_path
 ):
-    from protoclip_cli.evaluation.tasks import glue as tasks
     from protoclip_cli.evaluation.data.prompts import CLASSNAMES, TEMPLATES
     from protoclip_cli.evaluation.data.readers import torchvision_set
+    from protoclip_cli.evaluation.tasks import glue as tasks
     from protoclip_cli.evaluation.tasks.model import load_open_clip
 
     on_disk = [c.replace(" ", "_") for c in CLASSNAMES[name]]  # as the official meta files spell them

@@ -35,7 +35,7 @@ from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.console import console, info
 from protoclip_cli.data.shards import shard_sample_count
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.evaluation.data import readers as datasets
+from protoclip_cli.evaluation.data import readers
 from protoclip_cli.evaluation.reports import comparison
 from protoclip_cli.evaluation.reports.results import checkpoint_results, read_results
 from protoclip_cli.evaluation.tasks import glue as tasks
@@ -254,12 +254,12 @@ def _score_checkpoint(config: CompareConfig, run, workspace: Workspace, checkpoi
     defaults = EvaluateConfig()
     model = models.from_run(run, checkpoint, config.device)
     dataset = run.config().data.dataset
-    test = datasets.embedded(workspace, dataset, defaults.heldout_split)
+    test = readers.embedded(workspace, dataset, defaults.heldout_split)
     common = dict(cache_dir=None, batch_size=defaults.batch_size, workers=config.eval_workers)
     return {
         "zeroshot": tasks.zeroshot(model, test, None, **common)["metrics"],
         "linear-probe": tasks.linear_probe(
-            model, datasets.embedded(workspace, dataset, "train"), test, method=defaults.probe_method,
+            model, readers.embedded(workspace, dataset, "train"), test, method=defaults.probe_method,
             weight_decays=defaults.probe_weight_decays, seed=defaults.seed, **common,
         )["metrics"],
     }

@@ -1,228 +1,82 @@
-"""Evaluation data sources, each turned into an :class:`ImageSet` (images, and labels or captions).
+"""Readers of the data sets ``evaluate --dataset`` names, each into an :class:`ImageSet`.
 
 Layouts (see docs/evaluation.md): an ImageFolder ``ROOT/<class>/<image>``; ImageNet
 ``ROOT/{train,val}/<wnid>/``; torchvision CIFAR-10/100 and STL-10 already on disk under ``ROOT``;
 COCO ``ROOT/val2017/`` with ``captions_val2017.json``; Flickr30k images with the Karpathy split
 file; webdataset shards of image-text pairs; the workspace's embedded data set (shards written by
-``protoclip download``, ground truth in its manifest).
+``protoclip download``, ground truth in its manifest). The zero-shot suite's further layouts are in
+:mod:`protoclip_cli.evaluation.data.suite_layouts`.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
-from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+import torchvision
 
 from protoclip_cli.data.shards import iter_samples
-from protoclip_cli.data.transforms import decode_image
 from protoclip_cli.errors import MissingInputError, ProtoclipError
-from protoclip_cli.evaluation.data import imagenet as meta
-from protoclip_cli.evaluation.data.prompts import CLASSNAMES, TEMPLATES
+from protoclip_cli.evaluation.data import class_folders
+from protoclip_cli.evaluation.data.fingerprint import fingerprint
+from protoclip_cli.evaluation.data.image_set import ImageSet, source_set
+from protoclip_cli.evaluation.data.images import ArrayImages, ShardImages, file_sources
+from protoclip_cli.evaluation.data.prompts import classes_and_templates, manifest_lists, read_classnames
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 TORCHVISION_SETS = ("cifar10", "cifar100", "stl10")
-
-
-@dataclass
-class ImageSet:
-    """Images to extract features from, with what the tasks compare them to.
-
-    ``images(transform)`` returns a torch data set yielding ``(row, uint8 (3, H, W))``: a
-    map-style one for files and arrays, an iterable one for shards (rows come from sample keys).
-    ``captions[i]`` lists the captions of image ``i`` (retrieval); ``labels[i]`` indexes
-    ``classnames`` (classification and clustering).
-    """
-
-    name: str
-    fingerprint: str
-    size: int
-    images: Callable[[Callable], Dataset]
-    labels: np.ndarray | None = None
-    classnames: list[str] | None = None
-    templates: list | None = None
-    captions: list[list[str]] | None = None
-    keys: np.ndarray | None = None  # sample keys of shard sources, row order
-    details: dict = field(default_factory=dict)
-
-    def caption_owners(self) -> tuple[list[str], torch.Tensor]:
-        """(flat list of captions, index of each caption's image)."""
-        if self.captions is None:
-            raise ProtoclipError(f"Data set {self.name} has no captions; retrieval needs image-text pairs.")
-        texts = [c for per_image in self.captions for c in per_image]
-        owners = torch.tensor([i for i, per_image in enumerate(self.captions) for _ in per_image], dtype=torch.long)
-        return texts, owners
-
-
-def _hash(*parts: object) -> str:
-    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()
-
-
-def _files_fingerprint(paths: Sequence[Path]) -> str:
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-    return _hash(*stats)
-
-
-def read_file_image(path: Path) -> torch.Tensor:
-    try:
-        return decode_image(path.read_bytes())
-    except RuntimeError as error:
-        raise ProtoclipError(f"Could not decode image {path} ({error}); remove or replace the file.") from error
-
-
-class _FileImages(Dataset):
-    def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, row: int) -> tuple[int, torch.Tensor]:
-        return row, self.transform(read_file_image(self.paths[row]))
-
-
-class _ArrayImages(Dataset):
-    """uint8 images held in memory, (N, H, W, 3) or (N, 3, H, W)."""
-
-    def __init__(self, array: np.ndarray, channels_first: bool, transform: Callable) -> None:
-        self.array, self.channels_first, self.transform = array, channels_first, transform
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getitem__(self, row: int) -> tuple[int, torch.Tensor]:
-        image = torch.from_numpy(np.ascontiguousarray(self.array[row]))
-        return row, self.transform(image if self.channels_first else image.permute(2, 0, 1))
-
-
-class _ShardImages(IterableDataset):
-    """Images of webdataset shards; each data-loader worker streams its own shards."""
-
-    def __init__(self, shards: Sequence[Path], rows: dict[int, int], transform: Callable) -> None:
-        self.shards, self.rows, self.transform = list(shards), rows, transform
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        worker = get_worker_info()
-        shards = self.shards if worker is None else self.shards[worker.id :: worker.num_workers]
-        if not shards:
-            return
-        for sample in iter_samples(shards, images=True, meta=False):
-            if sample.key in self.rows and sample.image is not None:
-                yield self.rows[sample.key], self.transform(decode_image(sample.image))
-
-
-# -- class names and templates ---------------------------------------------------------------------
-
-
-def read_lines(path: str | Path, what: str) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"The {what} file {path} does not exist; pass a text file with one entry per line.")
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    lines = [line for line in lines if line and not line.startswith("#")]
-    if not lines:
-        raise ProtoclipError(f"The {what} file {path} is empty; write one entry per line.")
-    return lines
-
-
-def read_templates(path: str | Path) -> list[str]:
-    """Prompt templates, one per line, each with a ``{}`` where the class name goes."""
-    templates = read_lines(path, "templates")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ProtoclipError(f"Template '{bad[0]}' in {path} has no '{{}}' for the class name; add one.")
-    return templates
-
-
-def read_classnames(path: str | Path, folders: Sequence[str]) -> list[str]:
-    """Class names for ``folders`` (sorted class folders): one per line in folder order, or
-    ``folder<TAB>name`` lines in any order."""
-    lines = read_lines(path, "class-names")
-    if all("\t" in line for line in lines):
-        mapping = dict(line.split("\t", 1) for line in lines)
-        missing = [f for f in folders if f not in mapping]
-        if missing:
-            raise ProtoclipError(f"Class-names file {path} has no line for folder '{missing[0]}'.")
-        return [mapping[f].strip() for f in folders]
-    if len(lines) != len(folders):
-        raise ProtoclipError(
-            f"Class-names file {path} has {len(lines)} names but there are {len(folders)} class folders; "
-            "write one name per folder, in sorted folder order."
-        )
-    return lines
-
-
-# -- sources -------------------------------------------------------------------------------------
-
-
-def _class_folders(root: Path, layout_hint: str) -> tuple[list[str], list[Path], np.ndarray]:
-    """(sorted class folder names, image paths, label per path) of an ImageFolder layout."""
-    if not root.is_dir():
-        raise MissingInputError(f"Folder {root} does not exist; {layout_hint}")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    paths, labels = [], []
-    for label, name in enumerate(folders):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        paths += files
-        labels += [label] * len(files)
-    if not folders or not paths:
-        loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
-        found = f"it holds {len(loose)} loose images and no class folders" if loose else "it holds no images in class folders"
-        raise ProtoclipError(f"{root} is not an ImageFolder ({found}); {layout_hint}")
-    return folders, paths, np.asarray(labels, dtype=np.int64)
-
-
 FOLDER_LAYOUT = "expected ROOT/<class>/<image files> with one folder per class."
 
 
 def image_folder(root: str | Path, classnames_file: str | Path | None, name: str | None = None) -> ImageSet:
     """Any ImageFolder; class names from ``classnames_file`` (else the folder names)."""
     root = Path(root)
-    folders, paths, labels = _class_folders(root, FOLDER_LAYOUT)
+    folders, paths, labels = class_folders.scan(root, FOLDER_LAYOUT)
     classnames = read_classnames(classnames_file, folders) if classnames_file else [f.replace("_", " ") for f in folders]
-    return ImageSet(
-        name=name or root.name,
-        fingerprint=_files_fingerprint(paths),
-        size=len(paths),
-        images=lambda transform: _FileImages(paths, transform),
-        labels=labels,
-        classnames=classnames,
-        details={"root": str(root), "classes": len(folders)},
-    )
+    return source_set(name or root.name, file_sources(paths), {"root": str(root), "classes": len(folders)},
+                      labels=labels, classnames=classnames)  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k WordNet ids, sorted (index i = class i), from timm (a dependency of open_clip)."""
+    from timm.data import ImageNetInfo  # timm's tables of class names load only when ImageNet is read
+
+    ids = tuple(ImageNetInfo("imagenet-1k").label_names())
+    if len(ids) != 1000 or list(ids) != sorted(ids):
+        raise RuntimeError("timm's ImageNet-1k synset list is not the 1000 sorted wnids")
+    return ids
+
+
+def _imagenet_index(wnid_folders: list[str]) -> dict[str, int]:
+    """Each ``val/<wnid>`` folder's ImageNet-1k class index, or what is wrong with the folders."""
+    index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
+    unknown = [name for name in wnid_folders if name not in index]
+    if unknown:
+        raise ProtoclipError(
+            f"Folder '{unknown[0]}' is not an ImageNet-1k wnid; the ImageNet root must hold one "
+            "folder per class named by its wnid (e.g. val/n01440764/*.JPEG)."
+        )
+    return {name: index[name] for name in wnid_folders}
 
 
 def imagenet(root: str | Path, split: str = "val") -> ImageSet:
-    """ImageNet-1k ``ROOT/<split>/<wnid>/*.JPEG``: labels are ImageNet-1k indices, names open_clip's."""
+    """ImageNet-1k ``ROOT/<split>/<wnid>/*.JPEG``: class i is the i-th sorted wnid (the usual
+    ImageNet-1k index, which torchvision's ImageFolder also gives a full ``val/``), named by open_clip."""
     folder = Path(root) / split
     hint = f"expected {Path(root)}/{split}/<wnid>/*.JPEG (e.g. {split}/n01440764/) as in the ImageNet-1k {split} set."
-    folders, paths, folder_labels = _class_folders(folder, hint)
-    index = meta.class_index_of(folders)
+    folders, paths, folder_labels = class_folders.scan(folder, hint)
+    index = _imagenet_index(folders)
     labels = np.asarray([index[folders[label]] for label in folder_labels], dtype=np.int64)
-    return ImageSet(
-        name=f"imagenet-{split}",
-        fingerprint=_files_fingerprint(paths),
-        size=len(paths),
-        images=lambda transform: _FileImages(paths, transform),
-        labels=labels,
-        classnames=meta.classnames(),
-        templates=meta.templates(),
-        details={"root": str(folder), "class_folders": len(folders)},
-    )
+    classnames, templates = classes_and_templates("imagenet")
+    return source_set(f"imagenet-{split}", file_sources(paths), {"root": str(folder), "class_folders": len(folders)},
+                      labels=labels, classnames=classnames, templates=templates)  # fmt: skip
 
 
 def torchvision_set(name: str, root: str | Path, train: bool) -> ImageSet:
     """CIFAR-10, CIFAR-100 or STL-10 as torchvision stores them under ``root`` (never downloaded)."""
-    import torchvision
-
     split = "train" if train else "test"
     try:
         if name == "stl10":
@@ -242,20 +96,22 @@ def torchvision_set(name: str, root: str | Path, train: bool) -> ImageSet:
 
     # Zero-shot uses the data set's own CLIP class names and templates; the files' class list must
     # be the one they describe, in the same order.
-    if [c.replace("_", " ") for c in data.classes] != list(CLASSNAMES[name]):
+    classnames, templates = classes_and_templates(name)
+    if [c.replace("_", " ") for c in data.classes] != classnames:
         raise ProtoclipError(
             f"The class list of {name} in {root} is not {name}'s ({len(data.classes)} classes, first "
             f"'{data.classes[0] if data.classes else ''}'); extract the official archive there."
         )
     return ImageSet(
         name=f"{name}-{split}",
-        fingerprint=_hash(name, Path(root).resolve(), split, len(array)),
+        # The arrays come from torchvision's batch files: the folder, split and size tell them apart.
+        fingerprint=fingerprint((), name, Path(root).resolve(), split, len(array)),
         size=len(array),
-        images=lambda transform: _ArrayImages(array, channels_first, transform),
+        images=lambda transform: ArrayImages(array, channels_first, transform),
         labels=labels.astype(np.int64),
-        classnames=list(CLASSNAMES[name]),
-        templates=list(TEMPLATES[name]),
-        details={"root": str(root), "split": split, "templates": f"OpenAI CLIP {name} ({len(TEMPLATES[name])})"},
+        classnames=classnames,
+        templates=templates,
+        details={"root": str(root), "split": split, "templates": f"OpenAI CLIP {name} ({len(templates)})"},
     )
 
 
@@ -275,14 +131,15 @@ def _shard_set(name: str, shards: list[Path], ground_truth: dict | None = None) 
             labels.append(int(sample.meta["label"]))
     if not rows:
         raise ProtoclipError(f"The shards of {name} hold no samples.")
+    classnames, templates = manifest_lists(ground_truth) if ground_truth else (None, None)
     return ImageSet(
         name=name,
-        fingerprint=_files_fingerprint(shards),
+        fingerprint=fingerprint(shards),
         size=len(rows),
-        images=lambda transform: _ShardImages(shards, rows, transform),
+        images=lambda transform: ShardImages(shards, rows, transform),
         labels=np.asarray(labels, dtype=np.int64) if ground_truth is not None else None,
-        classnames=list(ground_truth["classes"]) if ground_truth else None,
-        templates=(list(ground_truth.get("templates") or []) or None) if ground_truth else None,
+        classnames=classnames,
+        templates=templates,
         captions=captions,
         keys=np.fromiter(rows, dtype=np.int64),
         details={"shards": len(shards)},
@@ -342,11 +199,5 @@ def flickr30k(root: str | Path, split_file: str | Path, split: str = "test") -> 
 
 
 def _caption_set(name: str, paths: list[Path], captions: list[list[str]]) -> ImageSet:
-    return ImageSet(
-        name=name,
-        fingerprint=_files_fingerprint(paths),
-        size=len(paths),
-        images=lambda transform: _FileImages(paths, transform),
-        captions=captions,
-        details={"images": len(paths), "captions": sum(map(len, captions))},
-    )
+    return source_set(name, file_sources(paths), {"images": len(paths), "captions": sum(map(len, captions))},
+                      captions=captions)  # fmt: skip

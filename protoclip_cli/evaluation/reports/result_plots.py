@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from protoclip_cli.data.transforms import eval_transform
-from protoclip_cli.evaluation.data.readers import ImageSet
+from protoclip_cli.evaluation.data.image_set import ImageSet
 from protoclip_cli.evaluation.reports import plots
 from protoclip_cli.evaluation.tasks.retrieval import retrieval_recall
 

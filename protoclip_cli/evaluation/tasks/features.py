@@ -20,7 +20,7 @@ from protoclip_cli.artifacts import atomic_path
 from protoclip_cli.console import progress, warn
 from protoclip_cli.data.transforms import eval_transform
 from protoclip_cli.errors import WriteError
-from protoclip_cli.evaluation.data.readers import ImageSet
+from protoclip_cli.evaluation.data.image_set import ImageSet
 from protoclip_cli.evaluation.tasks.model import EvalModel
 
 TEXT_BATCH = 256

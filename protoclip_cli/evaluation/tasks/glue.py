@@ -11,8 +11,8 @@ import torch
 
 from protoclip_cli.core.kmeans import kmeans
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.evaluation.data import imagenet
-from protoclip_cli.evaluation.data.readers import ImageSet
+from protoclip_cli.evaluation.data.image_set import ImageSet
+from protoclip_cli.evaluation.data.prompts import imagenet_templates
 from protoclip_cli.evaluation.tasks.clustering import (
     PROTOCOLS,
     agreement,
@@ -53,7 +53,7 @@ def zeroshot(
     top-k curve, and (into ``figures``, when given) the image features, labels and class scores."""
     labels = _require_labels(data, "zero-shot classification")
     source = "file" if templates else ("dataset" if data.templates else "openai-imagenet")
-    templates = list(templates or data.templates or imagenet.templates())
+    templates = list(templates or data.templates or imagenet_templates())
     prompts = [p for per_class in prompts_for(data.classnames, templates) for p in per_class]
     images = image_features(model, data, cache_dir, batch_size, workers)
     prompt_features = text_features(model, prompts, f"{data.name}-prompts", cache_dir)
