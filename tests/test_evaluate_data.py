@@ -77,17 +77,17 @@ class BagOfTokens(torch.nn.Module):
 
 def test_imagenet_zeroshot_task_embeds_1000_by_80_prompts(fake_imagenet, tiny_open_clip, tmp_path):
     from protoclip_cli.evaluation.data.readers import imagenet
-    from protoclip_cli.evaluation.tasks import glue as tasks
+    from protoclip_cli.evaluation.tasks import zeroshot
     from protoclip_cli.evaluation.tasks.model import load_open_clip
 
     model = load_open_clip("protoclip-tiny", str(tiny_open_clip), "cpu")
     model.clip = BagOfTokens(model.clip)
-    result = tasks.zeroshot(model, imagenet(fake_imagenet), None, tmp_path, batch_size=4, workers=0)
+    result = zeroshot.evaluate(model, imagenet(fake_imagenet), None, tmp_path, batch_size=4, workers=0)
     assert model.clip.texts_seen == 80_000
     assert result["classes"] == 1000 and result["templates"] == 80 and result["images"] == 9
     assert set(result["metrics"]) == {"top1", "top5", "mean_per_class_recall"}
     # Cached: the second call embeds nothing.
-    tasks.zeroshot(model, imagenet(fake_imagenet), None, tmp_path, batch_size=4, workers=0)
+    zeroshot.evaluate(model, imagenet(fake_imagenet), None, tmp_path, batch_size=4, workers=0)
     assert model.clip.texts_seen == 80_000
     assert len(list(tmp_path.glob("imagenet-val-image.*.pt"))) == 1
 
@@ -231,7 +231,7 @@ def test_cifar_and_stl_zeroshot_prompt_their_own_templates_times_class_names(
 ):
     from protoclip_cli.evaluation.data.prompts import CLASSNAMES, TEMPLATES
     from protoclip_cli.evaluation.data.readers import torchvision_set
-    from protoclip_cli.evaluation.tasks import glue as tasks
+    from protoclip_cli.evaluation.tasks import zeroshot
     from protoclip_cli.evaluation.tasks.model import load_open_clip
 
     on_disk = [c.replace(" ", "_") for c in CLASSNAMES[name]]  # as the official meta files spell them
@@ -241,7 +241,7 @@ def test_cifar_and_stl_zeroshot_prompt_their_own_templates_times_class_names(
     seen: list[str] = []
     encode = model.encode_texts
     model.encode_texts = lambda texts: (seen.extend(texts), encode(texts))[1]
-    result = tasks.zeroshot(model, data, None, None, batch_size=4, workers=0)
+    result = zeroshot.evaluate(model, data, None, None, batch_size=4, workers=0)
 
     assert len(CLASSNAMES[name]) == classes and len(TEMPLATES[name]) == templates
     assert seen == [t.format(c) for c in CLASSNAMES[name] for t in TEMPLATES[name]]

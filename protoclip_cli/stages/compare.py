@@ -38,8 +38,8 @@ from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.evaluation.data import readers
 from protoclip_cli.evaluation.reports import comparison
 from protoclip_cli.evaluation.reports.results import checkpoint_results, read_results
-from protoclip_cli.evaluation.tasks import glue as tasks
-from protoclip_cli.evaluation.tasks import model as models
+from protoclip_cli.evaluation.tasks import linear_probe, zeroshot
+from protoclip_cli.evaluation.tasks.model import from_run
 from protoclip_cli.runs import RunDir
 from protoclip_cli.stages import evaluate, train
 from protoclip_cli.training.open_clip_peer import train_peer
@@ -252,13 +252,13 @@ def _prune(run, keep: int) -> None:
 def _score_checkpoint(config: CompareConfig, run, workspace: Workspace, checkpoint: Path) -> dict[str, dict]:
     """Zero-shot and linear probe of one checkpoint on the held-out split, features not cached."""
     defaults = EvaluateConfig()
-    model = models.from_run(run, checkpoint, config.device)
+    model = from_run(run, checkpoint, config.device)
     dataset = run.config().data.dataset
     test = readers.embedded(workspace, dataset, defaults.heldout_split)
     common = dict(cache_dir=None, batch_size=defaults.batch_size, workers=config.eval_workers)
     return {
-        "zeroshot": tasks.zeroshot(model, test, None, **common)["metrics"],
-        "linear-probe": tasks.linear_probe(
+        "zeroshot": zeroshot.evaluate(model, test, None, **common)["metrics"],
+        "linear-probe": linear_probe.evaluate(
             model, readers.embedded(workspace, dataset, "train"), test, method=defaults.probe_method,
             weight_decays=defaults.probe_weight_decays, seed=defaults.seed, **common,
         )["metrics"],

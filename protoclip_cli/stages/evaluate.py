@@ -25,9 +25,8 @@ from protoclip_cli.evaluation.data.prompts import read_templates
 from protoclip_cli.evaluation.data.registry import DataSets
 from protoclip_cli.evaluation.reports.result_plots import ResultPlots
 from protoclip_cli.evaluation.reports.results import write_result
-from protoclip_cli.evaluation.tasks import glue as tasks
-from protoclip_cli.evaluation.tasks import model as models
-from protoclip_cli.evaluation.tasks.suite import run_suite
+from protoclip_cli.evaluation.tasks import clustering, linear_probe, modality_gap, retrieval, suite, zeroshot
+from protoclip_cli.evaluation.tasks.model import from_run, load_open_clip
 from protoclip_cli.names import slugify
 from protoclip_cli.runs import RunDir
 from protoclip_cli.workspace import Workspace, resolve
@@ -36,10 +35,10 @@ from protoclip_cli.workspace import Workspace, resolve
 def _load_model(config: EvaluateConfig, workspace: Workspace):
     """(model, the workspace whose data sets the default evaluation reads)."""
     if config.open_clip:
-        return models.load_open_clip(config.open_clip, config.pretrained, config.device), workspace
+        return load_open_clip(config.open_clip, config.pretrained, config.device), workspace
 
     resolved = resolve(workspace, config.model, config.checkpoint)
-    return models.from_run(resolved.run, resolved.checkpoint, config.device), resolved.workspace
+    return from_run(resolved.run, resolved.checkpoint, config.device), resolved.workspace
 
 
 def _default_dataset(model, workspace: Workspace) -> str:
@@ -57,20 +56,20 @@ def _run_task(
 ) -> dict:
     common = dict(cache_dir=cache_dir, batch_size=config.batch_size, workers=config.workers)
     if task == SUITE_TASK:
-        return run_suite(model, config.root, config.suite_datasets, **common)
+        return suite.evaluate(model, config.root, config.suite_datasets, **common)
     if task == "zeroshot":
         templates = read_templates(config.templates) if config.templates else None
-        return tasks.zeroshot(model, data.get(dataset), templates, figures=figures, **common)
+        return zeroshot.evaluate(model, data.get(dataset), templates, figures=figures, **common)
     if task == "linear-probe":
-        return tasks.linear_probe(
+        return linear_probe.evaluate(
             model, data.get(dataset, "train"), data.get(dataset), method=config.probe_method,
             weight_decays=config.probe_weight_decays, seed=config.seed, protocol=config.protocol, **common,
         )
     if task == "retrieval":
-        return tasks.retrieval(model, data.get(dataset), figures=figures, **common)
+        return retrieval.evaluate(model, data.get(dataset), figures=figures, **common)
     if task == "modality-gap":
-        return tasks.modality_gap(model, data.get(dataset), **common)
-    return tasks.clustering(model, data.get(dataset), config.clusters, seed=config.seed, protocol=config.protocol,
+        return modality_gap.evaluate(model, data.get(dataset), **common)
+    return clustering.evaluate(model, data.get(dataset), config.clusters, seed=config.seed, protocol=config.protocol,
                             figures=figures, **common)
 
 

@@ -95,6 +95,17 @@ def image_features(
     return features
 
 
+def pair_features(
+    model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size: int, workers: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image features, caption features, index of each caption's image) of a set of image-text
+    pairs: what retrieval and the modality gap measure."""
+    texts, owners = data.caption_owners()
+    images = image_features(model, data, cache_dir, batch_size, workers)
+    captions = text_features(model, texts, f"{data.name}-captions", cache_dir)
+    return images, captions, owners
+
+
 def text_features(
     model: EvalModel,
     texts: Sequence[str],

@@ -11,11 +11,12 @@ import numpy as np
 from protoclip_cli.console import warn
 from protoclip_cli.errors import MissingInputError
 from protoclip_cli.evaluation.data.suite_layouts import RETRIEVAL, SUITE, find
-from protoclip_cli.evaluation.tasks import glue as tasks
+from protoclip_cli.evaluation.tasks import retrieval, zeroshot
+from protoclip_cli.evaluation.tasks.model import EvalModel
 
 
-def run_suite(
-    model, root: str | Path, names: Sequence[str], cache_dir: Path | None, batch_size: int, workers: int
+def evaluate(
+    model: EvalModel, root: str | Path, names: Sequence[str], cache_dir: Path | None, batch_size: int, workers: int
 ) -> dict:
     """Zero-shot top-1/top-5 on every suite data set found under ``root`` (or exactly ``names``),
     their mean top-1, and COCO retrieval: ``{"metrics", "members", "missing"}``."""
@@ -29,9 +30,9 @@ def run_suite(
             missing.append(name)
             continue
         if name == RETRIEVAL:
-            task, result = "retrieval", tasks.retrieval(model, data, cache_dir, batch_size, workers)
+            task, result = "retrieval", retrieval.evaluate(model, data, cache_dir, batch_size, workers)
         else:
-            task, result = "zeroshot", tasks.zeroshot(model, data, None, cache_dir, batch_size, workers)
+            task, result = "zeroshot", zeroshot.evaluate(model, data, None, cache_dir, batch_size, workers)
         members.append({"suite": name, "task": task, "data": data.name, **data.details, **result})
     if not members:
         raise MissingInputError(
