@@ -4,7 +4,7 @@ Every variant is the same base recipe (``recipes/synthetic.toml`` by default) wi
 (:data:`VARIANTS`), trained with the same episodes, episode size and batch (so the same samples
 seen) for each seed, evaluated with every task on the held-out split, and summarised as the
 paper's table: mean ± std over seeds, the difference to the CLIP baseline and whether it exceeds
-the seed noise (``evaluation/comparison.py``). The checkpoints of the ``curves`` variants at the
+the seed noise (``evaluation/reports/comparison.py``). The checkpoints of the ``curves`` variants at the
 end of every ``curve_every``-th episode are also scored (zero-shot and linear probe) for a plot of
 accuracy against samples seen.
 

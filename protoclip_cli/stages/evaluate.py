@@ -5,7 +5,7 @@ Results go to ``runs/<run>/eval/<name>.json`` (``<workspace>/eval/<model>/`` for
 checkpoints), one file per task, and ``eval/manifest.json`` lists them all. ``<name>`` is the task
 as given (``zeroshot``, ``imagenet-zeroshot``), with ``-<dataset>`` added when ``--dataset`` names
 another data set than the default one. Every result is also written in CLIP_benchmark's schema to
-``eval/clip_benchmark/`` (``evaluation/results.py``), which ``clip_benchmark build`` collects.
+``eval/clip_benchmark/`` (``evaluation/reports/results.py``), which ``clip_benchmark build`` collects.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ heads, no optimiser), so ``open_clip.create_model_and_transforms(ARCH, pretraine
 
 ``--format hf``: the folder ``open_clip.push_to_hf_hub`` uploads (``core/hub_folder.py``):
 ``open_clip_config.json`` (self-contained model and preprocessing config),
-``open_clip_model.safetensors`` and a model card (``evaluation/model_card.py``: recipe, data set,
+``open_clip_model.safetensors`` and a model card (``evaluation/reports/model_card.py``: recipe, data set,
 evaluation results). ``open_clip.create_model_and_transforms("local-dir:DIR")`` loads it without
 any registration; ``--push USER/NAME`` uploads it with huggingface_hub.
 

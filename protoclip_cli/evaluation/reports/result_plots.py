@@ -6,7 +6,7 @@ retrieval recall@k both ways, or the zero-shot suite's top-1 per data set with t
 ``<result>-tsne.png``: t-SNE of (a seeded sample of) the image features coloured by true class and
 by zero-shot prediction (a class keeps its colour in both panels) or k-means cluster.
 ``<result>-samples.png``: images with their true and predicted class (green when right, red when
-wrong). Figures are drawn by :mod:`plots`.
+wrong). Figures are drawn by :mod:`protoclip_cli.evaluation.reports.plots`.
 """
 
 from __future__ import annotations
