@@ -1,3 +1,4 @@
-"""The evaluation tasks: each module holds a task's math on feature tensors and the function that
-runs it on a model and an ``ImageSet``, returning a dict of metrics (in % for accuracies and
-recalls) plus counts, ready to be written as JSON."""
+"""The model under evaluation (``model``), feature extraction and its cache (``features``), and the
+tasks: each task module holds its math on feature tensors and ends with ``evaluate(model, data,
+...)``, which runs it on an ``ImageSet`` and returns a dict of metrics (in % for accuracies and
+recalls, rounded by ``percent``) plus counts, ready to be written as JSON."""
