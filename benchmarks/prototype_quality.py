@@ -31,7 +31,7 @@ def ground_truth(workspace, dataset: str) -> dict[int, dict]:
 def episode_rows(run, truth: dict[int, dict]) -> list[dict]:
     from sklearn.metrics import adjusted_mutual_info_score as ami
 
-    from protoclip_cli.evaluation.prototype_report import read_episode
+    from protoclip_cli.evaluation.reports.prototype_report import read_episode
 
     steps: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for line in run.metrics_file.read_text().splitlines():

@@ -6,7 +6,8 @@
    top-level modules, ``configs``, ``recipes``) never import ``stages`` or ``cli``;
 3. inside the library, ``core`` imports none of ``data``, ``training``, ``evaluation``; ``data``
    imports neither ``training`` nor ``evaluation``; ``training`` and ``evaluation`` do not import
-   each other;
+   each other; inside ``evaluation``, ``data`` imports neither ``tasks`` nor ``reports``, and
+   ``tasks`` does not import ``reports``;
 4. the shared modules never import the library: they are the floor every layer stands on;
 5. no import cycle anywhere in the package;
 6. only the CLI imports the package's own modules inside functions (so that ``--help`` loads no
@@ -30,6 +31,9 @@ BELOW = {
     "training": ("evaluation",),
     "evaluation": ("training",),
 }
+# What each room of evaluation/ may not import (rule 3): data is read by the tasks, whose results
+# the reports write.
+EVALUATION_BELOW = {"data": ("tasks", "reports"), "tasks": ("reports",)}
 # Known exceptions, each with its reason: (importing module, imported module) -> why.
 EXCEPTIONS: dict[tuple[str, str], str] = {}
 # Stages whose purpose is to chain other stages (rule 1 does not apply to them), each with its reason.
@@ -139,6 +143,12 @@ def layer(module: str) -> tuple[str, str]:
     return "shared", parts[1]
 
 
+def evaluation_room(module: str) -> str:
+    """``data``, ``tasks`` or ``reports`` for a module of evaluation/ ('' for others)."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "evaluation" else ""
+
+
 def violations(package: Path = PACKAGE) -> list[str]:
     name = package.name
     found = []
@@ -156,6 +166,8 @@ def violations(package: Path = PACKAGE) -> list[str]:
                 rule = "the library and shared modules never import stages or the CLI"
             elif kind == "library" and other_kind == "library" and other_part in BELOW[part]:
                 rule = f"{part}/ never imports {other_part}/"
+            elif evaluation_room(imported) in EVALUATION_BELOW.get(evaluation_room(module), ()):
+                rule = f"evaluation/{evaluation_room(module)}/ never imports evaluation/{evaluation_room(imported)}/"
             elif kind == "shared" and other_kind == "library":
                 rule = "shared modules never import the library"
             if rule and (module, imported) not in EXCEPTIONS:
@@ -219,6 +231,10 @@ def test_the_rule_catches_each_kind_of_violation(tmp_path):
         "training/loop.py": "from protoclip_cli.evaluation.models import x\nfrom protoclip_cli.data.shards import y\n",
         "evaluation/__init__.py": "",
         "evaluation/models.py": "from protoclip_cli.runs import RunDir\n",
+        "evaluation/data/readers.py": "from protoclip_cli.evaluation.tasks.model import x\n",
+        "evaluation/tasks/model.py": "from protoclip_cli.evaluation.data import readers\n",
+        "evaluation/tasks/zeroshot.py": "from protoclip_cli.evaluation.reports import plots\n",
+        "evaluation/reports/records.py": "from protoclip_cli.evaluation.tasks import model\n",
         "workspace.py": "from protoclip_cli.core import model\n",
     }
     for relative, text in files.items():
@@ -229,6 +245,10 @@ def test_the_rule_catches_each_kind_of_violation(tmp_path):
         "protoclip_cli/core/model.py:1: protoclip_cli.core.model imports protoclip_cli.data.shards (core/ never imports data/)",
         "protoclip_cli/data/shards.py:1: protoclip_cli.data.shards imports protoclip_cli.stages.download "
         "(the library and shared modules never import stages or the CLI)",
+        "protoclip_cli/evaluation/data/readers.py:1: protoclip_cli.evaluation.data.readers imports "
+        "protoclip_cli.evaluation.tasks.model (evaluation/data/ never imports evaluation/tasks/)",
+        "protoclip_cli/evaluation/tasks/zeroshot.py:1: protoclip_cli.evaluation.tasks.zeroshot imports "
+        "protoclip_cli.evaluation.reports (evaluation/tasks/ never imports evaluation/reports/)",
         "protoclip_cli/runs.py:2: protoclip_cli.runs imports protoclip_cli.cli "
         "(the library and shared modules never import stages or the CLI)",
         "protoclip_cli/stages/teacher_embed.py:1: protoclip_cli.stages.teacher_embed imports "

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from protoclip_cli.evaluation.results import benchmark_metrics
+from protoclip_cli.evaluation.reports.results import benchmark_metrics
 
 torch.set_num_threads(2)
 
@@ -28,7 +28,10 @@ def clip_benchmark_accuracy(logits: torch.Tensor, target: torch.Tensor, topk: tu
 def test_zeroshot_metrics_match_clip_benchmark_on_random_scores():
     from sklearn.metrics import balanced_accuracy_score
 
-    from protoclip_cli.evaluation.zeroshot import mean_per_class_recall, topk_accuracy
+    from protoclip_cli.evaluation.tasks.zeroshot import (
+        mean_per_class_recall,
+        topk_accuracy,
+    )
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(300, 11, generator=gen, dtype=torch.float64)  # continuous: no ties
@@ -50,7 +53,7 @@ def test_retrieval_metrics_match_clip_benchmark_directions(captions_per_image):
     """CLIP_benchmark's image_retrieval_recall is text -> image, text_retrieval_recall image -> text."""
     from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 
-    from protoclip_cli.evaluation.retrieval import retrieval_recall
+    from protoclip_cli.evaluation.tasks.retrieval import retrieval_recall
 
     gen = torch.Generator().manual_seed(captions_per_image)
     images = torch.nn.functional.normalize(torch.randn(40, 16, generator=gen), dim=-1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import linked_workspace
-from protoclip_cli.evaluation import comparison
+from protoclip_cli.evaluation.reports import comparison
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "synthetic.toml"
 

@@ -4,7 +4,6 @@ manifest stays true (counts, shard list, what was dropped) and unchanged when no
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +49,7 @@ def test_trained_run_beats_chance_on_heldout_zeroshot(trained_run, synthetic_wor
     classes = classes.mean(dim=1)
     classes = classes / classes.norm(dim=-1, keepdim=True)
     scores = (images @ classes.T).numpy()
-    from protoclip_cli.evaluation.datasets import embedded
+    from protoclip_cli.evaluation.data.readers import embedded
 
     labels = embedded(synthetic_workspace, "synthetic", "heldout").labels
     own = scores[np.arange(len(labels)), labels]

@@ -43,14 +43,14 @@ def folder_set(tmp_path_factory) -> Path:
 
 
 def test_imagenet_folders_get_their_indices_and_open_clip_names(fake_imagenet):
-    from protoclip_cli.evaluation.datasets import imagenet
-    from protoclip_cli.evaluation.zeroshot import prompts_for
+    from protoclip_cli.evaluation.data.readers import imagenet
+    from protoclip_cli.evaluation.tasks.zeroshot import prompts_for
 
     data = imagenet(fake_imagenet, "val")
     assert data.size == 2 + 3 + 4 and len(data.classnames) == 1000 and len(data.templates) == 80
     dataset = data.images(lambda image: image)
     for row in range(data.size):
-        wnid = dataset.paths[row].parent.name
+        wnid = Path(dataset.sources[row][0]).parent.name  # (file, offset, size)
         index, name = WNIDS[wnid]
         assert data.labels[row] == index and data.classnames[index] == name
     prompts = prompts_for(data.classnames, data.templates)
@@ -76,24 +76,24 @@ class BagOfTokens(torch.nn.Module):
 
 
 def test_imagenet_zeroshot_task_embeds_1000_by_80_prompts(fake_imagenet, tiny_open_clip, tmp_path):
-    from protoclip_cli.evaluation import tasks
-    from protoclip_cli.evaluation.datasets import imagenet
-    from protoclip_cli.evaluation.models import load_open_clip
+    from protoclip_cli.evaluation.data.readers import imagenet
+    from protoclip_cli.evaluation.tasks import zeroshot
+    from protoclip_cli.evaluation.tasks.model import load_open_clip
 
     model = load_open_clip("protoclip-tiny", str(tiny_open_clip), "cpu")
     model.clip = BagOfTokens(model.clip)
-    result = tasks.zeroshot(model, imagenet(fake_imagenet), None, tmp_path, batch_size=4, workers=0)
+    result = zeroshot.evaluate(model, imagenet(fake_imagenet), None, tmp_path, batch_size=4, workers=0)
     assert model.clip.texts_seen == 80_000
     assert result["classes"] == 1000 and result["templates"] == 80 and result["images"] == 9
     assert set(result["metrics"]) == {"top1", "top5", "mean_per_class_recall"}
     # Cached: the second call embeds nothing.
-    tasks.zeroshot(model, imagenet(fake_imagenet), None, tmp_path, batch_size=4, workers=0)
+    zeroshot.evaluate(model, imagenet(fake_imagenet), None, tmp_path, batch_size=4, workers=0)
     assert model.clip.texts_seen == 80_000
     assert len(list(tmp_path.glob("imagenet-val-image.*.pt"))) == 1
 
 
 def test_imagenet_root_with_wrong_layout_is_rejected(tmp_path):
-    from protoclip_cli.evaluation.datasets import imagenet
+    from protoclip_cli.evaluation.data.readers import imagenet
 
     _jpegs(tmp_path / "val" / "cats", 2, 0)
     with pytest.raises(ProtoclipError, match="'cats' is not an ImageNet-1k wnid"):
@@ -103,7 +103,8 @@ def test_imagenet_root_with_wrong_layout_is_rejected(tmp_path):
 
 
 def test_image_folder_layout_and_classnames_errors(tmp_path, folder_set):
-    from protoclip_cli.evaluation.datasets import image_folder, read_templates
+    from protoclip_cli.evaluation.data.prompts import read_templates
+    from protoclip_cli.evaluation.data.readers import image_folder
 
     _jpegs(tmp_path / "flat", 3, 0)
     with pytest.raises(ProtoclipError, match="is not an ImageFolder \\(it holds 3 loose images and no class folders\\)"):
@@ -228,10 +229,10 @@ def official_files_accepted(monkeypatch):
 def test_cifar_and_stl_zeroshot_prompt_their_own_templates_times_class_names(
     name, classes, templates, some_prompts, official_files_accepted, tiny_open_clip, tmp_path
 ):
-    from protoclip_cli.evaluation import tasks
-    from protoclip_cli.evaluation.datasets import torchvision_set
-    from protoclip_cli.evaluation.models import load_open_clip
-    from protoclip_cli.evaluation.prompts import CLASSNAMES, TEMPLATES
+    from protoclip_cli.evaluation.data.prompts import CLASSNAMES, TEMPLATES
+    from protoclip_cli.evaluation.data.readers import torchvision_set
+    from protoclip_cli.evaluation.tasks import zeroshot
+    from protoclip_cli.evaluation.tasks.model import load_open_clip
 
     on_disk = [c.replace(" ", "_") for c in CLASSNAMES[name]]  # as the official meta files spell them
     _torchvision_files(tmp_path / "data", name, on_disk, count=6, seed=classes)
@@ -240,7 +241,7 @@ def test_cifar_and_stl_zeroshot_prompt_their_own_templates_times_class_names(
     seen: list[str] = []
     encode = model.encode_texts
     model.encode_texts = lambda texts: (seen.extend(texts), encode(texts))[1]
-    result = tasks.zeroshot(model, data, None, None, batch_size=4, workers=0)
+    result = zeroshot.evaluate(model, data, None, None, batch_size=4, workers=0)
 
     assert len(CLASSNAMES[name]) == classes and len(TEMPLATES[name]) == templates
     assert seen == [t.format(c) for c in CLASSNAMES[name] for t in TEMPLATES[name]]
@@ -249,7 +250,7 @@ def test_cifar_and_stl_zeroshot_prompt_their_own_templates_times_class_names(
 
 
 def test_torchvision_set_with_another_class_list_is_refused(official_files_accepted, tmp_path):
-    from protoclip_cli.evaluation.datasets import torchvision_set
+    from protoclip_cli.evaluation.data.readers import torchvision_set
 
     _torchvision_files(tmp_path, "cifar10", ["cat", "dog"], count=4, seed=0)
     with pytest.raises(ProtoclipError, match="is not cifar10's"):

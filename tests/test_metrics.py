@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from protoclip_cli.evaluation.clustering import agreement, purity, size_histogram, size_summary
-from protoclip_cli.evaluation.linear_probe import linear_probe, reference_linear_probe
-from protoclip_cli.evaluation.modality import modality_gap
-from protoclip_cli.evaluation.retrieval import retrieval_recall
-from protoclip_cli.evaluation.zeroshot import class_embeddings, topk_accuracy, zeroshot_scores
+from protoclip_cli.evaluation.tasks.clustering import agreement, purity, size_histogram, size_summary
+from protoclip_cli.evaluation.tasks.linear_probe import linear_probe, reference_linear_probe
+from protoclip_cli.evaluation.tasks.modality_gap import modality_gap
+from protoclip_cli.evaluation.tasks.retrieval import retrieval_recall
+from protoclip_cli.evaluation.tasks.zeroshot import class_embeddings, topk_accuracy, zeroshot_scores
 
 torch.set_num_threads(1)
 
@@ -233,7 +233,7 @@ def test_reference_linear_probe_defaults_are_the_references_and_scores_the_best_
 
 
 def test_reference_kmeans_labels_recover_separated_blobs():
-    from protoclip_cli.evaluation.clustering import PROTOCOLS, reference_kmeans_labels
+    from protoclip_cli.evaluation.tasks.clustering import PROTOCOLS, reference_kmeans_labels
 
     assert PROTOCOLS == {"default": {"iterations": 50, "restarts": 3}, "reference": {"iterations": 100, "restarts": 5}}
     rng = np.random.default_rng(13)

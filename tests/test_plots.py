@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.evaluation.plots import metric_curves_png
+from protoclip_cli.evaluation.reports.plots import metric_curves_png
 
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's first two default colours
 
@@ -45,7 +45,7 @@ def test_malformed_series_are_refused_before_anything_is_written(tmp_path, serie
 
 
 def test_a_class_keeps_its_colour_in_the_class_and_prediction_panels():
-    from protoclip_cli.evaluation.plots import group_colours
+    from protoclip_cli.evaluation.reports.plots import group_colours
 
     classes = np.array([0] * 5 + [1] * 3 + [2] * 2 + [3])
     predicted = np.array([1] * 6 + [2] * 4 + [3])  # other sizes: ranked alone, 1 would take 0's colour
@@ -56,7 +56,7 @@ def test_a_class_keeps_its_colour_in_the_class_and_prediction_panels():
 
 
 def test_a_comparisons_curves_draw_each_variant_with_a_band_of_its_seed_spread(tmp_path):
-    from protoclip_cli.evaluation.comparison import plot_curves
+    from protoclip_cli.evaluation.reports.comparison import plot_curves
 
     flat = {"clip": {1000: [10.0, 10.0], 2000: [20.0, 20.0]}, "protoclip": {1000: [12.0], 2000: [22.0]}}
     plain = np.asarray(Image.open(plot_curves({"top-1": flat}, tmp_path / "flat.png", "t")).convert("RGB"))

@@ -97,7 +97,7 @@ def test_reference_recipes_build_the_references_quickgelu_rn50_and_it_exports(tm
     from open_clip.transformer import QuickGELU
 
     from protoclip_cli.core.model import build_model
-    from protoclip_cli.evaluation.models import load_open_clip
+    from protoclip_cli.evaluation.tasks.model import load_open_clip
     from protoclip_cli.stages.export import ROUND_TRIP_ATOL, load_open_clip_file, round_trip_difference
 
     configs = [config_io.load(TrainConfig, RECIPES[0].parent / n) for n in ("cc3m.toml", "cc3m-8gpu.toml", "cc3m-clip.toml")]

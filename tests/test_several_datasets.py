@@ -186,7 +186,7 @@ def _dataset_keys(workspace, name: str) -> dict[str, list[int]]:
 
 
 def test_several_data_sets_train_over_the_union_with_unique_keys(mixed_run):
-    from protoclip_cli.evaluation.prototype_report import read_episode
+    from protoclip_cli.evaluation.reports.prototype_report import read_episode
     from protoclip_cli.runs import RunDir
     from protoclip_cli.training.episodes import EpisodePlan
 
@@ -217,7 +217,7 @@ def test_teacher_clusters_use_each_data_sets_own_teacher_rows(mixed_run):
     (its labels are the nearest centroids of those rows), and a sample of mix-b whose img2dataset key
     mix-a also has got mix-b's row, not mix-a's."""
     from protoclip_cli.data.teacher_file import load_teacher, run_teacher_rows, teacher_rows
-    from protoclip_cli.evaluation.prototype_report import read_episode
+    from protoclip_cli.evaluation.reports.prototype_report import read_episode
     from protoclip_cli.runs import RunDir
 
     _, workspace, _ = mixed_run

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from protoclip_cli.evaluation import suite
+from protoclip_cli.evaluation.data import prompts, suite_layouts
 
 torch.set_num_threads(2)
 RNG = np.random.default_rng(0)
@@ -53,7 +53,7 @@ def suite_root(tmp_path_factory) -> Path:
     wds = root / "wds_vtab-cifar10"
     (wds / "test").mkdir(parents=True)
     (wds / "test" / "nshards.txt").write_text("1\n")
-    (wds / "classnames.txt").write_text("\n".join(suite.classes_and_templates("cifar10")[0]) + "\n")
+    (wds / "classnames.txt").write_text("\n".join(prompts.classes_and_templates("cifar10")[0]) + "\n")
     with tarfile.open(wds / "test" / "0.tar", "w") as tar:
         for i, label in enumerate((0, 3, 9)):
             _tar_member(tar, f"s{i:04d}.webp", _webp())
@@ -85,7 +85,7 @@ def suite_root(tmp_path_factory) -> Path:
     # Stanford Cars as torchvision's StanfordCars reads it (1-based classes).
     cars = root / "stanford_cars"
     (cars / "devkit").mkdir(parents=True)
-    savemat(cars / "devkit" / "cars_meta.mat", {"class_names": np.array(suite.classes_and_templates("stanford_cars")[0], dtype=object)})
+    savemat(cars / "devkit" / "cars_meta.mat", {"class_names": np.array(prompts.classes_and_templates("stanford_cars")[0], dtype=object)})
     annotations = np.array([(1, 1, 10, 10, 196, "00001.jpg"), (1, 1, 10, 10, 1, "00002.jpg")],
                            dtype=[("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"), ("class", "O"), ("fname", "O")])
     savemat(cars / "cars_test_annos_withlabels.mat", {"annotations": annotations})
@@ -110,7 +110,7 @@ def _names(data) -> list[str]:
 
 
 def test_each_layout_reads_with_the_data_sets_own_classes_and_templates(suite_root):
-    found = {name: suite.find(suite_root, name) for name in suite.SUITE}
+    found = {name: suite_layouts.find(suite_root, name) for name in suite_layouts.SUITE}
     assert found["cifar100"] is None and found["stl10"] is None
     layouts = {name: data.details["layout"] for name, data in found.items() if data is not None}
     assert layouts == {
@@ -129,7 +129,7 @@ def test_each_layout_reads_with_the_data_sets_own_classes_and_templates(suite_ro
     # Test ids 2 and 3 have the 1-based labels 102 and 5: the last and the fifth class.
     assert _names(found["flowers102"]) == ["blackberry lily", "english marigold"] and len(found["flowers102"].classnames) == 102
     assert found["flowers102"].templates == ["a photo of a {}, a type of flower."]
-    gtsrb = suite.classes_and_templates("gtsrb")[0]
+    gtsrb = prompts.classes_and_templates("gtsrb")[0]
     assert _names(found["gtsrb"]) == [gtsrb[42], "red and white circle 20 kph speed limit"]
     assert _names(found["stanford_cars"]) == ["smart fortwo Convertible 2012", "AM General Hummer SUV 2000"]
     assert _names(found["ucf101"]) == ["Apply Eye Makeup", "Archery", "Yo Yo"] and len(found["ucf101"].templates) == 48
@@ -142,16 +142,16 @@ def test_torchvision_layouts_read_as_torchvision_reads_them(suite_root):
 
     for name, torchvision_set in (("gtsrb", torchvision.datasets.GTSRB(str(suite_root), split="test")),
                                   ("stanford_cars", torchvision.datasets.StanfordCars(str(suite_root), split="test"))):
-        data = suite.find(suite_root, name)
+        data = suite_layouts.find(suite_root, name)
         ours = [(path, int(label)) for (path, _, _), label in zip(data.images(lambda image: image).sources, data.labels)]
         assert ours == [(str(Path(p)), t) for p, t in torchvision_set._samples], name
     country = torchvision.datasets.Country211(str(suite_root), split="test")
-    data = suite.find(suite_root, "country211")
+    data = suite_layouts.find(suite_root, "country211")
     ours = [(path, int(label)) for (path, _, _), label in zip(data.images(lambda image: image).sources, data.labels)]
-    assert ours == country.samples and data.classnames == suite.classes_and_templates("country211")[0]
+    assert ours == country.samples and data.classnames == prompts.classes_and_templates("country211")[0]
     image = data.images(lambda image: image)[0][1]
     assert image.dtype == torch.uint8 and image.shape == (3, 12, 16)
-    ppm = suite.find(suite_root, "gtsrb").images(lambda image: image)[0][1]  # PPM, decoded by PIL
+    ppm = suite_layouts.find(suite_root, "gtsrb").images(lambda image: image)[0][1]  # PPM, decoded by PIL
     assert ppm.shape == (3, 20, 24)
 
 
@@ -165,20 +165,20 @@ def test_suite_names_and_templates_are_clip_benchmarks_where_it_ships_them():
     ours = {"flowers": "flowers102", "gtsrb": "gtsrb", "country211": "country211", "cars": "stanford_cars",
             "cifar10": "cifar10", "cifar100": "cifar100", "stl10": "stl10"}
     for theirs, name in ours.items():
-        classes, prompts = suite.classes_and_templates(name)
+        classes, ours_templates = prompts.classes_and_templates(name)
         if theirs in names:
             assert classes == names[theirs], name
-        assert prompts == [t.replace("{c}", "{}") for t in templates[theirs]], name
-    assert suite.classes_and_templates("imagenet")[0] == names["imagenet1k"] == list(open_clip.IMAGENET_CLASSNAMES)
-    assert [suite.prompts_source(n) for n in ("imagenet", "cifar10", "gtsrb", "birdsnap")] == [
-        "open_clip", "protoclip_cli.evaluation.prompts", "clip_benchmark", "zeroshot_suite.json"]
+        assert ours_templates == [t.replace("{c}", "{}") for t in templates[theirs]], name
+    assert prompts.classes_and_templates("imagenet")[0] == names["imagenet1k"] == list(open_clip.IMAGENET_CLASSNAMES)
+    assert [prompts.prompts_source(n) for n in ("imagenet", "cifar10", "gtsrb", "birdsnap")] == [
+        "open_clip", "protoclip_cli.evaluation.data.prompts", "clip_benchmark", "zeroshot_suite.json"]
 
 
 def test_without_clip_benchmark_the_bundled_lists_are_the_same(monkeypatch):
-    shipped = {name: suite.classes_and_templates(name) for name in suite.CLASSIFICATION}
-    monkeypatch.setattr(suite, "_clip_benchmark", lambda: None)
-    assert {name: suite.classes_and_templates(name) for name in suite.CLASSIFICATION} == shipped
-    assert suite.prompts_source("flowers102") == "zeroshot_suite.json"
+    shipped = {name: prompts.classes_and_templates(name) for name in suite_layouts.CLASSIFICATION}
+    monkeypatch.setattr(prompts, "_clip_benchmark", lambda: None)
+    assert {name: prompts.classes_and_templates(name) for name in suite_layouts.CLASSIFICATION} == shipped
+    assert prompts.prompts_source("flowers102") == "zeroshot_suite.json"
 
 
 def _cli(*args: str):
@@ -236,7 +236,7 @@ def test_the_mean_covers_what_is_found_and_the_rest_is_named(tiny_open_clip, tmp
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "suite.json").read_text())  # --out FILE: the result goes there
     assert record["plots"] == [str(tmp_path / "suite.png")]
-    assert record["missing"] == [n for n in suite.SUITE if n != "birdsnap"]
+    assert record["missing"] == [n for n in suite_layouts.SUITE if n != "birdsnap"]
     assert "Not under" in result.output and "the mean covers the 1 data set(s) found" in " ".join(result.output.split())
     assert record["metrics"]["mean_top1"] == record["metrics"]["birdsnap_top1"] in (0.0, 50.0, 100.0)
 

@@ -31,7 +31,7 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     from protoclip_cli.console import out
-    from protoclip_cli.evaluation.comparison import Cell, digits_for, format_cell
+    from protoclip_cli.evaluation.reports.comparison import Cell, digits_for, format_cell
 
     table = Table(title=f"compare {result['config']['name']}: mean ± std over seeds (difference to {result['baseline']}, * beyond seed noise)")
     rows = result["table"]

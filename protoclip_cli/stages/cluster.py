@@ -24,9 +24,13 @@ from protoclip_cli.core.run_model import load_run_model
 from protoclip_cli.data.sources import iter_run_samples, run_datasets
 from protoclip_cli.data.transforms import decode_image, eval_transform
 from protoclip_cli.errors import MissingInputError, ProtoclipError
-from protoclip_cli.evaluation import plots
-from protoclip_cli.evaluation import prototype_report as pr
-from protoclip_cli.evaluation.clustering import agreement, size_histogram, size_summary
+from protoclip_cli.evaluation.reports import plots
+from protoclip_cli.evaluation.reports import prototype_report as pr
+from protoclip_cli.evaluation.tasks.clustering import (
+    agreement,
+    size_histogram,
+    size_summary,
+)
 from protoclip_cli.workspace import Workspace, resolve
 
 

@@ -4,7 +4,7 @@ Every variant is the same base recipe (``recipes/synthetic.toml`` by default) wi
 (:data:`VARIANTS`), trained with the same episodes, episode size and batch (so the same samples
 seen) for each seed, evaluated with every task on the held-out split, and summarised as the
 paper's table: mean ± std over seeds, the difference to the CLIP baseline and whether it exceeds
-the seed noise (``evaluation/comparison.py``). The checkpoints of the ``curves`` variants at the
+the seed noise (``evaluation/reports/comparison.py``). The checkpoints of the ``curves`` variants at the
 end of every ``curve_every``-th episode are also scored (zero-shot and linear probe) for a plot of
 accuracy against samples seen.
 
@@ -35,8 +35,11 @@ from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.console import console, info
 from protoclip_cli.data.shards import shard_sample_count
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.evaluation import comparison, datasets, models, tasks
-from protoclip_cli.evaluation.results import checkpoint_results, read_results
+from protoclip_cli.evaluation.data import readers
+from protoclip_cli.evaluation.reports import comparison
+from protoclip_cli.evaluation.reports.results import checkpoint_results, read_results
+from protoclip_cli.evaluation.tasks import linear_probe, zeroshot
+from protoclip_cli.evaluation.tasks.model import from_run
 from protoclip_cli.runs import RunDir
 from protoclip_cli.stages import evaluate, train
 from protoclip_cli.training.open_clip_peer import train_peer
@@ -249,14 +252,14 @@ def _prune(run, keep: int) -> None:
 def _score_checkpoint(config: CompareConfig, run, workspace: Workspace, checkpoint: Path) -> dict[str, dict]:
     """Zero-shot and linear probe of one checkpoint on the held-out split, features not cached."""
     defaults = EvaluateConfig()
-    model = models.from_run(run, checkpoint, config.device)
+    model = from_run(run, checkpoint, config.device)
     dataset = run.config().data.dataset
-    test = datasets.embedded(workspace, dataset, defaults.heldout_split)
+    test = readers.embedded(workspace, dataset, defaults.heldout_split)
     common = dict(cache_dir=None, batch_size=defaults.batch_size, workers=config.eval_workers)
     return {
-        "zeroshot": tasks.zeroshot(model, test, None, **common)["metrics"],
-        "linear-probe": tasks.linear_probe(
-            model, datasets.embedded(workspace, dataset, "train"), test, method=defaults.probe_method,
+        "zeroshot": zeroshot.evaluate(model, test, None, **common)["metrics"],
+        "linear-probe": linear_probe.evaluate(
+            model, readers.embedded(workspace, dataset, "train"), test, method=defaults.probe_method,
             weight_decays=defaults.probe_weight_decays, seed=defaults.seed, **common,
         )["metrics"],
     }

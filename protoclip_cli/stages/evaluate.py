@@ -5,7 +5,7 @@ Results go to ``runs/<run>/eval/<name>.json`` (``<workspace>/eval/<model>/`` for
 checkpoints), one file per task, and ``eval/manifest.json`` lists them all. ``<name>`` is the task
 as given (``zeroshot``, ``imagenet-zeroshot``), with ``-<dataset>`` added when ``--dataset`` names
 another data set than the default one. Every result is also written in CLIP_benchmark's schema to
-``eval/clip_benchmark/`` (``evaluation/results.py``), which ``clip_benchmark build`` collects.
+``eval/clip_benchmark/`` (``evaluation/reports/results.py``), which ``clip_benchmark build`` collects.
 """
 
 from __future__ import annotations
@@ -17,75 +17,28 @@ from typing import Any
 from protoclip_cli import __version__
 from protoclip_cli.artifacts import MANIFEST, write_manifest
 from protoclip_cli.config import to_dict
-from protoclip_cli.configs.evaluate import (
-    EXTERNAL,
-    PROTOCOL_TASKS,
-    SUITE_TASK,
-    EvaluateConfig,
-    parse_task,
-    require_root,
-    supports,
-)
+from protoclip_cli.configs.evaluate import EXTERNAL, PROTOCOL_TASKS, SUITE_TASK, EvaluateConfig, parse_task, supports
 from protoclip_cli.console import info
 from protoclip_cli.data.sources import run_datasets
-from protoclip_cli.errors import ProtoclipError, write_error
-from protoclip_cli.evaluation import datasets as ds
-from protoclip_cli.evaluation import models, tasks
-from protoclip_cli.evaluation.datasets import read_templates
-from protoclip_cli.evaluation.result_plots import ResultPlots
-from protoclip_cli.evaluation.results import write_result
-from protoclip_cli.evaluation.suite import run_suite
+from protoclip_cli.errors import write_error
+from protoclip_cli.evaluation.data.prompts import read_templates
+from protoclip_cli.evaluation.data.registry import DataSets
+from protoclip_cli.evaluation.reports.result_plots import ResultPlots
+from protoclip_cli.evaluation.reports.results import write_result
+from protoclip_cli.evaluation.tasks import clustering, linear_probe, modality_gap, retrieval, suite, zeroshot
+from protoclip_cli.evaluation.tasks.model import from_run, load_open_clip
 from protoclip_cli.names import slugify
 from protoclip_cli.runs import RunDir
 from protoclip_cli.workspace import Workspace, resolve
 
 
-class _Data:
-    """Loads each data set once per stage run (the shard metadata pass is not free)."""
-
-    def __init__(self, config: EvaluateConfig, workspace: Workspace, default_dataset: str) -> None:
-        self.config, self.workspace, self.default_dataset = config, workspace, default_dataset
-        self._sets: dict[tuple[str, str], Any] = {}
-
-    def _root(self, dataset: str) -> Path:
-        require_root(self.config, dataset)
-        return Path(self.config.root)
-
-    def _load(self, dataset: str, role: str):
-        c = self.config
-        if dataset not in EXTERNAL:
-            split = "train" if role == "train" else c.heldout_split
-            return ds.embedded(self.workspace, dataset or self.default_dataset, split)
-        root = self._root(dataset)
-        if dataset == "imagenet":
-            return ds.imagenet(root, "train" if role == "train" else "val")
-        if dataset in ds.TORCHVISION_SETS:
-            return ds.torchvision_set(dataset, root, train=role == "train")
-        if dataset == "folder":
-            has_splits = (root / "train").is_dir() and (root / "test").is_dir()
-            if role == "train" and not has_splits:
-                raise ProtoclipError(f"The linear probe needs {root}/train/<class>/ and {root}/test/<class>/ folders.")
-            folder = root / ("train" if role == "train" else "test") if has_splits else root
-            return ds.image_folder(folder, c.classnames or None, name=f"{root.name}-{folder.name}")
-        if dataset == "coco":
-            return ds.coco(root, c.captions or None)
-        if dataset == "flickr30k":
-            return ds.flickr30k(root, c.captions or None, c.split)
-        return ds.webdataset_pairs(c.root)
-
-    def get(self, dataset: str, role: str = "test"):
-        if (dataset, role) not in self._sets:
-            self._sets[(dataset, role)] = self._load(dataset, role)
-        return self._sets[(dataset, role)]
-
-
 def _load_model(config: EvaluateConfig, workspace: Workspace):
     """(model, the workspace whose data sets the default evaluation reads)."""
     if config.open_clip:
-        return models.load_open_clip(config.open_clip, config.pretrained, config.device), workspace
+        return load_open_clip(config.open_clip, config.pretrained, config.device), workspace
 
     resolved = resolve(workspace, config.model, config.checkpoint)
-    return models.from_run(resolved.run, resolved.checkpoint, config.device), resolved.workspace
+    return from_run(resolved.run, resolved.checkpoint, config.device), resolved.workspace
 
 
 def _default_dataset(model, workspace: Workspace) -> str:
@@ -99,24 +52,24 @@ def _default_dataset(model, workspace: Workspace) -> str:
 
 
 def _run_task(
-    task: str, dataset: str, model, data: _Data, config: EvaluateConfig, cache_dir: Path | None, figures: dict | None
+    task: str, dataset: str, model, data: DataSets, config: EvaluateConfig, cache_dir: Path | None, figures: dict | None
 ) -> dict:
     common = dict(cache_dir=cache_dir, batch_size=config.batch_size, workers=config.workers)
     if task == SUITE_TASK:
-        return run_suite(model, config.root, config.suite_datasets, **common)
+        return suite.evaluate(model, config.root, config.suite_datasets, **common)
     if task == "zeroshot":
         templates = read_templates(config.templates) if config.templates else None
-        return tasks.zeroshot(model, data.get(dataset), templates, figures=figures, **common)
+        return zeroshot.evaluate(model, data.get(dataset), templates, figures=figures, **common)
     if task == "linear-probe":
-        return tasks.linear_probe(
+        return linear_probe.evaluate(
             model, data.get(dataset, "train"), data.get(dataset), method=config.probe_method,
             weight_decays=config.probe_weight_decays, seed=config.seed, protocol=config.protocol, **common,
         )
     if task == "retrieval":
-        return tasks.retrieval(model, data.get(dataset), figures=figures, **common)
+        return retrieval.evaluate(model, data.get(dataset), figures=figures, **common)
     if task == "modality-gap":
-        return tasks.modality_gap(model, data.get(dataset), **common)
-    return tasks.clustering(model, data.get(dataset), config.clusters, seed=config.seed, protocol=config.protocol,
+        return modality_gap.evaluate(model, data.get(dataset), **common)
+    return clustering.evaluate(model, data.get(dataset), config.clusters, seed=config.seed, protocol=config.protocol,
                             figures=figures, **common)
 
 
@@ -131,7 +84,7 @@ def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:
     cache_dir = eval_dir / "cache" if config.cache else None
     external = dataset in EXTERNAL or config.task == SUITE_TASK  # the suite reads only --root
     default_dataset = dataset if external else (dataset or _default_dataset(model, workspace))
-    data = _Data(config, workspace, default_dataset)
+    data = DataSets(config, workspace, default_dataset)
 
     drawer = None
     if config.plots:

@@ -7,7 +7,7 @@ heads, no optimiser), so ``open_clip.create_model_and_transforms(ARCH, pretraine
 
 ``--format hf``: the folder ``open_clip.push_to_hf_hub`` uploads (``core/hub_folder.py``):
 ``open_clip_config.json`` (self-contained model and preprocessing config),
-``open_clip_model.safetensors`` and a model card (``evaluation/model_card.py``: recipe, data set,
+``open_clip_model.safetensors`` and a model card (``evaluation/reports/model_card.py``: recipe, data set,
 evaluation results). ``open_clip.create_model_and_transforms("local-dir:DIR")`` loads it without
 any registration; ``--push USER/NAME`` uploads it with huggingface_hub.
 
@@ -32,8 +32,8 @@ from protoclip_cli.core.model import SIGLIP_INIT_LOGIT_BIAS, get_tokenizer, regi
 from protoclip_cli.core.run_model import load_run_model
 from protoclip_cli.data.sources import run_datasets
 from protoclip_cli.errors import MissingInputError, ProtoclipError
-from protoclip_cli.evaluation.model_card import render_model_card
-from protoclip_cli.evaluation.results import checkpoint_results, read_results
+from protoclip_cli.evaluation.reports.model_card import render_model_card
+from protoclip_cli.evaluation.reports.results import checkpoint_results, read_results
 from protoclip_cli.workspace import Workspace, resolve
 
 ROUND_TRIP_ATOL = 1e-5

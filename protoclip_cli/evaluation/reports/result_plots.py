@@ -6,7 +6,7 @@ retrieval recall@k both ways, or the zero-shot suite's top-1 per data set with t
 ``<result>-tsne.png``: t-SNE of (a seeded sample of) the image features coloured by true class and
 by zero-shot prediction (a class keeps its colour in both panels) or k-means cluster.
 ``<result>-samples.png``: images with their true and predicted class (green when right, red when
-wrong). Figures are drawn by :mod:`plots`.
+wrong). Figures are drawn by :mod:`protoclip_cli.evaluation.reports.plots`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from protoclip_cli.data.transforms import eval_transform
-from protoclip_cli.evaluation import plots
-from protoclip_cli.evaluation.datasets import ImageSet
-from protoclip_cli.evaluation.retrieval import retrieval_recall
+from protoclip_cli.evaluation.data.image_set import ImageSet
+from protoclip_cli.evaluation.reports import plots
+from protoclip_cli.evaluation.tasks.retrieval import retrieval_recall
 
 SAMPLES = 16
 

@@ -1,18 +1,25 @@
-"""Image-text retrieval recall with several captions per image.
+"""Image-text retrieval recall with several captions per image: the task (:func:`evaluate`) and
+its math on feature tensors.
 
 ``text_image[t]`` is the index of the image that caption ``t`` describes. Image -> text: an image
 is found at k when one of its captions ranks in the top k of all captions. Text -> image: a
 caption is found at k when its image ranks in the top k of all images. Ties count against the
-model, as in :mod:`protoclip_cli.evaluation.zeroshot`: the rank of the right answer is the number
+model, as in :mod:`protoclip_cli.evaluation.tasks.zeroshot`: the rank of the right answer is the number
 of wrong answers scoring greater than or equal to it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from protoclip_cli.evaluation.data.image_set import ImageSet
+from protoclip_cli.evaluation.tasks.features import pair_features
+from protoclip_cli.evaluation.tasks.model import EvalModel
+from protoclip_cli.evaluation.tasks.percent import percents
 
 CHUNK = 4096  # rows of the similarity matrix held at once (COCO: 5K x 25K fits either way)
 
@@ -61,3 +68,17 @@ def retrieval_recall(
         result[f"text_to_image_R@{k}"] = float((t2i_rank < k).float().mean())
     result["mean_recall"] = sum(result.values()) / len(result)
     return result
+
+
+def evaluate(
+    model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size: int, workers: int, figures: dict | None = None
+) -> dict:
+    """Image-text recall@1/5/10 both ways and their mean (features into ``figures``, when given)."""
+    images, captions, owners = pair_features(model, data, cache_dir, batch_size, workers)
+    if figures is not None:
+        figures.update(features=images, captions=captions, owners=owners)
+    return {
+        "metrics": percents(retrieval_recall(images, captions, owners, ks=(1, 5, 10))),
+        "images": data.size,
+        "captions": int(owners.numel()),
+    }

@@ -5,7 +5,6 @@ Both expose the CLIP branch only (normalised tower outputs), which is what every
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,13 +18,8 @@ from protoclip_cli.core.model import ProtoCLIP, get_tokenizer, register_tiny_con
 from protoclip_cli.core.run_model import load_run_model
 from protoclip_cli.data.transforms import normalize
 from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.evaluation.data.fingerprint import fingerprint
 from protoclip_cli.runs import RunDir
-
-
-def file_fingerprint(path: Path) -> str:
-    """Identity of a weights file for the feature cache: resolved path, size and modification time."""
-    stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
 
 
 @dataclass
@@ -78,7 +72,7 @@ def from_run(run: RunDir, checkpoint: Path | None, device: str) -> EvalModel:
     proto, config, info = load_run_model(run, checkpoint, device=str(torch_device))
     return EvalModel(
         name=f"{run.name}@{Path(info['path']).name}",
-        fingerprint=file_fingerprint(Path(info["path"])),
+        fingerprint=fingerprint([info["path"]]),
         clip=proto,
         tokenizer=get_tokenizer(config.model.arch),
         image_size=proto.image_size,
@@ -117,7 +111,7 @@ def load_open_clip(arch: str, pretrained: str, device: str) -> EvalModel:
         size = size[0] if size[0] == size[1] else tuple(size)
     return EvalModel(
         name=f"{arch}@{weights.name}",
-        fingerprint=file_fingerprint(weights),
+        fingerprint=fingerprint([weights]),
         clip=clip,
         tokenizer=open_clip.get_tokenizer(arch),
         image_size=size,

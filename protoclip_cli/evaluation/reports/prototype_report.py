@@ -1,6 +1,6 @@
 """Inspection of an episode's prototypes (``prototypes.h5``, found by ``RunDir.pick_episode``): cluster sizes,
 agreement between the clusterings, purity against ground truth, and the features its t-SNE map shows (the
-figures are drawn by :mod:`protoclip_cli.evaluation.plots`)."""
+figures are drawn by :mod:`protoclip_cli.evaluation.reports.plots`)."""
 
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ from protoclip_cli.artifacts import atomic_path
 from protoclip_cli.console import progress, warn
 from protoclip_cli.data.transforms import eval_transform
 from protoclip_cli.errors import WriteError
-from protoclip_cli.evaluation.datasets import ImageSet
-from protoclip_cli.evaluation.models import EvalModel
+from protoclip_cli.evaluation.data.image_set import ImageSet
+from protoclip_cli.evaluation.tasks.model import EvalModel
 
 TEXT_BATCH = 256
 
@@ -93,6 +93,17 @@ def image_features(
         raise RuntimeError(f"extraction of {images.name} produced {int(filled.sum())} of {images.size} images")
     _save(cache, features, model, images.name)
     return features
+
+
+def pair_features(
+    model: EvalModel, data: ImageSet, cache_dir: Path | None, batch_size: int, workers: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image features, caption features, index of each caption's image) of a set of image-text
+    pairs: what retrieval and the modality gap measure."""
+    texts, owners = data.caption_owners()
+    images = image_features(model, data, cache_dir, batch_size, workers)
+    captions = text_features(model, texts, f"{data.name}-captions", cache_dir)
+    return images, captions, owners
 
 
 def text_features(

@@ -1,4 +1,5 @@
-"""Zero-shot classification with class embeddings built from prompt templates.
+"""Zero-shot classification with class embeddings built from prompt templates: the task
+(:func:`evaluate`) and its math on feature tensors.
 
 A class embedding is the L2-normalised mean of the L2-normalised embeddings of the class name put
 into every template (the OpenAI / ProtoCLIP evaluation protocol). Top-k accuracy counts ties
@@ -9,12 +10,20 @@ never 100%.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from protoclip_cli.evaluation.data.image_set import ImageSet
+from protoclip_cli.evaluation.data.prompts import imagenet_templates
+from protoclip_cli.evaluation.tasks.features import image_features, text_features
+from protoclip_cli.evaluation.tasks.model import EvalModel
+from protoclip_cli.evaluation.tasks.percent import percents
+
 Template = Union[str, Callable[[str], str]]
+TOPK_CURVE = 10  # the zero-shot top-k curve goes up to k = 10 (or the number of classes)
 
 
 def format_prompt(template: Template, classname: str) -> str:
@@ -78,3 +87,34 @@ def zeroshot_scores(
     ``image_features`` by ``class_embeds``."""
     logits = F.normalize(image_features.float(), dim=-1) @ F.normalize(class_embeds.float(), dim=-1).T
     return {**topk_accuracy(logits, labels, ks), "mean_per_class_recall": mean_per_class_recall(logits, labels)}
+
+
+def evaluate(
+    model: EvalModel, data: ImageSet, templates: Sequence | None, cache_dir: Path | None, batch_size: int, workers: int,
+    figures: dict | None = None,
+) -> dict:
+    """Top-1/top-5 accuracy of classifying ``data`` by its class names put into ``templates``, the
+    top-k curve, and (into ``figures``, when given) the image features, labels and class scores."""
+    labels = data.require_labels("zero-shot classification")
+    source = "file" if templates else ("dataset" if data.templates else "openai-imagenet")
+    templates = list(templates or data.templates or imagenet_templates())
+    prompts = [p for per_class in prompts_for(data.classnames, templates) for p in per_class]
+    images = image_features(model, data, cache_dir, batch_size, workers)
+    prompt_features = text_features(model, prompts, f"{data.name}-prompts", cache_dir)
+    classes = class_embeddings(lambda texts: prompt_features, data.classnames, templates)
+    metrics = percents(zeroshot_scores(images, classes, torch.from_numpy(labels), ks=(1, 5)))
+    scores = F.normalize(images.float(), dim=-1) @ F.normalize(classes.float(), dim=-1).T
+    curve = topk_accuracy(scores, torch.from_numpy(labels), ks=range(1, min(TOPK_CURVE, len(data.classnames)) + 1))
+    if figures is not None:
+        figures.update(features=images, labels=labels, scores=scores)
+    return {
+        "metrics": metrics,
+        "topk_curve": {k[3:]: v for k, v in percents(curve).items()},
+        "images": data.size,
+        "classes": len(data.classnames),
+        "templates": len(templates),
+        # file: --templates; dataset: the data set's own (CIFAR/STL-10: OpenAI CLIP's, ImageNet: the 80);
+        # openai-imagenet: the 80 ImageNet templates, for a data set without its own.
+        "templates_from": source,
+        "chance_top1": round(100.0 / len(data.classnames), 4),
+    }

@@ -3,7 +3,7 @@
 open_clip's own card (``open_clip.push_to_hf_hub.generate_readme``: YAML metadata with the tags,
 ``library_name: open_clip``, the pipeline, license and data set, then the model details, usage and
 citation) followed by what only this project knows: the evaluation results of the exported
-checkpoint (``runs/<run>/eval/*.json``, see :mod:`protoclip_cli.evaluation.results`), the data set
+checkpoint (``runs/<run>/eval/*.json``, see :mod:`protoclip_cli.evaluation.reports.results`), the data set
 it was trained on and the whole resolved recipe.
 """
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from protoclip_cli import __version__
 from protoclip_cli import config as config_io
 from protoclip_cli.data.sources import run_datasets
-from protoclip_cli.evaluation.results import checkpoint_results
+from protoclip_cli.evaluation.reports.results import checkpoint_results
 
 if TYPE_CHECKING:
     from protoclip_cli.configs.train import TrainConfig

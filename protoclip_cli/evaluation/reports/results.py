@@ -4,10 +4,10 @@ The evaluation folder is ``runs/<run>/eval/`` (``<workspace>/eval/<model>/`` for
 checkpoint)::
 
     <name>.json          one result: task, name, dataset, model, metrics (%), details
-    <name>*.png          its plots (evaluation/plots.py)
+    <name>*.png          its plots (reports/result_plots.py)
     manifest.json        every result of the folder with its metrics (stages/evaluate.py)
     clip_benchmark/<dataset>_<pretrained>_<model>_en_<task>.json   CLIP_benchmark records
-    cache/               cached features (evaluation/features.py)
+    cache/               cached features (tasks/features.py)
 
 A CLIP_benchmark record is what ``clip_benchmark eval`` writes for one model on one data set:
 ``{"dataset", "model", "pretrained", "task", "metrics", "language"}``, metrics as fractions in

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from protoclip_cli.evaluation.plots import band_curves_png
+from protoclip_cli.evaluation.reports.plots import band_curves_png
 
 NOISE_RULE = "|mean difference| > 2 x sqrt(s_variant^2/n_variant + s_baseline^2/n_baseline) (s: std over seeds, ddof 1)"
 

@@ -1,4 +1,5 @@
-"""Linear probe: multinomial logistic regression on frozen features, in torch.
+"""Linear probe: multinomial logistic regression on frozen features, in torch; the task
+(:func:`evaluate`) and its math on feature tensors.
 
 Features are standardised with the training mean and standard deviation. The L2 penalty
 (``weight_decay * ||W||^2``, bias excluded) is chosen on a validation split carved at random from
@@ -13,12 +14,18 @@ the raw features, best test accuracy over the epochs), for numbers comparable wi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from protoclip_cli.evaluation.zeroshot import mean_per_class_recall, topk_accuracy
+from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.evaluation.data.image_set import ImageSet
+from protoclip_cli.evaluation.tasks.features import image_features
+from protoclip_cli.evaluation.tasks.model import EvalModel
+from protoclip_cli.evaluation.tasks.percent import percent, percents
+from protoclip_cli.evaluation.tasks.zeroshot import mean_per_class_recall, topk_accuracy
 
 DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -219,3 +226,58 @@ def reference_linear_probe(
         train_size=int(x.shape[0]), test_size=int(tx.shape[0]),
         weight=classifier.weight.detach(), bias=classifier.bias.detach(),
     )
+
+
+def evaluate(
+    model: EvalModel,
+    train: ImageSet,
+    test: ImageSet,
+    cache_dir: Path | None,
+    batch_size: int,
+    workers: int,
+    method: str,
+    weight_decays: Sequence[float],
+    seed: int,
+    protocol: str = "default",
+) -> dict:
+    """Top-1 of logistic regression on frozen image features.
+
+    ``protocol="default"``: normalised features, weight decay chosen on a validation split of train,
+    refit, scored once on test (:func:`linear_probe`). ``"reference"``: the ProtoCLIP reference's SGD
+    probe on the raw features, best test top-1 over its 100 epochs (:func:`reference_linear_probe`).
+    """
+    train_y = torch.from_numpy(train.require_labels("the linear probe"))
+    test_y = torch.from_numpy(test.require_labels("the linear probe"))
+    if len(train.classnames) != len(test.classnames):
+        raise ProtoclipError(
+            f"Train ({train.name}) has {len(train.classnames)} classes but test ({test.name}) has "
+            f"{len(test.classnames)}; both splits need the same class folders."
+        )
+    normalized = protocol != "reference"  # the reference probes the raw image tower outputs
+    train_x = image_features(model, train, cache_dir, batch_size, workers, normalized=normalized).to(model.device)
+    test_x = image_features(model, test, cache_dir, batch_size, workers, normalized=normalized).to(model.device)
+    common = {"train_images": int(train_x.shape[0]), "test_images": int(test_x.shape[0]),
+              "classes": len(train.classnames), "protocol": protocol,
+              "chance_top1": round(100.0 / len(train.classnames), 4)}
+    if protocol == "reference":
+        ref = reference_linear_probe(train_x, train_y, test_x, test_y, seed=seed)
+        return {
+            "metrics": {"top1": percent(ref.top1)},
+            "method": "sgd", "features": "raw", "epochs": ref.epochs, "best_epoch": ref.best_epoch,
+            "test_top1_per_epoch": [percent(v) for v in ref.test_top1],
+            "selection": "best test top-1 over the epochs (the reference's; not a held-out estimate)",
+            **common,
+        }
+    result = linear_probe(train_x, train_y, test_x, test_y, weight_decays=weight_decays, method=method, seed=seed)
+    metrics = {"top1": result.top1, "mean_per_class_recall": result.mean_per_class_recall}
+    if result.top5 is not None:
+        metrics["top5"] = result.top5
+    return {
+        "metrics": percents(metrics),
+        "weight_decay": result.weight_decay,
+        "validation_top1": {str(wd): percent(v) for wd, v in result.validation_top1.items()},
+        "method": method,
+        "features": "normalised",
+        "selection": "weight decay on a 20% validation split of train, refit, scored once on test",
+        **common,
+    }
