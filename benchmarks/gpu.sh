@@ -113,6 +113,7 @@ step() {
 finish() {  # the exit status: the signal's (128 + n) if one ended the command, else 1 if a step did not succeed
   local code=$?
   trap - EXIT INT TERM
+  trap '' PIPE  # whoever reads the output may be gone: the results and the clean-up still happen
   if [ -n "$CURRENT" ]; then
     kill "$PID" 2> /dev/null && wait "$PID"
     record "$CURRENT" "stopped: the command was ended" $((SECONDS - STARTED))

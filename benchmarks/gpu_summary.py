@@ -177,10 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.command:
         merged["commands"][args.command] = args.seconds
     table = markdown(merged)
-    print(table)
-    if args.write:
+    if args.write:  # before printing: the summary stays even when nobody reads the output
         found = [dict(zip(("what", "aim", "measured", "from"), row)) for row in aims(merged["records"])]
         args.write.write_text(json.dumps({**merged, "aims": found, "table": table}, indent=2))
+    print(table)
     return merged
 
 
