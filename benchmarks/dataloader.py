@@ -1,6 +1,8 @@
 """The training loader alone (no model): samples/s the data-loader workers deliver, per augmentation.
 
-(``--pass extract``: the extraction pass's loader instead, whose eval resize runs on the device.)
+(``--pass extract``: the extraction pass's loader instead: one training view of each sample through
+``--augmentation``, as the trainer's ``proto.extraction_transform = "train"``, or with
+``--extraction-transform eval`` decoding only, the eval resize left to the device.)
 
 The loader is the trainer's own (``protoclip_cli.data.pipeline.EpisodeStream``): one training pass
 over the data set's shards (one episode of the whole data set), ``--workers`` processes decoding,
@@ -43,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="synthetic", help="data set name")
     parser.add_argument("--augmentation", choices=AUGMENTATIONS, default="light")
     parser.add_argument("--pass", dest="pass_", choices=("train", "extract"), default="train",
-                        help="the training pass (augmentation) or the extraction pass (decode; eval resize on the device)")
+                        help="the training pass or the extraction pass (--extraction-transform)")
+    parser.add_argument("--extraction-transform", choices=("train", "eval"), default="train",
+                        help="the extraction pass's images: a training view (--augmentation) or decode only (eval resize on the device)")
     parser.add_argument("--image-size", type=int, default=224, help="the model's input size (crop output)")
     parser.add_argument("--workers", type=int, default=2, help="data-loader worker processes (0: in this process)")
     parser.add_argument("--batch", type=int, default=256, help="samples per batch")
@@ -73,6 +77,7 @@ def make_stream(args: argparse.Namespace):
         episodes=[shards], counts=counts, batch_size=args.batch, extract_batch_size=args.batch,
         image_size=args.image_size, tokenizer_arch="protoclip-tiny",
         augmentation="light" if per_image else args.augmentation, seed=0, shuffle_buffer=1000, workers=args.workers,
+        extraction_transform=args.extraction_transform,
     )
     stream = pipeline.EpisodeStream(config)
     if per_image:
@@ -119,13 +124,14 @@ def time_loader(args: argparse.Namespace) -> tuple[dict, list[dict]]:
 
 
 def time_device_augmentation(args: argparse.Namespace, batches: list[dict]) -> dict | None:
-    """The device's share of a batch: the light augmentation (training) or the eval resize (extraction)."""
+    """The device's share of a batch: the light augmentation (training, training views) or the eval resize."""
     from protoclip_cli.data.transforms import device_augmentation, to_model_input
 
     augmentation = None
-    if args.pass_ == "train" and args.augmentation != "light-per-image":
+    views = args.pass_ == "train" or args.extraction_transform == "train"
+    if views and args.augmentation != "light-per-image":
         augmentation = device_augmentation(args.augmentation, args.image_size)
-    resizes = args.pass_ == "extract" and bool(batches) and batches[0]["images"].shape[-1] != args.image_size
+    resizes = not views and bool(batches) and batches[0]["images"].shape[-1] != args.image_size
     if (augmentation is None and not resizes) or not batches:
         return None
     device = torch.device(args.device)
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     table.add_row("samples/s (workers)", f"{record['samples_per_s']:,.0f}")
     table.add_row("first batch (s)", f"{record['first_batch_seconds']:.2f}")
     if device_part:
-        share = "augmentation" if args.pass_ == "train" else "resize"
+        share = "resize" if args.pass_ == "extract" and args.extraction_transform == "eval" else "augmentation"
         table.add_row(f"device {share} + normalise ms/batch ({device.type})", f"{record['device_augment_ms_per_batch']:.1f}")
         table.add_row(f"copy + normalise only ms/batch ({device.type})", f"{record['device_normalize_only_ms_per_batch']:.1f}")
     Console(width=120).print(table)

@@ -5,11 +5,21 @@ script reads the run's metrics.jsonl back. Every variant sees the same number of
 
 - ``clip``: the CLIP baseline recipe (no heads, no clustering, ``rrc`` augmentation), episodes
   that are epochs of the data set (``--samples`` x 2 samples in 2 epochs);
-- ``protoclip``: the reference ProtoCLIP recipe (``light`` augmentation, heads, an extraction pass,
-  k-means of image, text and teacher features with 3 restarts, PBT), ``--episodes`` episodes of
-  ``2 x samples / episodes``, k = episode size / 10 (the reference's 200K / 20K), an InfoNCE
-  warm-up episode and no LiT finish, so every episode but the first clusters;
-- ``protoclip-single-pass``: the same with ``proto.single_pass = true`` (no extraction pass);
+- ``open_clip_train``: OpenCLIP's own trainer with the ``clip`` recipe's settings on the same shards
+  (``protoclip_cli.training.open_clip_peer``, which also works around open_clip_train 3.3's
+  ``KeyError: 'fname'`` on webdataset >= 0.2.96 by reading shards without webdataset's end-of-shard
+  marker); its training seconds are the time inside its ``train_one_epoch`` calls. It gives each
+  loader worker whole shards and stops every worker after the same number of batches, so it trains
+  the same samples only when the shards split evenly: ``--samples`` must fill a multiple of
+  ``--workers`` shards of 1024, each worker's share a whole number of batches (e.g. 12288 samples for
+  12 workers and batch 256);
+- ``protoclip``: the reference ProtoCLIP recipe (``light`` augmentation, heads, an extraction pass
+  of training views (``proto.extraction_transform = "train"``), k-means of image, text and teacher
+  features with 3 restarts, PBT), ``--episodes`` episodes of ``2 x samples / episodes``, k = episode
+  size / 10 (the reference's 200K / 20K), an InfoNCE warm-up episode and no LiT finish, so every
+  episode but the first clusters;
+- ``protoclip-single-pass``: the same with ``proto.single_pass = true``: one extraction pass, in the
+  first prototype episode (``proto.single_pass_start = "extract"``), then none;
 - ``protoclip-rrc`` (not run by default): ProtoCLIP with ``rrc``, to separate the augmentation's cost.
 
 The data set is the embedded generator's scenes rendered at ``--image-size`` (256 px by default,
@@ -22,9 +32,10 @@ Reported per variant: wall time of the process; per-episode extract / cluster / 
 (``cluster`` includes single-pass's clustering of the recording); the rest (start-up, model
 build, checkpoints); training-pass throughput (samples trained / training seconds) and its ratio
 to this machine's train-step benchmark (``train_step.py``'s in-memory step, same arch and batch);
-and the wall-time ratio of each variant to ``clip``.
+and the wall-time ratio of each variant to ``clip``. The JSON is rewritten after each variant, so a
+benchmark stopped part way keeps the variants that finished.
 
-    .venv/bin/python benchmarks/e2e.py --device cuda --arch RN50 --samples 16384
+    .venv/bin/python benchmarks/e2e.py --device cuda --arch RN50 --samples 12288 --workers 12
     .venv/bin/python benchmarks/e2e.py --device cpu --arch protoclip-tiny --samples 512 --image-size 64 --batch 32 \\
         --workers 1 --episodes 2 --no-step-benchmark
 """
@@ -35,6 +46,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,18 +59,23 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("clip", "protoclip", "protoclip-single-pass", "protoclip-rrc")
-DEFAULT_VARIANTS = ("clip", "protoclip", "protoclip-single-pass")
+PEER = "open_clip_train"
+VARIANTS = ("clip", PEER, "protoclip", "protoclip-single-pass", "protoclip-rrc")
+DEFAULT_VARIANTS = ("clip", PEER, "protoclip", "protoclip-single-pass")
 DATASET = "e2e"
 SHARD_SIZE = 1024
 TEACHER = "bow"
+
+
+class VariantFailed(Exception):
+    """A variant's training failed; the message says why (the others still run)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--arch", default="RN50", help="open_clip architecture or protoclip-tiny")
-    parser.add_argument("--samples", type=int, default=16384, help="samples in the generated data set")
+    parser.add_argument("--samples", type=int, default=12288, help="samples in the generated data set")
     parser.add_argument("--image-size", type=int, default=256, help="side of the stored images (the model crops its own size)")
     parser.add_argument("--batch", type=int, default=256, help="training batch size")
     parser.add_argument("--extract-batch", type=int, default=512, help="extraction batch size")
@@ -81,7 +98,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.samples < 2 * args.batch or args.episodes < 2:
         parser.error("--samples must hold two batches and --episodes must be at least 2")
+    if PEER in args.variants.split(",") and not peer_splits_evenly(args.samples, args.workers, args.batch):
+        parser.error(f"{PEER} trains the same samples only when --samples fills a multiple of --workers shards of "
+                     f"{SHARD_SIZE}, each worker's share a whole number of batches (e.g. --samples 12288 for 12 workers "
+                     f"and batch 256)")
     return args
+
+
+def peer_splits_evenly(samples: int, workers: int, batch: int) -> bool:
+    """Whether open_clip_train's loader workers (whole shards each, the same batches each) read every sample once."""
+    shards, workers = -(-samples // SHARD_SIZE), max(1, workers)
+    whole_shards = shards == 1 or samples % SHARD_SIZE == 0
+    return whole_shards and shards % workers == 0 and (samples // workers) % batch == 0
 
 
 # -- the data set ----------------------------------------------------------------------------------
@@ -178,13 +206,50 @@ def recipe(variant: str, args: argparse.Namespace, device: str) -> dict:
         **common,
         "data": {**common["data"], "episode_size": episode_size, "augmentation": "rrc" if variant == "protoclip-rrc" else "light"},
         "proto": {"enabled": True, "k": k, "teacher_k": k, "iterations": 20, "restarts": 3, "teacher": TEACHER,
-                  "single_pass": variant == "protoclip-single-pass"},
+                  "extraction_transform": "train", "single_pass": variant == "protoclip-single-pass",
+                  "single_pass_start": "extract"},
         "schedule": {"episodes": args.episodes, "warmup_steps": 50, "infonce_warmup_episodes": 1, "lit_start_episode": 99},
+    }
+
+
+def run_peer(args: argparse.Namespace, device: str, workspace) -> dict:
+    """open_clip_train with the ``clip`` recipe's settings on the same shards, trained afresh."""
+    from protoclip_cli import config as config_io
+    from protoclip_cli.errors import ProtoclipError
+    from protoclip_cli.recipes import TrainConfig
+    from protoclip_cli.training.open_clip_peer import train_peer
+
+    data = recipe("clip", args, device)
+    folder = workspace.root / "open_clip_train"
+    shutil.rmtree(folder, ignore_errors=True)  # train_peer reuses a finished run: a benchmark trains again
+    started = time.perf_counter()
+    try:
+        trained = train_peer(config_io.from_dict(TrainConfig, data), workspace.shards(DATASET), args.samples,
+                             2 * args.samples, folder, device)
+    except ProtoclipError as error:
+        raise VariantFailed(f"{PEER} failed: {error}") from None
+    wall = time.perf_counter() - started
+    return {
+        "variant": PEER,
+        "wall_seconds": wall,
+        "train_seconds": trained["train_seconds"],
+        "extract_seconds": 0.0,
+        "cluster_seconds": 0.0,
+        "other_seconds": wall - trained["train_seconds"],
+        "samples_trained": trained["samples_seen"],
+        "train_samples_per_s": trained["samples_seen"] / max(trained["train_seconds"], 1e-9),
+        "logged_samples_per_s_median": None,
+        "episodes": [],
+        "recipe": data,
+        "arguments": trained["arguments"],
     }
 
 
 def run_variant(variant: str, args: argparse.Namespace, device: str, workspace) -> dict:
     import tomli_w
+
+    if variant == PEER:
+        return run_peer(args, device, workspace)
 
     data = recipe(variant, args, device)
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
@@ -199,7 +264,7 @@ def run_variant(variant: str, args: argparse.Namespace, device: str, workspace) 
     wall = time.perf_counter() - started
     os.unlink(recipe_path)
     if finished.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{finished.stderr[-4000:]}")
+        raise VariantFailed(f"{variant} failed:\n{finished.stderr[-4000:]}")
     lines = [json.loads(l) for l in (workspace.run_dir(data["name"]) / "metrics.jsonl").read_text().splitlines()]
     episodes = [l for l in lines if l["kind"] == "episode"]
     parts = {name: sum(e["seconds"].get(name, 0.0) for e in episodes) for name in ("extract", "cluster", "cluster_next", "train")}
@@ -223,12 +288,12 @@ def run_variant(variant: str, args: argparse.Namespace, device: str, workspace) 
 
 
 def step_benchmark(args: argparse.Namespace, device: str) -> dict[str, float]:
-    """train_step.py's in-memory img/s for the same arch and batch (clip and protoclip variants)."""
+    """train_step.py's in-memory img/s for the same arch and batch (openclip, clip and protoclip variants)."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "step.json"
         command = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", device, "--arch", args.arch,
-                   "--batch", str(args.batch), "--steps", str(args.step_steps), "--warmup-steps", "5",
-                   "--variants", "clip,protoclip", "--k", str(max(2, (2 * args.samples // args.episodes) // 10)),
+                   "--batch", str(args.batch), "--steps", str(args.step_steps), "--warmup-steps", str(min(5, args.step_steps)),
+                   "--variants", "openclip,clip,protoclip", "--k", str(max(2, (2 * args.samples // args.episodes) // 10)),
                    "--json", str(out)]
         if args.compile:
             command.append("--compile")
@@ -270,26 +335,37 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"data set: {workspace.dataset_dir(DATASET)}")
         return {}
     steps = step_benchmark(args, device_name) if args.step_benchmark else {}
-    results = [run_variant(v, args, device_name, workspace) for v in args.variants.split(",")]
-    clip = next((r for r in results if r["variant"] == "clip"), None)
-    for r in results:
-        r["wall_ratio_to_clip"] = r["wall_seconds"] / clip["wall_seconds"] if clip else None
-        step_rate = steps.get("clip" if r["variant"] == "clip" else "protoclip")
-        r["step_benchmark_img_per_s"] = step_rate
-        r["ratio_to_step_benchmark"] = r["train_samples_per_s"] / step_rate if step_rate else None
     record = {
         "benchmark": "e2e",
         "machine": machine_info(device),
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "samples_seen": 2 * args.samples},
         "step_benchmark": steps,
-        "results": results,
+        "results": [],
     }
     del torch
     path = args.json or ROOT / "benchmarks" / "results" / f"e2e-{device_name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
+    results, failed = record["results"], []
+    for variant in args.variants.split(","):
+        try:
+            results.append(run_variant(variant, args, device_name, workspace))
+        except VariantFailed as error:
+            print(error, file=sys.stderr)
+            failed.append(variant)
+            continue
+        clip = next((r for r in results if r["variant"] == "clip"), None)
+        for r in results:
+            r["wall_ratio_to_clip"] = r["wall_seconds"] / clip["wall_seconds"] if clip else None
+            step_rate = steps.get({"clip": "clip", PEER: "openclip"}.get(r["variant"], "protoclip"))
+            r["step_benchmark_img_per_s"] = step_rate
+            r["ratio_to_step_benchmark"] = r["train_samples_per_s"] / step_rate if step_rate else None
+        # After each variant, whole (a stopped benchmark keeps the variants that finished).
+        path.with_suffix(".tmp").write_text(json.dumps(record, indent=2))
+        path.with_suffix(".tmp").replace(path)
     print_table(record)
     print(f"JSON: {path}")
+    if failed:
+        raise SystemExit(f"{', '.join(failed)} failed (see above); {path} holds the other variants.")
     return record
 
 

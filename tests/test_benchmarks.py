@@ -30,38 +30,48 @@ def positive_finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+def start_gpu_sh(command: str, results: Path, **env: str) -> subprocess.Popen:
+    """``bash benchmarks/gpu.sh COMMAND --tiny RESULTS``: the GPU run's rehearsal on the CPU, one torch thread per
+    process, with this environment's packages (no wheels from .whl/)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "WHEELS": "", **env}
+    return subprocess.Popen(["bash", str(BENCHMARKS / "gpu.sh"), command, "--tiny", str(results)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> dict[str, tuple[dict, str]]:
-    """The scripts run tiny on CPU, side by side (one thread each), as a user would start them."""
+    """Both commands of benchmarks/gpu.sh rehearsed with --tiny, and train_options.py, side by side.
+
+    Their records are the benchmarks' own JSON (train_step, extract_kmeans, e2e: from the summaries
+    the rehearsals write) with the text they printed (the command's log)."""
     folder = tmp_path_factory.mktemp("bench")
-    commands = {
-        "train_step": [
-            "--device", "cpu", "--arch", "protoclip-tiny", "--batch", "16", "--steps", "2", "--warmup-steps", "1",
-        ],
-        "extract_kmeans": [
-            "--device", "cpu", "--arch", "protoclip-tiny", "--n", "2000", "--k", "50", "--batch", "64",
-            "--extract-batches", "3", "--warmup-batches", "1", "--restarts", "1",
-        ],
-        "train_options": [
-            "--device", "cpu", "--arch", "protoclip-tiny", "--batch", "16", "--accum", "2", "--steps", "1",
-            "--warmup-steps", "1", "--k", "50",
-        ],
-    }
-    running = {
-        name: start_script(f"{name}.py", *argv, "--json", str(folder / f"{name}.json"))
-        for name, argv in commands.items()
-    }
-    found = {}
-    for name, process in running.items():
-        stdout, stderr = process.communicate(timeout=180)
-        assert process.returncode == 0, stderr
-        found[name] = (json.loads((folder / f"{name}.json").read_text()), stdout)
+    running = {command: start_gpu_sh(command, folder / command) for command in ("step", "trainer")}
+    try:
+        options = start_script("train_options.py", "--device", "cpu", "--arch", "protoclip-tiny", "--batch", "16", "--accum",
+                               "2", "--steps", "1", "--warmup-steps", "1", "--k", "50", "--json", str(folder / "train_options.json"))
+        stdout, stderr = options.communicate(timeout=300)
+        assert options.returncode == 0, stderr
+        found = {"train_options": (json.loads((folder / "train_options.json").read_text()), stdout)}
+        for command, process in running.items():
+            stdout, _ = process.communicate(timeout=1500)
+            assert process.returncode == 0, stdout[-4000:]
+            results = folder / command
+            summary = json.loads((results / f"{command}.json").read_text())
+            log = (results / f"{command}.log").read_text()
+            found[f"gpu.sh {command}"] = (summary, stdout, results)
+            for name, record in summary["records"].items():
+                found[name] = (record, log)
+    finally:
+        for process in running.values():  # a failure above leaves no rehearsal running (gpu.sh stops its step)
+            if process.poll() is None:
+                process.terminate()
+                process.communicate(timeout=60)
     return found
 
 
 @pytest.fixture(scope="module")
 def train_step_record(records):
-    return records["train_step"]
+    return records["train_step-eager"]
 
 
 @pytest.fixture(scope="module")
@@ -172,54 +182,128 @@ def _run(script: str, *args: str) -> str:
     return stdout
 
 
-@pytest.mark.parametrize("augmentation", ["rrc", "light"])
-def test_dataloader_reports_what_the_workers_deliver_and_the_device_share(synthetic_workspace, tmp_path, augmentation):
-    out = tmp_path / "loader.json"
-    stdout = _run("dataloader.py", "--workspace", str(synthetic_workspace.root), "--dataset", "synthetic",
-                  "--augmentation", augmentation, "--image-size", "48", "--workers", "1", "--batch", "32",
-                  "--batches", "4", "--device-batches", "2", "--json", str(out))
-    record = json.loads(out.read_text())
-    assert record["benchmark"] == "dataloader" and record["samples"] == 4 * 32
+@pytest.mark.parametrize("loader", ["dataloader-rrc", "dataloader-light", "dataloader-extract"])
+def test_dataloader_reports_what_the_workers_deliver_and_the_device_share(records, loader):
+    record, log = records[loader]  # 1 worker, 2 timed batches of 32 (gpu.sh trainer --tiny)
+    assert record["benchmark"] == "dataloader" and record["samples"] == 2 * 32
     assert positive_finite(record["samples_per_s"]) and positive_finite(record["first_batch_seconds"])
     assert record["samples_per_s"] == pytest.approx(record["samples"] / record["seconds"])
-    if augmentation == "light":  # flip, jitter, grayscale and blur run on the device: timed there
-        assert positive_finite(record["device_augment_ms_per_batch"]) and record["device_batches"] == 2
-        assert "device augmentation" in stdout
-    else:
+    if loader == "dataloader-rrc":
         assert "device_augment_ms_per_batch" not in record
+    else:  # light's flip, jitter, grayscale and blur run on the device, for the extraction pass's training views too
+        assert positive_finite(record["device_augment_ms_per_batch"]) and record["device_batches"] == 1
+    assert "device augmentation" in log
 
 
-def test_dataloader_extract_pass_leaves_the_resize_to_the_device(synthetic_workspace, tmp_path):
+def test_dataloader_eval_extract_pass_leaves_the_resize_to_the_device(synthetic_workspace, tmp_path):
     out = tmp_path / "extract.json"
-    _run("dataloader.py", "--workspace", str(synthetic_workspace.root), "--pass", "extract", "--image-size", "48",
+    _run("dataloader.py", "--workspace", str(synthetic_workspace.root), "--pass", "extract", "--extraction-transform", "eval",
+         "--image-size", "48",
          "--workers", "0", "--batch", "64", "--batches", "3", "--device-batches", "2", "--json", str(out))
     record = json.loads(out.read_text())
     # Stored at 64 px, square: the workers only decode; the device resizes 64 -> 48.
     assert record["samples"] == 3 * 64 and positive_finite(record["device_augment_ms_per_batch"])
 
 
-def test_e2e_runs_the_real_trainer_for_each_recipe_on_the_same_samples(tmp_path):
-    out = tmp_path / "e2e.json"
-    stdout = _run("e2e.py", "--device", "cpu", "--arch", "protoclip-tiny", "--samples", "256", "--image-size", "64",
-                  "--batch", "32", "--extract-batch", "64", "--workers", "1", "--episodes", "2", "--processes", "1",
-                  "--no-step-benchmark", "--workspace", str(tmp_path / "ws"), "--json", str(out))
-    record = json.loads(out.read_text())
+def test_e2e_runs_the_real_trainer_and_open_clip_train_on_the_same_samples(records):
+    record, log = records["e2e"]
     results = {r["variant"]: r for r in record["results"]}
-    assert list(results) == ["clip", "protoclip", "protoclip-single-pass"]
-    # The same samples seen by each recipe: 2 x 256 (two epochs, or two episodes of 256).
-    assert {r["samples_trained"] for r in results.values()} == {512}
-    assert results["clip"]["extract_seconds"] == 0 and results["clip"]["cluster_seconds"] == 0
-    # Both prototype recipes extract in the episode after the warm-up: single-pass's first prototype episode
-    # clusters the model the warm-up left (its later ones cluster a recording: test_single_pass.py).
+    assert list(results) == ["clip", "open_clip_train", "protoclip", "protoclip-single-pass"]
+    # The same samples seen by each trainer: 2 x 128 (two epochs, or two episodes of 128).
+    assert {r["samples_trained"] for r in results.values()} == {256}
+    peer = results["open_clip_train"]
+    argument = lambda name: peer["arguments"][peer["arguments"].index(name) + 1]  # noqa: E731
+    assert (argument("--train-num-samples"), argument("--epochs"), argument("--workers")) == ("128", "2", "1")
+    assert argument("--model") == "protoclip-tiny" and argument("--batch-size") == "32"
+    for name in ("clip", "open_clip_train"):
+        assert results[name]["extract_seconds"] == 0 and results[name]["cluster_seconds"] == 0
+    # Both prototype recipes extract training views in the episode after the warm-up: single-pass's first prototype
+    # episode clusters the model the warm-up left (its later ones cluster a recording: test_single_pass.py).
     extracts = {v: [e["seconds"]["extract"] > 0 for e in results[v]["episodes"]] for v in ("protoclip", "protoclip-single-pass")}
     assert extracts == {"protoclip": [False, True], "protoclip-single-pass": [False, True]}
-    assert results["protoclip"]["cluster_seconds"] > 0 and results["protoclip-single-pass"]["cluster_seconds"] > 0
-    for r in results.values():
+    for v in ("protoclip", "protoclip-single-pass"):
+        assert results[v]["cluster_seconds"] > 0
+        assert results[v]["recipe"]["proto"]["extraction_transform"] == "train"
+        assert results[v]["recipe"]["proto"]["single_pass_start"] == "extract"
+    steps = record["step_benchmark"]
+    for name, r in results.items():
         assert r["wall_ratio_to_clip"] == pytest.approx(r["wall_seconds"] / results["clip"]["wall_seconds"])
         assert r["train_samples_per_s"] == pytest.approx(r["samples_trained"] / r["train_seconds"])
+        step = steps[{"clip": "clip", "open_clip_train": "openclip"}.get(name, "protoclip")]
+        assert r["ratio_to_step_benchmark"] == pytest.approx(r["train_samples_per_s"] / step)
         assert 0 < r["other_seconds"] < r["wall_seconds"]  # start-up, model build, checkpoints
-    assert results["protoclip"]["recipe"]["proto"]["k"] == 25  # episode size / 10, as the reference's 200K / 20K
-    assert "protoclip-single-pass" in stdout
+    assert results["protoclip"]["recipe"]["proto"]["k"] == 12  # episode size / 10, as the reference's 200K / 20K
+    assert "protoclip-single-pass" in log
+
+
+@pytest.mark.parametrize("command", ["step", "trainer"])
+def test_gpu_sh_rehearses_each_command_into_one_summary_and_one_log(records, command):
+    summary, stdout, results = records[f"gpu.sh {command}"]
+    assert sorted(p.name for p in results.iterdir()) == [f"{command}.json", f"{command}.log"]
+    statuses = {s["step"]: s["status"] for s in summary["steps"]}
+    if command == "step":
+        assert statuses == {"preflight": "ok", "train_step-eager": "ok", "extract_kmeans": "ok",
+                            "gpu-tests": "skipped: no CUDA (rehearsal)", "torchrun-data": "ok", "torchrun": "ok",
+                            "train_step-compiled": "skipped: no CUDA (rehearsal)"}
+        assert set(summary["records"]) == {"train_step-eager", "extract_kmeans"}
+    else:
+        assert statuses == dict.fromkeys(["preflight", "e2e-data", "dataloader-rrc", "dataloader-light", "e2e",
+                                          "dataloader-extract"], "ok")
+        assert set(summary["records"]) == {"dataloader-rrc", "dataloader-light", "dataloader-extract", "e2e"}
+        measured = {a["what"]: a["measured"] for a in summary["aims"]}
+        assert measured["this project's CLIP / open_clip_train wall time"] > 0
+        assert measured["ProtoCLIP / CLIP wall time, single-pass"] > 0
+    assert summary["commands"][command] > 0
+    # The trap printed the tables last; the preflight named every package's version.
+    assert stdout.rstrip().endswith(summary["table"].rstrip())
+    assert "\ntorch " in (results / f"{command}.log").read_text().split("===== preflight: ok")[1]
+
+
+def test_gpu_sh_names_what_is_missing_and_skips_what_needs_it(tmp_path):
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "tomli_w.py").write_text("raise ModuleNotFoundError(\"No module named 'tomli_w'\", name='tomli_w')\n")
+    process = start_gpu_sh("trainer", tmp_path / "out", PYTHONPATH=str(shadow))
+    stdout, _ = process.communicate(timeout=300)
+    assert process.returncode == 1
+    assert "preflight: missing or broken: tomli_w (ModuleNotFoundError: No module named 'tomli_w')" in stdout
+    summary = json.loads((tmp_path / "out" / "trainer.json").read_text())
+    assert [s["status"] for s in summary["steps"]] == ["failed (exit 1)"] + ["skipped: preflight failed (exit 1)"] * 5
+    assert stdout.rstrip().endswith(summary["table"].rstrip())
+
+
+def test_gpu_sh_prints_its_summary_when_it_is_stopped(tmp_path):
+    process = start_gpu_sh("step", tmp_path / "out")
+    for line in process.stdout:
+        if line.startswith("== preflight (at most"):
+            process.terminate()  # as a time limit around the whole command would
+            break
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 143  # 128 + SIGTERM
+    summary = json.loads((tmp_path / "out" / "step.json").read_text())
+    assert [(s["step"], s["status"]) for s in summary["steps"]] == [("preflight", "stopped: the command was ended")]
+    assert "===== preflight: stopped" in (tmp_path / "out" / "step.log").read_text()
+    assert stdout.rstrip().endswith(summary["table"].rstrip())
+
+
+def test_gpu_summary_of_both_commands_gives_the_aims_that_need_both(records, capsys):
+    step, _, step_results = records["gpu.sh step"]
+    trainer, _, trainer_results = records["gpu.sh trainer"]
+    gpu_summary = load_benchmark("gpu_summary")
+    merged = gpu_summary.main([str(step_results / "step.json"), str(trainer_results / "trainer.json")])
+    measured = {what: value for what, _, value, _ in gpu_summary.aims(merged["records"])}
+    # Every aim has its figure but the compiled step's, which needs CUDA.
+    assert [what for what, value in measured.items() if value is None] == [
+        "train step vs OpenCLIP (compiled), clip", "train step vs OpenCLIP (compiled), protoclip"]
+    faithful = next(r for r in trainer["records"]["e2e"]["results"] if r["variant"] == "protoclip")
+    in_trainer = 128 / faithful["extract_seconds"]  # one extraction pass over the second episode's 128 samples
+    extract_kmeans = step["records"]["extract_kmeans"]
+    in_memory = extract_kmeans["extraction"]["samples_per_s"]
+    assert measured["extraction pass in the trainer / in-memory benchmark"] == pytest.approx(in_trainer / in_memory)
+    overhead = (2000 / in_trainer + extract_kmeans["episode"]["seconds"]) / (2000 / faithful["train_samples_per_s"])
+    assert measured["episode overhead at reference scale / training pass, faithful"] == pytest.approx(overhead)
+    assert set(merged["commands"]) == {"step", "trainer"} and len(merged["steps"]) == 7 + 6
+    assert "| protoclip-single-pass | 1 | proto |" in capsys.readouterr().out
 
 
 def load_benchmark(name: str):

@@ -37,7 +37,9 @@ from protoclip_cli.core.model import register_tiny_configs
 from protoclip_cli.errors import ProtoclipError
 
 RECORD = "peer.json"  # written last: a peer folder without it is an unfinished run, trained again
-SECONDS = "train_seconds.json"  # the child's time inside open_clip_train's main (imports and start-up excluded)
+# The child's seconds inside open_clip_train's main (imports and start-up excluded) and in its training passes
+# (train_one_epoch: data loading and steps; no model build, no checkpoints).
+SECONDS = "train_seconds.json"
 
 
 def peer_arguments(config: TrainConfig, shards: list[Path], dataset_size: int, samples_seen: int, out_dir: Path,
@@ -70,8 +72,8 @@ def train_peer(config: TrainConfig, shards: list[Path], dataset_size: int, sampl
                device: str) -> dict:
     """Train open_clip_train in a child process (reused when ``out_dir`` holds a finished one); returns
     its record: ``checkpoint``, ``seconds`` spent in open_clip_train's ``main`` (model, data and
-    training, as this project's train stage counts them), ``process_seconds`` of the whole child
-    (Python and torch imports too), ``epochs``, ``arguments``."""
+    training, as this project's train stage counts them), ``train_seconds`` in its training passes,
+    ``process_seconds`` of the whole child (Python and torch imports too), ``epochs``, ``arguments``."""
     record_file = out_dir / RECORD
     if record_file.is_file():
         return {**json.loads(record_file.read_text()), "reused": True}
@@ -88,8 +90,9 @@ def train_peer(config: TrainConfig, shards: list[Path], dataset_size: int, sampl
     if finished.returncode != 0 or not checkpoint.is_file():
         tail = " / ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
         raise ProtoclipError(f"open_clip_train failed (exit {finished.returncode}; log {log}): {tail}")
-    inside = json.loads((out_dir / SECONDS).read_text())["seconds"]
-    record = {"checkpoint": str(checkpoint), "seconds": inside, "process_seconds": round(seconds, 2), "epochs": epochs,
+    inside = json.loads((out_dir / SECONDS).read_text())
+    record = {"checkpoint": str(checkpoint), "seconds": inside["seconds"], "train_seconds": inside["train_seconds"],
+              "process_seconds": round(seconds, 2), "epochs": epochs,
               "samples_seen": samples_seen, "arguments": arguments, "log": str(log)}
     write_json(record_file, record)
     return record
@@ -104,14 +107,33 @@ def _without_end_of_shard_marker() -> None:
         peer_data.tar_file_expander = functools.partial(tariterators.tar_file_expander, eof_value=None)
 
 
+def _timed_epochs(seconds: list[float]) -> None:
+    """Append the wall time of each of open_clip_train's training passes to ``seconds``."""
+    import open_clip_train.main as peer_main
+
+    train_one_epoch = peer_main.train_one_epoch
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return train_one_epoch(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - started)
+
+    peer_main.train_one_epoch = timed
+
+
 def main(argv: list[str]) -> None:
     from open_clip_train.main import main as open_clip_train_main
 
     register_tiny_configs()
     _without_end_of_shard_marker()
+    epochs: list[float] = []
+    _timed_epochs(epochs)
     started = time.perf_counter()
     open_clip_train_main(argv)
-    write_json(Path(argv[argv.index("--logs") + 1]) / SECONDS, {"seconds": round(time.perf_counter() - started, 2)})
+    write_json(Path(argv[argv.index("--logs") + 1]) / SECONDS,
+               {"seconds": round(time.perf_counter() - started, 2), "train_seconds": round(sum(epochs), 2)})
 
 
 if __name__ == "__main__":
