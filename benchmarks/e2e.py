@@ -216,7 +216,7 @@ def run_peer(args: argparse.Namespace, device: str, workspace) -> dict:
     """open_clip_train with the ``clip`` recipe's settings on the same shards, trained afresh."""
     from protoclip_cli import config as config_io
     from protoclip_cli.errors import ProtoclipError
-    from protoclip_cli.recipes import TrainConfig
+    from protoclip_cli.configs.train import TrainConfig
     from protoclip_cli.training.open_clip_peer import train_peer
 
     data = recipe("clip", args, device)
