@@ -50,6 +50,17 @@ def warn_about_recipe(config: TrainConfig) -> None:
     """Settings that are valid (TrainConfig checks itself) but do less than they seem to."""
     if config.proto.teacher and config.proto.enabled and not config.loss.pbt:
         warn("proto.teacher is set but loss.pbt = false: the external-teacher loss needs PBT and is skipped.")
+    if config.proto.enabled:
+        from protoclip_cli.training.episodes import episode_phase
+
+        phases = [episode_phase(config, e, use_teacher(config)).name for e in range(config.schedule.episodes)]
+        if "proto" not in phases:
+            warn(
+                f"proto.enabled is on, but none of the {len(phases)} episodes trains with prototypes "
+                f"({phases.count('warmup')} InfoNCE warm-up by schedule.infonce_warmup_episodes, {phases.count('lit')} "
+                "LiT by schedule.lit_start_episode): the run is CLIP training; raise schedule.episodes or lower "
+                "those, or set proto.enabled = false to say so."
+            )
 
 
 def check_inputs(config: TrainConfig, workspace: Workspace, trust_teacher: bool = False) -> TrainInputs:
