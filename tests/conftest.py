@@ -81,3 +81,26 @@ def tiny_open_clip(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("openclip") / "tiny.pt"
     torch.save(open_clip.create_model("protoclip-tiny").state_dict(), path)
     return path
+
+
+@pytest.fixture
+def small_disk():
+    """``small_disk(folder, size)`` mounts a tmpfs of ``size`` (e.g. "2m") on ``folder``: a real
+    full disk (ENOSPC), where RLIMIT_FSIZE only imitates one per file. Mounting needs root and
+    CAP_SYS_ADMIN; without them the test is skipped. Unmounted at the end."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

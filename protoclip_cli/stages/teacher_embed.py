@@ -328,7 +328,9 @@ def _embed_to_partial(
 
     from protoclip_cli.data.shards import iter_captions
 
-    handle = teacher_file.open_partial(partial, identity, identity["source_dimension"])
+    if total is None:  # a manifest without the count: the partial file is sized by the captions themselves
+        total = sum(1 for _ in iter_captions(shards))
+    handle = teacher_file.open_partial(partial, identity, identity["source_dimension"], total)
     done = 0
     try:
         stored_keys = teacher_file.committed_keys(handle)
