@@ -245,7 +245,7 @@ class RunDir:
         (``complete``: the checkpoint closes the whole run).
         """
         from protoclip_cli.core.model import build_model
-        from protoclip_cli.training.checkpoint import load_checkpoint
+        from protoclip_cli.training.checkpoint import load_checkpoint, load_weights
 
         config = self.config()
         for attempt in range(3):
@@ -259,7 +259,8 @@ class RunDir:
                 if checkpoint or path.exists() or attempt == 2:
                     raise
         model = build_model(config.model, contrastive=config.loss.contrastive)
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], path, "pass a checkpoint of this run (--checkpoint), or move this one away "
+                     "to read the run's previous one")
         model.to(device).eval()
         info: dict[str, Any] = {
             "path": str(path),

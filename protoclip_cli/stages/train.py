@@ -267,7 +267,6 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
                 note_episode_size(config, plan, world_size)
                 write_text(run_dir.config_file, config_io.dumps(config))
                 plan.save(run_dir.plan_file)
-                _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
                 decision = [str(resume_from) if resume_from else None, None]
             except ProtoclipError as exc:
                 decision = [None, str(exc)]
@@ -278,8 +277,12 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
         plan = EpisodePlan.load(run_dir.plan_file)
         if config.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+        # Resuming checks the checkpoint against the run (its shapes, its launch): a refusal there
+        # leaves the manifest as it was, since nothing of the run has changed.
         trainer = Trainer(config, run_dir.path, plan, inputs.shard_paths, inputs.teacher_paths, resume_from,
                           key_offsets=inputs.key_offsets)
+        if rank == 0:
+            _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
         info(
             f"Training run '{config.name}': {config.schedule.episodes} episodes, {trainer.layout.total_steps} steps, "
             f"{world_size} process(es) on {trainer.device}, global batch {config.data.batch_size * world_size}."

@@ -194,8 +194,14 @@ class Trainer:
                 f"Checkpoint {path.name} was written by {state['world_size']} process(es) x {state['workers']} "
                 f"data worker(s); resume with the same launch, or start over with --no-resume."
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        advice = "move it away to resume from the previous checkpoint, or start over with --no-resume"
+        ckpt.load_weights(self.model, state["model"], path, advice)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:  # torch's sentence on parameter groups of other sizes
+            raise ProtoclipError(
+                f"Checkpoint {path} holds the optimiser state of another model ({exc}); {advice}."
+            ) from exc
         ckpt.restore_rng_state({k: (v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v]) for k, v in state["rng"].items()})
         self.global_step = int(state["global_step"])
         episode, done = int(state["episode"]), int(state["batches_done"])
