@@ -23,6 +23,8 @@ from protoclip_cli.console import progress, warn
 from protoclip_cli.errors import Interrupted, ProtoclipError
 
 SHARD_DIGITS = 5  # img2dataset's default oom_shard_count: shard files are 00000.tar, 00001.tar, ...
+OPENCV_PIXEL_LIMIT = "OPENCV_IO_MAX_IMAGE_PIXELS"
+OVER_PIXEL_LIMIT = "more pixels than --max-pixels allows"
 
 
 def download_split(
@@ -42,14 +44,20 @@ def download_split(
     timeout: int,
     retries: int,
     distributor: str,
+    max_pixels: int = 0,
 ) -> None:
     """Run img2dataset on ``url_file`` (parquet: ``url``, ``caption``, extras) into ``folder``.
 
     ``label`` (``<data set>/<split>``) names the split in the progress bar and in errors; an
     interruption or a failure of img2dataset is a :class:`ProtoclipError` pointing at ``log``.
+    ``max_pixels`` (0: none) refuses larger images, counted as failed (:data:`OVER_PIXEL_LIMIT`).
     """
     # img2dataset (through albumentations) otherwise checks the network for a newer version.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if max_pixels:
+        # OpenCV checks this limit after reading an image's header, before decoding it; img2dataset's
+        # own max_image_area is checked only after the decode. Read by its spawned workers at start.
+        os.environ[OPENCV_PIXEL_LIMIT] = str(max_pixels)
     import img2dataset
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,6 +90,7 @@ def download_split(
                 enable_wandb=False,
                 extract_exif=False,
                 oom_shard_count=SHARD_DIGITS,
+                max_image_area=max_pixels or float("inf"),
             )
         except SystemExit as exc:
             # img2dataset turns Ctrl-C into sys.exit(0); a stopped download must not look finished.
@@ -160,10 +169,14 @@ def read_stats(folder: Path) -> dict[int, dict[str, Any]]:
 
 def readable_reason(reason: str) -> str:
     """img2dataset's failure reason as a user reads it: OpenCV's assertion on an empty buffer is an
-    empty response body (a 200 with no bytes, an empty file)."""
+    empty response body (a 200 with no bytes, an empty file), its assertion on the pixel limit an
+    image over ``--max-pixels``."""
     reason = " ".join(reason.split())
     if "!buf.empty()" in reason:
         return "empty body"
+    # OpenCV's refusal of an image over OPENCV_IO_MAX_IMAGE_PIXELS, or img2dataset's after a decode.
+    if "CV_IO_MAX_IMAGE_PIXELS" in reason or reason == "image area too large":
+        return OVER_PIXEL_LIMIT
     return reason
 
 
