@@ -371,7 +371,8 @@ class _Batcher:
 class EpisodeStream:
     """One rank's passes over a run's episodes, served by one DataLoader with persistent workers."""
 
-    def __init__(self, config: StreamConfig, pin_memory: bool = False):
+    def __init__(self, config: StreamConfig, pin_memory: bool = False, worker_init: Callable[[int], None] | None = None):
+        """``worker_init`` runs in each worker process as it starts (the trainer's signal policy)."""
         self.config = config
         self.control = torch.zeros(_WORKERS_AT + 2 * max(1, config.workers), dtype=torch.int64).share_memory_()
         self.loader = DataLoader(
@@ -381,6 +382,7 @@ class EpisodeStream:
             pin_memory=pin_memory,
             persistent_workers=config.workers > 0,
             prefetch_factor=4 if config.workers > 0 else None,
+            worker_init_fn=worker_init,
         )
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -239,7 +240,7 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
 
     from protoclip_cli.core import distributed as dist_utils
     from protoclip_cli.training.episodes import EpisodePlan, plan_episodes
-    from protoclip_cli.training.interrupts import catching_sigint
+    from protoclip_cli.training import interrupts
     from protoclip_cli.training.loop import Trainer
 
     started = time.perf_counter()
@@ -277,28 +278,34 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
         plan = EpisodePlan.load(run_dir.plan_file)
         if config.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
-        # Resuming checks the checkpoint against the run (its shapes, its launch): a refusal there
-        # leaves the manifest as it was, since nothing of the run has changed.
-        trainer = Trainer(config, run_dir.path, plan, inputs.shard_paths, inputs.teacher_paths, resume_from,
-                          key_offsets=inputs.key_offsets)
-        if rank == 0:
-            _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
-        info(
-            f"Training run '{config.name}': {config.schedule.episodes} episodes, {trainer.layout.total_steps} steps, "
-            f"{world_size} process(es) on {trainer.device}, global batch {config.data.batch_size * world_size}."
-        )
+        trainer = None
         try:
-            with catching_sigint():
+            # Ctrl-C, SIGTERM and SIGUSR1 stop training at the next step boundary, with a checkpoint
+            # of that step (training/interrupts.py).
+            with interrupts.catching_stop_signals():
+                # Resuming checks the checkpoint against the run (its shapes, its launch): a refusal
+                # there leaves the manifest as it was, since nothing of the run has changed.
+                trainer = Trainer(config, run_dir.path, plan, inputs.shard_paths, inputs.teacher_paths, resume_from,
+                                  key_offsets=inputs.key_offsets)
+                if rank == 0:
+                    _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
+                info(
+                    f"Training run '{config.name}': {config.schedule.episodes} episodes, {trainer.layout.total_steps} "
+                    f"steps, {world_size} process(es) on {trainer.device}, global batch "
+                    f"{config.data.batch_size * world_size}."
+                )
                 summary = trainer.fit()
         except BaseException as exc:
-            if rank == 0:
+            if rank == 0 and trainer is not None:
                 status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
                 _record_stop(config, run_dir, inputs, world_size, status, trainer)
             if isinstance(exc, KeyboardInterrupt):
-                raise Interrupted(_where_it_stopped(run_dir, trainer)) from None
+                signum = getattr(exc, "signum", signal.SIGINT)
+                raise Interrupted(_where_it_stopped(run_dir, trainer, signum), interrupts.EXIT_CODES[signum]) from None
             raise
         finally:
-            trainer.close()  # no data-loader worker outlives the stage
+            if trainer is not None:
+                trainer.close()  # no data-loader worker outlives the stage
         summary["broken_samples"] = trainer.stats.get("broken", 0)
         summary["seconds"] = round(time.perf_counter() - started, 2)  # this call's: inputs, model, data, training
         manifest = {}
@@ -315,17 +322,21 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
             dist.destroy_process_group()
 
 
-def _where_it_stopped(run_dir: RunDir, trainer) -> str:
-    """The sentence for Ctrl-C: the step reached, and the checkpoint a rerun resumes from."""
-    layout = trainer.layout
-    step = trainer.global_step
-    episode = next((e for e in range(len(layout.steps)) if layout.first_step(e + 1) > step), len(layout.steps) - 1)
+def _where_it_stopped(run_dir: RunDir, trainer, signum: int) -> str:
+    """The sentence for a stop signal: the step reached, and the checkpoint a rerun resumes from."""
+    from protoclip_cli.training.interrupts import NAMES
+
     checkpoint = run_dir.latest_checkpoint()
     if checkpoint is None:
         resume = "no checkpoint was written yet, so rerunning the same command starts the run again"
     else:
         resume = f"rerunning the same command resumes from {checkpoint.name} (step {int(checkpoint.stem.split('-')[1])})"
-    return f"Training stopped by Ctrl-C at step {step} of {layout.total_steps} (episode {episode}); {resume}."
+    if trainer is None:
+        return f"Training stopped by {NAMES[signum]} before its first step; {resume}."
+    layout = trainer.layout
+    step = trainer.global_step
+    episode = next((e for e in range(len(layout.steps)) if layout.first_step(e + 1) > step), len(layout.steps) - 1)
+    return f"Training stopped by {NAMES[signum]} at step {step} of {layout.total_steps} (episode {episode}); {resume}."
 
 
 def _record_stop(config: TrainConfig, run_dir: RunDir, inputs: TrainInputs, world_size: int, status: str, trainer) -> None:

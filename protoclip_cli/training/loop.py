@@ -36,7 +36,7 @@ from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.runs import RunDir
 from protoclip_cli.training import checkpoint as ckpt
-from protoclip_cli.training.interrupts import raise_if_interrupted
+from protoclip_cli.training import interrupts
 from protoclip_cli.training.episodes import EpisodePlan, Phase, episode_phase, run_layout
 from protoclip_cli.training.extraction import extract_features
 from protoclip_cli.training.metrics import MetricsLog, batch_diagnostics
@@ -170,10 +170,15 @@ class Trainer:
                 extraction_transform=cfg.proto.extraction_transform,
             ),
             pin_memory=self.device.type == "cuda",
+            worker_init=interrupts.worker_signals,
         )
+        # Ranks agree on a stop signal at each step boundary over a CPU group of their own, so the
+        # question never waits for the GPU (with NCCL, reading a device flag would each step).
+        self._stop_group = torch.distributed.new_group(backend="gloo") if self.world_size > 1 else None
         self.recorder = FeatureRecorder()
         self.metrics = MetricsLog.for_run(self.run_dir, cfg, enabled=self.rank == 0)
         self.global_step = 0
+        self._saved_step: int | None = None  # the global step of the newest checkpoint this trainer wrote or read
         self.start_episode = 0
         self.start_batches = 0
         self.position = Position.start(cfg.data.workers)
@@ -203,7 +208,7 @@ class Trainer:
                 f"Checkpoint {path} holds the optimiser state of another model ({exc}); {advice}."
             ) from exc
         ckpt.restore_rng_state({k: (v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v]) for k, v in state["rng"].items()})
-        self.global_step = int(state["global_step"])
+        self.global_step = self._saved_step = int(state["global_step"])
         episode, done = int(state["episode"]), int(state["batches_done"])
         if done >= self.layout.steps[episode]:
             episode, done = episode + 1, 0
@@ -242,6 +247,7 @@ class Trainer:
                 state["recorded"] = recorded
             path = ckpt.save_checkpoint(self.run_dir, state, self.config.logging.keep_checkpoints)
         self._barrier()
+        self._saved_step = self.global_step
         return path
 
     def _all_ranks(self, value: Any) -> list[Any]:
@@ -254,6 +260,25 @@ class Trainer:
     def _barrier(self) -> None:
         if dist_utils.is_distributed():
             torch.distributed.barrier()
+
+    def _stop(self, episode: int, batches_done: int, signum: int, total: torch.Tensor | None) -> None:
+        """Stop training for a stop signal at this step boundary, with a checkpoint of the step just
+        done (unless one holds it already): a rerun, or a requeued job, continues from it."""
+        if self._saved_step != self.global_step:
+            if total is not None:
+                self._check_finite(total)
+            self._save(episode, batches_done)
+        raise interrupts.StopSignal(signum)
+
+    def _stop_signal(self) -> int | None:
+        """The stop signal any rank has received (``training/interrupts.py``), or None; every rank asks
+        at the same step boundary, so all stop at the same step."""
+        signum = interrupts.stop_requested() or 0
+        if self._stop_group is not None:
+            flag = torch.tensor([signum], dtype=torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._stop_group)
+            signum = int(flag)
+        return signum or None
 
     # -- passes -----------------------------------------------------------------------------------
     def _rank_shards(self, episode: int) -> list[str]:
@@ -407,13 +432,26 @@ class Trainer:
         start = time.perf_counter()
         window_start, window_samples = time.perf_counter(), 0
         global_batch = cfg.data.batch_size * self.world_size * cfg.optim.accum_freq
-        for step_batches in micro_batches(batches, cfg.optim.accum_freq):
-            raise_if_interrupted()
-            if done >= steps:
+        steps_of_batches = micro_batches(batches, cfg.optim.accum_freq)
+        total = None  # the last step's loss
+        while done < steps:
+            if (signum := self._stop_signal()) is not None:
+                self._stop(episode, done, signum, total)
+            try:
+                step_batches = next(steps_of_batches)
+            except StopIteration:
                 break
+            except RuntimeError:
+                # A SIGTERM sent to every process ends the loader's workers too (interrupts.py), and
+                # the batch they owed never comes: this is still a step boundary. (With several
+                # ranks, the others may have their batch: they cannot stop at this step together.)
+                if (signum := interrupts.stop_requested()) is not None and self.world_size == 1:
+                    self._stop(episode, done, signum, total)
+                raise
             for batch in step_batches:
                 self._count_broken(episode, int(batch["broken"]))
             terms, outputs, lrs = self._step(step_batches, phase, prototypes, protos, online)
+            total = terms["total"]
             for batch in step_batches:
                 self.position = self.position.advanced(batch)
             if record:
@@ -445,8 +483,6 @@ class Trainer:
                 bar.update(task, completed=done)
             if save_now:
                 self._save(episode, done)
-            if done >= steps:
-                break
         if done < steps:
             raise ProtoclipError(
                 f"Episode {episode} gave {done} of its {steps} batches: some of its shards hold no decodable sample "
@@ -476,29 +512,41 @@ class Trainer:
                 phase = episode_phase(cfg, episode, use_teacher)
                 prototypes, seconds = None, {"extract": 0.0, "cluster": 0.0}
                 if phase.use_proto:
+                    # A stop signal here ends training at once: the newest checkpoint is the end of
+                    # the previous episode, where a resume extracts this episode's features again.
                     prototypes, seconds = self._prototypes(episode, phase, bar)
-                recorded = self._records_for(episode + 1)
-                seconds["train"] = self._train_episode(episode, phase, prototypes, bar)
-                if episode + 1 < cfg.schedule.episodes:
-                    # The next pass decodes its first batches during the clustering and the checkpoint.
-                    self._start(episode + 1, "train" if recorded else self._first_pass(episode + 1))
-                if recorded:
-                    seconds["cluster_next"] = self._prototypes_from_recording(episode + 1)
-                record = {
-                    "kind": "episode", "episode": episode, "step": self.global_step, "phase": phase.name,
-                    "samples": self.plan.samples(episode), "steps": self.layout.steps[episode],
-                    "seconds": seconds, "broken": self.stats.get("broken_by_episode", {}).get(episode, 0),
-                    "broken_total": self.stats.get("broken", 0),
-                }
-                if prototypes is not None:
-                    record["clusters"] = prototypes.cluster_stats()
-                self.metrics.write(record)
-                self._save(episode, self.layout.steps[episode])
-                info(
-                    f"episode {episode} ({phase.name}): {self.layout.steps[episode]} steps, "
-                    f"extract {seconds['extract']:.1f}s, cluster {seconds['cluster'] + seconds.get('cluster_next', 0.0):.1f}s, "
-                    f"train {seconds['train']:.1f}s"
-                    + (f", {record['broken']} broken samples skipped" if record["broken"] else "")
-                )
+                with interrupts.deferred():  # from the first step to the episode's checkpoint
+                    self._train_and_close_episode(episode, phase, prototypes, seconds, bar)
+                if episode + 1 < cfg.schedule.episodes and (signum := self._stop_signal()) is not None:
+                    raise interrupts.StopSignal(signum)  # received at the episode's end: its checkpoint is written
         self.metrics.close()
         return {"global_step": self.global_step, "total_steps": self.layout.total_steps, "steps_per_episode": self.layout.steps}
+
+    def _train_and_close_episode(self, episode: int, phase: Phase, prototypes: EpisodePrototypes | None,
+                                 seconds: dict[str, float], bar) -> None:
+        """The episode's training pass, the next episode's prototypes in single-pass mode, its metrics
+        line and its checkpoint."""
+        cfg = self.config
+        recorded = self._records_for(episode + 1)
+        seconds["train"] = self._train_episode(episode, phase, prototypes, bar)
+        if episode + 1 < cfg.schedule.episodes:
+            # The next pass decodes its first batches during the clustering and the checkpoint.
+            self._start(episode + 1, "train" if recorded else self._first_pass(episode + 1))
+        if recorded:
+            seconds["cluster_next"] = self._prototypes_from_recording(episode + 1)
+        record = {
+            "kind": "episode", "episode": episode, "step": self.global_step, "phase": phase.name,
+            "samples": self.plan.samples(episode), "steps": self.layout.steps[episode],
+            "seconds": seconds, "broken": self.stats.get("broken_by_episode", {}).get(episode, 0),
+            "broken_total": self.stats.get("broken", 0),
+        }
+        if prototypes is not None:
+            record["clusters"] = prototypes.cluster_stats()
+        self.metrics.write(record)
+        self._save(episode, self.layout.steps[episode])
+        info(
+            f"episode {episode} ({phase.name}): {self.layout.steps[episode]} steps, "
+            f"extract {seconds['extract']:.1f}s, cluster {seconds['cluster'] + seconds.get('cluster_next', 0.0):.1f}s, "
+            f"train {seconds['train']:.1f}s"
+            + (f", {record['broken']} broken samples skipped" if record["broken"] else "")
+        )
