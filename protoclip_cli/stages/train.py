@@ -307,6 +307,8 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
             if trainer is not None:
                 trainer.close()  # no data-loader worker outlives the stage
         summary["broken_samples"] = trainer.stats.get("broken", 0)
+        if trainer.short_shards():
+            summary["lost_samples"], summary["short_shards"] = trainer.lost_samples(), trainer.short_shards()
         summary["seconds"] = round(time.perf_counter() - started, 2)  # this call's: inputs, model, data, training
         manifest = {}
         if rank == 0:
@@ -344,7 +346,9 @@ def _record_stop(config: TrainConfig, run_dir: RunDir, inputs: TrainInputs, worl
     checkpoint = run_dir.latest_checkpoint()
     summary = {"global_step": trainer.global_step, "total_steps": trainer.layout.total_steps,
                "last_checkpoint": str(checkpoint) if checkpoint else None,
-               "broken_samples": trainer.stats.get("broken", 0)}  # fmt: skip
+               "broken_samples": trainer.stats.get("broken", 0),
+               **({"lost_samples": trainer.lost_samples(), "short_shards": trainer.short_shards()}
+                  if trainer.short_shards() else {})}  # fmt: skip
     try:
         _write_run_manifest(config, run_dir, inputs, world_size, status, summary)
     except (OSError, ProtoclipError):

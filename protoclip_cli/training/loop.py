@@ -317,6 +317,28 @@ class Trainer:
             self.stats.setdefault("broken_by_episode", {}).setdefault(episode, 0)
             self.stats["broken_by_episode"][episode] += broken
 
+    def _note_short_shards(self, episode: int, batch: dict) -> None:
+        """Record the shards a batch reports as ending early (once per episode, whichever pass saw them)."""
+        for shard, read, held in batch.get("short", ()):
+            self.stats.setdefault("short_by_episode", {}).setdefault(episode, {})[shard] = (int(read), int(held))
+
+    def _noting_short_shards(self, episode: int, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            self._note_short_shards(episode, batch)
+            yield batch
+
+    def lost_samples(self, episode: int | None = None) -> int:
+        """Samples the plan counts but cut shards no longer hold: those of ``episode``'s shards, or of
+        every shard that ended early (None; each counted once, however many episodes read it)."""
+        shards = self.stats.get("short_by_episode", {}).get(episode, {}) if episode is not None else {
+            shard: tuple(counts) for shard, counts in self.short_shards().items()}
+        return sum(held - read for read, held in shards.values())
+
+    def short_shards(self) -> dict[str, list[int]]:
+        """Shard id -> [records read, records the plan counts], for every shard that ended early."""
+        return {shard: list(counts) for shards in self.stats.get("short_by_episode", {}).values()
+                for shard, counts in shards.items()}
+
     def _prototypes(self, episode: int, phase: Phase, bar) -> tuple[EpisodePrototypes, dict[str, float]]:
         """Load the episode's prototypes (made already) or extract, cluster and save them."""
         path = self._prototype_path(episode)
@@ -335,7 +357,7 @@ class Trainer:
 
         compiled = self.extract_forward is not self.model
         keys, features, broken = extract_features(
-            self.model, self._take(episode, "extract"), self.device, self.autocast,
+            self.model, self._noting_short_shards(episode, self._take(episode, "extract")), self.device, self.autocast,
             channels_last=self.channels_last, on_batch=on_batch, forward=self.extract_forward,
             pad_to=self.config.data.extract_batch_size if compiled else None,
             augmentation=self.augmentation if self.config.proto.extraction_transform == "train" else None,
@@ -450,6 +472,7 @@ class Trainer:
                 raise
             for batch in step_batches:
                 self._count_broken(episode, int(batch["broken"]))
+                self._note_short_shards(episode, batch)
             terms, outputs, lrs = self._step(step_batches, phase, prototypes, protos, online)
             total = terms["total"]
             for batch in step_batches:
@@ -540,6 +563,10 @@ class Trainer:
             "seconds": seconds, "broken": self.stats.get("broken_by_episode", {}).get(episode, 0),
             "broken_total": self.stats.get("broken", 0),
         }
+        short = self.stats.get("short_by_episode", {}).get(episode, {})
+        if short:
+            record["lost"] = self.lost_samples(episode)
+            record["short_shards"] = {shard: list(counts) for shard, counts in short.items()}
         if prototypes is not None:
             record["clusters"] = prototypes.cluster_stats()
         self.metrics.write(record)
@@ -549,4 +576,7 @@ class Trainer:
             f"extract {seconds['extract']:.1f}s, cluster {seconds['cluster'] + seconds.get('cluster_next', 0.0):.1f}s, "
             f"train {seconds['train']:.1f}s"
             + (f", {record['broken']} broken samples skipped" if record["broken"] else "")
+            + (f", {record['lost']} samples lost: " + "; ".join(
+                f"shard {shard} ends after {read} of its {held} samples" for shard, (read, held) in sorted(short.items()))
+               if short else "")
         )
