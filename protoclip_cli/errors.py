@@ -17,6 +17,11 @@ class MissingInputError(ProtoclipError):
     """An artifact a stage needs is not in the workspace; the message names the command that makes it."""
 
 
+class Refused(ProtoclipError):
+    """A stage refused to start (its inputs, its run folder, the checkpoint it would resume from):
+    nothing was done. Under torchrun every rank refuses alike, so the command line says it once."""
+
+
 class WriteError(ProtoclipError):
     """A file could not be written (full disk, read-only folder, a file where a folder should be)."""
 

@@ -21,7 +21,7 @@ from typing import Any
 from protoclip_cli import config as config_io
 from protoclip_cli.artifacts import MANIFEST, write_manifest, write_text
 from protoclip_cli.console import info, warn
-from protoclip_cli.errors import Interrupted, MissingInputError, ProtoclipError
+from protoclip_cli.errors import Interrupted, MissingInputError, ProtoclipError, Refused
 from protoclip_cli.recipes import TrainConfig
 from protoclip_cli.runs import RunDir
 from protoclip_cli.workspace import Workspace
@@ -244,7 +244,12 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
     from protoclip_cli.training.loop import Trainer
 
     started = time.perf_counter()
-    inputs = check_inputs(config, workspace, trust_teacher)
+    try:
+        inputs = check_inputs(config, workspace, trust_teacher)
+    except Refused:
+        raise
+    except ProtoclipError as exc:
+        raise Refused(str(exc)) from exc
     run_dir = RunDir(workspace.run_dir(config.name))
     if resume is True and not run_dir.exists():
         info(f"Nothing to resume in {run_dir.path}; starting the run.")
@@ -273,7 +278,7 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
                 decision = [None, str(exc)]
         decision = dist_utils.broadcast_object(decision)
         if decision[1] is not None:
-            raise ProtoclipError(decision[1])
+            raise Refused(decision[1])
         resume_from = Path(decision[0]) if decision[0] else None
         plan = EpisodePlan.load(run_dir.plan_file)
         if config.device == "cpu" or not torch.cuda.is_available():
@@ -285,8 +290,11 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
             with interrupts.catching_stop_signals():
                 # Resuming checks the checkpoint against the run (its shapes, its launch): a refusal
                 # there leaves the manifest as it was, since nothing of the run has changed.
-                trainer = Trainer(config, run_dir.path, plan, inputs.shard_paths, inputs.teacher_paths, resume_from,
-                                  key_offsets=inputs.key_offsets)
+                try:
+                    trainer = Trainer(config, run_dir.path, plan, inputs.shard_paths, inputs.teacher_paths,
+                                      resume_from, key_offsets=inputs.key_offsets)
+                except ProtoclipError as exc:
+                    raise Refused(str(exc)) from exc
                 if rank == 0:
                     _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
                 info(
