@@ -11,6 +11,7 @@ so the real download path runs with no network.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 from protoclip_cli.artifacts import atomic_path, write_json
 from protoclip_cli.console import info, progress, warn
-from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.errors import ProtoclipError, WriteError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -220,19 +221,24 @@ def synthetic_url_list(folder: Path, split: str, count: int, *, seed: int, image
     params_file.unlink(missing_ok=True)
 
     started = time.perf_counter()
-    with progress(transient=True) as bar:
-        task = bar.add_task(f"render {split}", total=count, rate="")
-        items = synthetic.write_images(
-            folder, count, seed, split, image_size, quality, on_image=lambda: bar.advance(task)
-        )
-    columns: dict[str, list] = {
-        "url": [(folder / f"{item.index:06d}.jpg").resolve().as_uri() for item in items],
-        "caption": [item.caption for item in items],
-    }
-    for attribute in synthetic.ATTRIBUTE_COLUMNS:
-        columns[attribute] = [getattr(item, attribute) for item in items]
-    with atomic_path(url_file) as tmp:
-        pq.write_table(pa.table(columns), tmp)
-    write_json(params_file, params)
+    try:
+        with progress(transient=True) as bar:
+            task = bar.add_task(f"render {split}", total=count, rate="")
+            items = synthetic.write_images(
+                folder, count, seed, split, image_size, quality, on_image=lambda: bar.advance(task)
+            )
+        columns: dict[str, list] = {
+            "url": [(folder / f"{item.index:06d}.jpg").resolve().as_uri() for item in items],
+            "caption": [item.caption for item in items],
+        }
+        for attribute in synthetic.ATTRIBUTE_COLUMNS:
+            columns[attribute] = [getattr(item, attribute) for item in items]
+        with atomic_path(url_file) as tmp:
+            pq.write_table(pa.table(columns), tmp)
+        write_json(params_file, params)
+    except WriteError:
+        # Half a rendering is of no use (the next run renders afresh) and holds the space the disk lacks.
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     info(f"Rendered {count} {split} images in {time.perf_counter() - started:.1f} s ({folder}).")
     return url_file
