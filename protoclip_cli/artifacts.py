@@ -77,7 +77,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Like :func:`atomic_path` for a folder: built under a temporary name, renamed when complete."""
+    """Like :func:`atomic_path` for a folder: built under a temporary name, renamed when complete,
+    with the folder and everything in it given the modes the umask gives (whatever their writers chose)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise write_error(path, exc) from exc
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        _umask_modes(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -95,6 +96,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if isinstance(exc, Exception) and not isinstance(exc, ProtoclipError) and _is_write_failure(exc):
             raise write_error(path, exc) from exc
         raise
+
+
+def _umask_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes the umask gives a new file or folder: some
+    writers create theirs 0600 (safetensors), and a shared folder must not hold one unreadable file."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            file = os.path.join(root, name)
+            if not os.path.islink(file):
+                executable = os.stat(file).st_mode & 0o111
+                os.chmod(file, (0o777 if executable else 0o666) & ~mask)
 
 
 def write_text(path: str | Path, text: str) -> Path:

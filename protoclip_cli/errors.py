@@ -1,5 +1,5 @@
 """The exception types a stage raises for problems a user can fix; the CLI turns each into one
-sentence on stderr and its exit status (1, or 130 after Ctrl-C)."""
+sentence on stderr and its exit status (1; 130 after Ctrl-C; train's stop signals have their own)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,24 @@ class MissingInputError(ProtoclipError):
     """An artifact a stage needs is not in the workspace; the message names the command that makes it."""
 
 
+class Refused(ProtoclipError):
+    """A stage refused to start (its inputs, its run folder, the checkpoint it would resume from):
+    nothing was done. Under torchrun every rank refuses alike, so the command line says it once."""
+
+
 class WriteError(ProtoclipError):
     """A file could not be written (full disk, read-only folder, a file where a folder should be)."""
 
 
 class Interrupted(ProtoclipError):
-    """The user stopped the command (Ctrl-C); the message says where it stopped and how to continue."""
+    """The user stopped the command (Ctrl-C, or a signal such as SIGTERM); the message says where it
+    stopped and how to continue. ``exit_code``: 130 after Ctrl-C, the signal's own otherwise."""
 
     exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # errno -> (what went wrong, what to do), for the failures a user can cause or fix.

@@ -131,3 +131,26 @@ def tiny_run(tiny_workspace):
     config = small_config("name='tiny'", "schedule.episodes=2", "schedule.lit_start_episode=99", "data.episode_size=128")
     run(config, tiny_workspace)
     return config, tiny_workspace.run_dir(config.name)
+
+
+@pytest.fixture
+def small_disk():
+    """``small_disk(folder, size)`` mounts a tmpfs of ``size`` (e.g. "2m") on ``folder``: a real
+    full disk (ENOSPC), where RLIMIT_FSIZE only imitates one per file. Mounting needs root and
+    CAP_SYS_ADMIN; without them the test is skipped. Unmounted at the end."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -272,3 +272,39 @@ def test_cc3m_tsv_columns_are_caption_then_url(tmp_path):
         "url": ["http://x/1.jpg", "http://x/2.jpg"],
         "caption": ['a "quoted" dog on grass', "second one"],
     }
+
+
+# -- a full disk -----------------------------------------------------------------------------------
+
+
+def test_a_rendering_that_does_not_fit_names_the_image_and_leaves_no_half_cache(tmp_path, small_disk):
+    """The embedded set is rendered to JPEGs before img2dataset reads them; a write that fails there
+    named no file ("a file: the disk is full") and left the rendered half in cache/."""
+    workspace = Workspace.at(tmp_path / "ws")
+    small_disk(workspace.root / "cache", "200k")  # room for about a hundred of the 512 JPEGs
+    proc = protoclip("synthetic", "--train-size", "512", "--heldout-size", "4", "-w", str(workspace.root))
+    _assert_fails(proc, f"error: Cannot write {workspace.root}/cache/synthetic/train/0",
+                  ".jpg: the disk is full; free some space or choose another folder, then rerun.")
+    assert not (workspace.root / "cache" / "synthetic" / "train").exists()
+    assert not (workspace.dataset_dir("synthetic") / "manifest.json").exists()
+
+
+def test_a_download_into_a_full_disk_is_one_sentence_and_resumes_once_there_is_room(tmp_path, small_disk):
+    """img2dataset's workers hang forever when their log, on the full disk, cannot be written; the
+    download is stopped instead, its unfinished shards removed, and a rerun continues."""
+    workspace = Workspace.at(tmp_path / "ws")
+    disk = small_disk(workspace.datasets_dir, "1500k")  # the rendered JPEGs fit elsewhere; a few shards do not
+    args = ["synthetic", "--train-size", "512", "--heldout-size", "64", "--samples-per-shard", "128",
+            "-w", str(workspace.root)]
+    proc = protoclip(*args, timeout=240)  # no hang
+    shards = workspace.split_dir("synthetic", "train")
+    _assert_fails(proc, f"error: Cannot write {shards}: the disk is full; free some space or choose another folder, "
+                        "then rerun.")
+    assert not (workspace.dataset_dir("synthetic") / "manifest.json").exists()
+    finished = {p.name.split("_")[0] for p in shards.glob("*_stats.json")}
+    assert all(p.name.split(".")[0].split("_")[0] in finished for p in shards.iterdir() if p.is_file())
+
+    subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
+    again = protoclip(*args)
+    assert again.returncode == 0, again.stderr
+    assert workspace.dataset_manifest("synthetic")["splits"]["train"]["count_ok"] == 512

@@ -227,3 +227,38 @@ def test_a_sigmoid_runs_hub_folder_carries_its_logit_bias(tmp_path):
     reloaded = load_hub_folder(tmp_path / "hub")[0]
     assert reloaded.logit_bias.item() == -3.25
     assert round_trip_difference(model, "protoclip-tiny", lambda: reloaded) <= 1e-5
+
+
+def test_a_protoclip_recipe_without_a_prototype_episode_is_said_at_start_and_in_its_model_card(
+        synthetic_workspace, tmp_path, capsys):
+    """Two episodes of the ProtoCLIP recipe are its InfoNCE warm-up and its LiT finish: nothing
+    trains with prototypes, and neither the start of training nor the card may pretend otherwise."""
+    from typer.testing import CliRunner
+
+    from conftest import linked_workspace
+    from protoclip_cli.cli import app
+    from protoclip_cli.stages.train import run
+    from test_train import small_config
+
+    workspace = linked_workspace(synthetic_workspace, tmp_path / "ws")
+    config = small_config("schedule.episodes=2", "name='warmup-and-lit'")
+    assert config.proto.enabled
+    run(config, workspace)
+    said = " ".join(capsys.readouterr().err.split())
+    assert ("warning: proto.enabled is on, but none of the 2 episodes trains with prototypes (1 InfoNCE warm-up by "
+            "schedule.infonce_warmup_episodes, 1 LiT by schedule.lit_start_episode)") in said
+
+    out = tmp_path / "warmup-and-lit-hf"
+    result = CliRunner().invoke(app, ["export", "warmup-and-lit", "--format", "hf", "--out", str(out),
+                                      "-w", str(workspace.root)])
+    assert result.exit_code == 0, result.output
+    card = " ".join((out / "README.md").read_text().split())
+    assert ("CLIP (InfoNCE) only: a ProtoCLIP recipe, but none of the 2 episode(s) up to this checkpoint trained "
+            "with prototypes (1 InfoNCE warm-up, 1 LiT)") in card
+    assert "episodic prototypes" not in card and "2 episodes (1 InfoNCE warm-up, 1 LiT)" in card
+
+
+def test_the_model_card_counts_the_episodes_that_trained_with_prototypes(hub_folder):
+    card = " ".join((hub_folder / "README.md").read_text().split())
+    assert "ProtoCLIP: episodic prototypes (k = 12) in 10 of 12 episodes, Prototypical Back Translation" in card
+    assert "12 episodes (1 InfoNCE warm-up, 10 prototype, 1 LiT)" in card

@@ -66,3 +66,34 @@ def test_a_comparisons_curves_draw_each_variant_with_a_band_of_its_seed_spread(t
     # The blue band (alpha 0.2 over white) covers an area only when the seeds spread.
     light_blue = (np.abs(banded.astype(int) - [210, 225, 240]).max(axis=2) < 12).sum()
     assert light_blue > 2000 and (np.abs(plain.astype(int) - [210, 225, 240]).max(axis=2) < 12).sum() < 200
+
+
+# An unbalanced mathtext expression: matplotlib raises on it when it parses a pair of `$` as math.
+WEB_CAPTION = "price $x^$ deal"
+
+
+@pytest.mark.parametrize("draw", ["curves", "band_curves", "bars", "labelled_grid", "grid", "tsne"])
+def test_captions_with_dollar_signs_are_drawn_as_text_everywhere(tmp_path, draw):
+    """Web captions and class names carry `$`; every drawing function writes them as plain text
+    (titles, labels, legends, tick names and image captions) and leaves matplotlib's settings as
+    they were."""
+    import matplotlib
+    import torch
+
+    from protoclip_cli.evaluation import plots
+
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    text = WEB_CAPTION
+    calls = {
+        "curves": lambda path: plots.curves_png(path, {text: ([1, 2], [3, 4])}, text, text, text, marks={text: 1.5}),
+        "band_curves": lambda path: plots.band_curves_png(path, {text: {text: ([1, 2], [3, 4], [0.1, 0.2])}}, text, text),
+        "bars": lambda path: plots.bars_png(path, {text: 1.0, "b": 2.0}, text, text, mean_label=text),
+        "labelled_grid": lambda path: plots.labelled_grid_png(path, [image, image], [text, text], text),
+        "grid": lambda path: plots.grid_png(path, [(0, [(image, text), (image, text)])], text),
+        "tsne": lambda path: plots.tsne_png(path, np.empty(0), {text: np.array([0, 1, 1])}, 0, text,
+                                            points=np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.5]])),
+    }
+    path = calls[draw](tmp_path / f"{draw}.png")
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+    assert matplotlib.rcParams["text.parse_math"] is True

@@ -333,3 +333,80 @@ def test_multi_process_pool_matches_single_process(synthetic_teacher, small_copy
     full_keys, full, _ = load_teacher(synthetic_teacher)
     assert manifest["encoded_rows"] == len(keys) == 256
     np.testing.assert_allclose(embeddings, rows_of(full_keys, full, keys), atol=1e-5)
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:
+        import resource
+
+        # Python ignores SIGXFSZ: a write past the limit fails with EFBIG, as a write to a full disk
+        # fails with ENOSPC; both once crashed HDF5 (a segmentation fault after pages of errors).
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def _embed_in_child(workspace: Workspace, model: str, limit: int | None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "protoclip_cli", "teacher-embed", "synthetic", "--model", model, "--chunk-size", "64",
+         "--batch-size", "64", "-w", str(workspace.root)],
+        capture_output=True, text=True, timeout=600, preexec_fn=_file_size_limit(limit) if limit else None,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def test_a_partial_file_that_does_not_fit_is_one_sentence_before_any_encoding(small_copy, minilm_path):
+    target = small_copy.teacher_file("synthetic", minilm_path)
+    done = _embed_in_child(small_copy, minilm_path, 300_000)  # 256 rows of 384 float32: 0.4 MB of features
+    assert done.returncode == 1, done.stderr[-3000:]  # not -11: no segmentation fault
+    said = " ".join(done.stderr.split())
+    assert (f"error: Cannot write {partial_path(target)} (1.4 MB): the file is larger than this system allows; raise "
+            "the file size limit or choose another folder.") in said
+    assert "Traceback" not in done.stderr and "HDF5" not in done.stderr and "errno" not in done.stderr
+    assert "teacher-embed" not in done.stderr  # refused before the progress bar: nothing was encoded
+    assert list(target.parent.iterdir()) == []
+
+
+def test_a_teacher_file_that_does_not_fit_keeps_the_partial_file_resumable(small_copy, minilm_path, monkeypatch):
+    """The partial file fits, the final one does not: the partial stays whole and the next run
+    finishes from it without encoding a caption again."""
+    from protoclip_cli.data import teacher_file
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill after the last chunk was committed
+
+    target = small_copy.teacher_file("synthetic", minilm_path)
+    monkeypatch.setattr(teacher_file, "finalise", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(TeacherConfig(dataset="synthetic", model=minilm_path, batch_size=64, chunk_size=64), small_copy)
+    monkeypatch.undo()
+    with h5py.File(partial_path(target), "r") as handle:
+        assert int(handle.attrs["complete_rows"]) == 256
+    partial_size = partial_path(target).stat().st_size
+    assert partial_size < 600_000
+
+    done = _embed_in_child(small_copy, minilm_path, 600_000)  # the partial file's size, not the final one's
+    assert done.returncode == 1, done.stderr[-3000:]
+    said = " ".join(done.stderr.split())
+    assert (f"error: Cannot write {target}: the file is larger than this system allows; raise the file size limit "
+            "or choose another folder.") in said
+    assert "Traceback" not in done.stderr and "HDF5" not in done.stderr
+    assert sorted(p.name for p in target.parent.iterdir()) == [partial_path(target).name]
+    assert partial_path(target).stat().st_size == partial_size
+
+    manifest = run(TeacherConfig(dataset="synthetic", model=minilm_path, batch_size=64, chunk_size=64), small_copy)
+    assert manifest["resumed_rows"] == 256 and manifest["encoded_rows"] == 0
+    assert load_teacher(target)[1].shape == (256, MINILM_DIM)
+    assert not partial_path(target).exists()
+
+
+def test_a_full_disk_is_one_sentence_naming_the_file(small_copy, minilm_path, small_disk):
+    """The issue's case: the teacher folder on a small tmpfs (ENOSPC, not a file size limit)."""
+    target = small_copy.teacher_file("synthetic", minilm_path)
+    small_disk(target.parent, "1m")
+    done = _embed_in_child(small_copy, minilm_path, None)
+    assert done.returncode == 1, done.stderr[-3000:]
+    said = " ".join(done.stderr.split())
+    assert f"error: Cannot write {partial_path(target)} (1.4 MB): the disk is full; free some space" in said
+    assert "Traceback" not in done.stderr and "HDF5" not in done.stderr
+    assert list(target.parent.iterdir()) == []

@@ -64,3 +64,40 @@ def test_training_skips_counts_and_still_runs_every_planned_step(synthetic_works
         # are never seen, so top-up rounds re-read the shard's first half.
         assert all(e["broken"] >= 1 for e in episodes)
     assert episodes[-1]["broken_total"] == sum(e["broken"] for e in episodes) == manifest["broken_samples"]
+
+
+def test_a_shard_cut_in_half_is_counted_in_samples_lost_and_named(synthetic_workspace, tmp_path):
+    """A cut tar loses every sample after the cut, which no per-record count shows ('7 broken
+    samples skipped' where 64 were lost): train counts the samples lost against the plan's count of
+    the shard, names it, and says `download --verify` repairs it; three corrupt JPEGs elsewhere
+    are still counted as broken."""
+    from typer.testing import CliRunner
+
+    from protoclip_cli.cli import app
+    from test_train import RECIPE, SMALL
+
+    workspace = _copy_dataset(synthetic_workspace, tmp_path / "ws")
+    shards = workspace.shards("synthetic")
+    for shard in (shards[0], shards[2], shards[3]):
+        corrupt_first_jpeg(shard)
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    sets = [*SMALL, "proto.teacher=''", "data.episode_size=0", "schedule.episodes=2", "schedule.lit_start_episode=99",
+            "name='cut-shard'"]  # fmt: skip
+    result = CliRunner().invoke(app, ["train", str(RECIPE), *(x for s in sets for x in ("--set", s)),
+                                      "-w", str(workspace.root)])
+    assert result.exit_code == 0, result.output
+    run_dir = workspace.run_dir("cut-shard")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    read, held = manifest["short_shards"]["00001.tar"]
+    assert held == 128 and 0 < read < 100 and manifest["lost_samples"] == held - read
+    assert list(manifest["short_shards"]) == ["00001.tar"]
+    episodes = _episodes(run_dir)
+    assert [e["lost"] for e in episodes] == [held - read] * 2  # the warm-up trains on it, episode 1 extracts it too
+    assert all(e["short_shards"] == {"00001.tar": [read, held]} for e in episodes)
+    assert manifest["global_step"] == manifest["total_steps"] == 32
+    said = " ".join(result.output.split())
+    assert f"{held - read} samples lost: shard 00001.tar ends after {read} of its 128 samples" in said
+    assert (f"samples were lost to 1 shard(s) that end early (00001.tar after {read} of its 128) (metrics.jsonl counts "
+            "them per episode); `protoclip download synthetic --verify` repairs the data set.") in said
+    assert f"{held - read} samples were lost" in said

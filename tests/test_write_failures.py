@@ -41,8 +41,28 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask, mask, file_mode, dir_m
     assert stat.S_IMODE(written.stat().st_mode) == file_mode
     with artifacts.atomic_dir(tmp_path / "report") as folder:
         (folder / "report.json").write_text("{}")
+        (folder / "private").mkdir(mode=0o700)
+        # As safetensors (export --format hf) and tempfile create theirs: 0600 whatever the umask.
+        os.close(os.open(folder / "private" / "weights.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))
     assert stat.S_IMODE((tmp_path / "report").stat().st_mode) == dir_mode
     assert stat.S_IMODE((tmp_path / "report" / "report.json").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "report" / "private").stat().st_mode) == dir_mode
+    assert stat.S_IMODE((tmp_path / "report" / "private" / "weights.safetensors").stat().st_mode) == file_mode
+
+
+def test_a_hub_folder_gets_the_modes_the_umask_gives(tmp_path, umask):
+    """export --format hf: open_clip's safetensors writer creates the weights 0600 beside 0644 siblings."""
+    import open_clip
+
+    from protoclip_cli.core.hub_folder import write_hub_folder
+    from protoclip_cli.core.model import register_tiny_configs
+
+    umask(0o022)
+    register_tiny_configs()
+    with artifacts.atomic_dir(tmp_path / "tiny-hf") as folder:
+        write_hub_folder(open_clip.create_model("protoclip-tiny"), "protoclip-tiny", folder, "a card")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "tiny-hf").iterdir()}
+    assert modes == {"README.md": 0o644, "open_clip_config.json": 0o644, "open_clip_model.safetensors": 0o644}
 
 
 def test_a_path_under_a_file_is_one_sentence(tmp_path):

@@ -37,10 +37,21 @@ def handle_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from protoclip_cli.errors import Interrupted, ProtoclipError, os_error_sentence
+        from protoclip_cli.errors import Interrupted, ProtoclipError, Refused, os_error_sentence
 
         try:
             return command(*args, **kwargs)
+        except Refused as exc:
+            if not _under_torchrun():
+                _say(str(exc))
+                raise typer.Exit(exc.exit_code) from None
+            # Every rank refuses alike: rank 0 says it once. The status stays non-zero, so a job
+            # script sees the failure; torchrun then adds its own summary of the failed ranks.
+            from protoclip_cli.console import is_main_process
+
+            if is_main_process():
+                _say(str(exc))
+            raise typer.Exit(exc.exit_code) from None
         except ProtoclipError as exc:
             _say(str(exc))
             raise typer.Exit(exc.exit_code) from None
@@ -53,6 +64,12 @@ def handle_errors(command: Callable) -> Callable:
             raise typer.Exit(Interrupted.exit_code) from None
 
     return wrapper
+
+
+def _under_torchrun() -> bool:
+    from protoclip_cli.core.distributed import launched_by_torchrun
+
+    return launched_by_torchrun()
 
 
 def _say(sentence: str) -> None:

@@ -60,7 +60,7 @@ def run(values: dict[str, Any], overrides: list[str], workspace_path) -> None:
     info(f"Data set '{config.name}' is ready in {ws.dataset_dir(config.name)}.")
 
 
-RUN_SETTINGS = ("processes", "threads", "timeout", "retries", "distributor")
+RUN_SETTINGS = ("processes", "threads", "timeout", "retries", "distributor", "max_pixels")
 
 
 def _verify(name: str, values: dict[str, Any], overrides: list[str], workspace_path) -> None:
@@ -75,7 +75,7 @@ def _verify(name: str, values: dict[str, Any], overrides: list[str], workspace_p
         option = "--set" if overrides else "--" + given[0].replace("_", "-")
         raise ProtoclipError(
             f"--verify reads the data set with the settings of its download, so {option} does not apply; pass only "
-            "--processes, --threads, --timeout, --retries or --distributor with it."
+            "--processes, --threads, --timeout, --retries, --distributor or --max-pixels with it."
         )
     ws = workspace(workspace_path)
     manifest = download(recorded_config(name, ws, **{key: values[key] for key in RUN_SETTINGS}), ws)

@@ -69,11 +69,15 @@ def command(
     manifest = run(config, workspace(workspace_path), resume=resume, trust_teacher=trust_teacher)
     if is_main_process():
         broken = int(manifest.get("broken_samples") or 0)
-        skipped = (
-            f" Broken samples were skipped {broken} time(s) (metrics.jsonl counts them per episode); "
-            f"`protoclip download {config.data.dataset} --verify` repairs the data set."
-            if broken else ""
+        short = manifest.get("short_shards") or {}
+        skipped = (f" Broken samples were skipped {broken} time(s)" if broken else "") + (
+            f"{',' if broken else ''} {int(manifest.get('lost_samples') or 0)} samples were lost to {len(short)} "
+            f"shard(s) that end early ({', '.join(f'{s} after {r} of its {h}' for s, (r, h) in sorted(short.items()))})"
+            if short else ""
         )
+        if broken or short:
+            skipped += (f" (metrics.jsonl counts them per episode); `protoclip download {config.data.dataset} --verify` "
+                        "repairs the data set.")
         console.print(f"[green]done:[/green] run '{config.name}' finished at step {manifest.get('global_step')}.{skipped}")
         out.print(manifest.get("final_checkpoint", ""), soft_wrap=True)
 

@@ -18,6 +18,8 @@ RESERVED_COLUMNS = frozenset(
 
 Source = Literal["synthetic", "cc3m", "cc12m", "url_list"]
 
+MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS: ~0.25 GB of 24-bit pixels
+
 
 # Settings that change what ends up in the shards: an incremental rerun must not mix two of them.
 DATA_SETTINGS = (
@@ -52,6 +54,12 @@ class DownloadConfig:
     samples_per_shard: int = option(256, "Samples per webdataset shard.")
     timeout: int = option(10, "Seconds before a URL request gives up.")
     retries: int = option(0, "Extra tries for a URL that failed.")
+    # A 48 KB PNG can hold 20000 x 20000 pixels (1.2 GB decoded, per download thread): refused by
+    # OpenCV after reading its header, before anything is decoded.
+    max_pixels: int = option(
+        MAX_PIXELS, "Images with more pixels are refused (counted as failed), before they are decoded "
+        "(decompression bombs); 0 = no limit. Default: PIL's MAX_IMAGE_PIXELS."
+    )
     distributor: Literal["multiprocessing", "pyspark"] = option("multiprocessing", "img2dataset distributor.")
     incremental: bool = option(True, "Continue a previous run (skip finished shards); false: start afresh.")
     encode_quality: int = option(95, "JPEG quality of the stored images.")
@@ -70,6 +78,7 @@ class DownloadConfig:
         for name in ("image_size", "processes", "threads", "samples_per_shard", "timeout"):
             value = getattr(self, name)
             require(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+        require(self.max_pixels >= 0, f"--max-pixels must be 0 (no limit) or positive, got {self.max_pixels}.")
         require(
             self.source != "synthetic" or min(self.synthetic_train_size, self.synthetic_heldout_size) >= 1,
             "The embedded data set needs at least 1 training and 1 held-out sample.",

@@ -74,6 +74,30 @@ def save_checkpoint(run: RunDir, state: TrainState, keep: int) -> Path:
     return path
 
 
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path, advice: str) -> None:
+    """Load a checkpoint's ``weights`` into ``model``; a checkpoint of another model (tensors of other
+    shapes, missing or extra tensors) is one sentence naming ``path`` and the first difference, then
+    ``advice``, instead of torch's list of every mismatch."""
+    own = model.state_dict()
+    differences = [
+        f"{name} is {_shape(tensor)} in the checkpoint and {_shape(own[name])} in the run's model"
+        for name, tensor in weights.items() if name in own and tensor.shape != own[name].shape
+    ]
+    differences += [f"the checkpoint has no {name}" for name in own if name not in weights]
+    differences += [f"the checkpoint's {name} is not in the run's model" for name in weights if name not in own]
+    if differences:
+        more = f" (and {len(differences) - 1} more tensor(s) differ)" if len(differences) > 1 else ""
+        raise ProtoclipError(
+            f"Checkpoint {path} does not fit the model of its run's config.toml: {differences[0]}{more}; it was "
+            f"written for another model, so {advice}."
+        )
+    model.load_state_dict(weights)
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "x".join(str(size) for size in tensor.shape) or "a scalar"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> TrainState:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
     path = Path(path)

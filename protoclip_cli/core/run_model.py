@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from protoclip_cli.configs.train import TrainConfig
-from protoclip_cli.core.checkpoint import TrainState, load_checkpoint
+from protoclip_cli.core.checkpoint import TrainState, load_checkpoint, load_weights
 from protoclip_cli.core.model import ProtoCLIP, build_model
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.runs import RunDir
@@ -41,6 +41,7 @@ def load_run_model(run: RunDir | str | Path, checkpoint: str | Path | None = Non
     config = run.config()
     path, state = load_run_state(run, checkpoint)
     model = build_model(config.model, contrastive=config.loss.contrastive)
-    model.load_state_dict(state.model)
+    load_weights(model, state.model, path, "pass a checkpoint of this run (--checkpoint), or move this one away "
+                 "to read the run's previous one")
     model.to(device).eval()
     return model, config, state.position(path)

@@ -10,6 +10,7 @@ shows only this project's progress bar.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -20,9 +21,14 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from protoclip_cli.console import progress, warn
-from protoclip_cli.errors import Interrupted, ProtoclipError
+from protoclip_cli.errors import Interrupted, ProtoclipError, write_error
 
 SHARD_DIGITS = 5  # img2dataset's default oom_shard_count: shard files are 00000.tar, 00001.tar, ...
+# Below this much free space the download is stopped as a full disk: a shard and its log lines no
+# longer fit (see _watch_stats).
+DISK_FULL_BYTES = 256 * 1024
+OPENCV_PIXEL_LIMIT = "OPENCV_IO_MAX_IMAGE_PIXELS"
+OVER_PIXEL_LIMIT = "more pixels than --max-pixels allows"
 
 
 def download_split(
@@ -42,22 +48,30 @@ def download_split(
     timeout: int,
     retries: int,
     distributor: str,
+    max_pixels: int = 0,
 ) -> None:
     """Run img2dataset on ``url_file`` (parquet: ``url``, ``caption``, extras) into ``folder``.
 
     ``label`` (``<data set>/<split>``) names the split in the progress bar and in errors; an
     interruption or a failure of img2dataset is a :class:`ProtoclipError` pointing at ``log``.
+    ``max_pixels`` (0: none) refuses larger images, counted as failed (:data:`OVER_PIXEL_LIMIT`).
     """
     # img2dataset (through albumentations) otherwise checks the network for a newer version.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if max_pixels:
+        # OpenCV checks this limit after reading an image's header, before decoding it; img2dataset's
+        # own max_image_area is checked only after the decode. Read by its spawned workers at start.
+        os.environ[OPENCV_PIXEL_LIMIT] = str(max_pixels)
     import img2dataset
 
     folder.mkdir(parents=True, exist_ok=True)
+    if _free_bytes(folder) < DISK_FULL_BYTES:
+        raise _disk_full(folder)
     previous_sigint = signal.getsignal(signal.SIGINT)
-    stop = threading.Event()
+    stop, full = threading.Event(), threading.Event()
     with _output_to(log) as terminal, progress(file=terminal, redirect_stdout=False, redirect_stderr=False) as bar:
         task = bar.add_task(f"download {label}", total=rows, rate="")
-        watcher = threading.Thread(target=_watch_stats, args=(folder, bar, task, stop), daemon=True)
+        watcher = threading.Thread(target=_watch_stats, args=(folder, bar, task, stop, full), daemon=True)
         watcher.start()
         try:
             img2dataset.download(
@@ -82,11 +96,18 @@ def download_split(
                 enable_wandb=False,
                 extract_exif=False,
                 oom_shard_count=SHARD_DIGITS,
+                max_image_area=max_pixels or float("inf"),
             )
-        except SystemExit as exc:
+        except (SystemExit, KeyboardInterrupt) as exc:
+            if full.is_set():  # the watcher stopped it (below)
+                raise _disk_full(folder) from None
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             # img2dataset turns Ctrl-C into sys.exit(0); a stopped download must not look finished.
             raise Interrupted(f"Download of {label} was interrupted; rerun the same command to continue.") from exc
         except Exception as exc:
+            if full.is_set() or _free_bytes(folder) < DISK_FULL_BYTES:  # e.g. its progress output to the log failed
+                raise _disk_full(folder) from None
             raise ProtoclipError(f"img2dataset failed on {label} ({exc}); see {log}.") from exc
         finally:
             signal.signal(signal.SIGINT, previous_sigint)
@@ -105,11 +126,44 @@ def _update_bar(folder: Path, bar, task) -> None:
     bar.update(task, completed=done, rate=rate)
 
 
-def _watch_stats(folder: Path, bar, task, stop: threading.Event) -> None:
-    """Advance the bar as img2dataset's workers finish shards (each writes a *_stats.json)."""
+def _watch_stats(folder: Path, bar, task, stop: threading.Event, full: threading.Event) -> None:
+    """Advance the bar as img2dataset's workers finish shards (each writes a *_stats.json), and stop
+    img2dataset when the disk fills (``full``).
+
+    A full disk cannot be left to img2dataset: its workers print each failed write to their log,
+    on the same disk, and a print that fails there leaves a semaphore unreleased, so the download
+    hangs forever. Ctrl-C is how img2dataset stops cleanly (its handler ends the workers and exits).
+    """
     while not stop.wait(0.5):
         with contextlib.suppress(OSError, ValueError):
             _update_bar(folder, bar, task)
+        with contextlib.suppress(OSError):
+            if not full.is_set() and _free_bytes(folder) < DISK_FULL_BYTES:
+                full.set()
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def _free_bytes(folder: Path) -> int:
+    """Bytes an unprivileged writer may still use on ``folder``'s file system."""
+    status = os.statvfs(folder)
+    return status.f_bavail * status.f_frsize
+
+
+def _disk_full(folder: Path):
+    """The WriteError of a download the disk cannot hold, once the shards it had not finished are
+    removed."""
+    _remove_unfinished(folder)
+    return write_error(folder, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+
+def _remove_unfinished(folder: Path) -> None:
+    """Remove the files of shards img2dataset did not finish (no *_stats.json): they hold space the
+    disk lacks, and a rerun downloads those shards again."""
+    finished = read_stats(folder)
+    for path in folder.iterdir():
+        number = path.name.split(".")[0].split("_")[0]
+        if path.is_file() and number.isdigit() and int(number) not in finished:
+            path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -160,10 +214,14 @@ def read_stats(folder: Path) -> dict[int, dict[str, Any]]:
 
 def readable_reason(reason: str) -> str:
     """img2dataset's failure reason as a user reads it: OpenCV's assertion on an empty buffer is an
-    empty response body (a 200 with no bytes, an empty file)."""
+    empty response body (a 200 with no bytes, an empty file), its assertion on the pixel limit an
+    image over ``--max-pixels``."""
     reason = " ".join(reason.split())
     if "!buf.empty()" in reason:
         return "empty body"
+    # OpenCV's refusal of an image over OPENCV_IO_MAX_IMAGE_PIXELS, or img2dataset's after a decode.
+    if "CV_IO_MAX_IMAGE_PIXELS" in reason or reason == "image area too large":
+        return OVER_PIXEL_LIMIT
     return reason
 
 

@@ -19,7 +19,8 @@ and then by data-loader worker (``shards[rank::world]``, then ``[worker::workers
 4. captions are tokenised with the model's tokenizer and samples are batched.
 
 Broken samples (undecodable images, unreadable captions, damaged tar records) are skipped and
-counted. A training pass owes each worker's planned number of full batches (its samples // batch
+counted; a shard that ends before the samples the plan counts for it (a tar cut short) is reported
+in the next batch (``short``), so the trainer can say how many samples were lost and where. A training pass owes each worker's planned number of full batches (its samples // batch
 size): a worker short of them because of broken samples tops up by reading its shards again (a new
 shuffle round), so the planned steps still run. Each training batch carries its worker and the
 position of that worker's record stream after it; a checkpoint stores the positions, and a resumed
@@ -37,7 +38,8 @@ square images (img2dataset's ``border``/``center_crop`` downloads) to the device
 (:func:`protoclip_cli.data.transforms.eval_batch`).
 
 Batches are dicts: ``images`` (B, 3, H, W) uint8 (eval extraction: possibly at the stored size), ``tokens`` (B, L) int64, ``keys`` (B,) int64,
-``broken`` (samples this worker skipped since its previous batch), ``worker``, ``position``
+``broken`` (samples this worker skipped since its previous batch), ``short`` (only when a shard
+ended early since then: its id, the records read and the records it holds), ``worker``, ``position``
 (training), and ``augment`` (B, P) float32 where part of the augmentation runs on the device.
 
 Why one module of ~410 lines: the worker side (the iterable dataset) and the trainer side
@@ -129,15 +131,26 @@ def in_canonical_order(batches: Iterable[dict], per_worker: list[int], done: int
 # -- records --------------------------------------------------------------------------------------
 
 
-def _records(urls: list[str], errors: list[int]) -> Iterator[dict]:
-    """The records of ``urls`` in order; a damaged tar record is skipped and counted in ``errors[0]``."""
+def _records(urls: list[str], errors: list[int], expected: dict[str, int] | None = None,
+             short: list[tuple[str, int, int]] | None = None) -> Iterator[dict]:
+    """The records of ``urls`` in order; a damaged tar record is skipped and counted in ``errors[0]``.
+
+    A shard that ends before the ``expected`` records of its url (a tar cut short: everything after
+    the cut is lost, which no per-record count shows) is reported in ``short`` as (url, records
+    read, expected)."""
     import webdataset as wds
 
     def count(exception: Exception) -> bool:
         errors[0] += 1
         return True  # continue with the next record (webdataset's own handlers also sleep and warn)
 
-    yield from wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=count))
+    for url in urls:  # one at a time, to see where each one ends
+        read = 0
+        for record in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=count)):
+            read += 1
+            yield record
+        if expected is not None and short is not None and read < expected.get(url, 0):
+            short.append((url, read, expected[url]))
 
 
 def shuffled(records: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
@@ -260,7 +273,7 @@ class EpisodeDataset(IterableDataset):
             batcher = _Batcher(self, self.config.extract_batch_size, worker,
                                stack=lambda images: eval_batch(images, self.config.image_size))
             transform = lambda image, key: (image, None)  # noqa: E731
-        for record in _records(urls, batcher.tar_errors):
+        for record in _records(urls, batcher.tar_errors, self._expected(urls), batcher.short):
             sample = self._sample(record, transform)
             if (batch := batcher.add(sample, None)) is not None:
                 yield batch
@@ -276,7 +289,8 @@ class EpisodeDataset(IterableDataset):
         while given < owed:
             good_in_round = 0
             rng = random.Random(((cfg.seed * _SEED_MIX + episode) * _SEED_MIX + cfg.rank * 1000 + worker) * _SEED_MIX + round_index)
-            for record in shuffled(_records(urls, batcher.tar_errors), cfg.shuffle_buffer, rng):
+            records = _records(urls, batcher.tar_errors, self._expected(urls), batcher.short)
+            for record in shuffled(records, cfg.shuffle_buffer, rng):
                 position += 1
                 if position <= skip_records:
                     good_in_round += 1  # read before the resume: assume it was good (it was counted then)
@@ -291,6 +305,10 @@ class EpisodeDataset(IterableDataset):
             if good_in_round == 0:
                 return  # nothing decodes in these shards: the trainer reports the shortfall
             round_index += 1
+
+    def _expected(self, urls: list[str]) -> dict[str, int]:
+        """The records each shard holds by the plan (img2dataset's count of its samples)."""
+        return {url: self.config.counts.get(self.config.shard_id(Path(url)), 0) for url in urls}
 
     # -- samples -----------------------------------------------------------------------------------
     def _sample(self, record: dict, transform: Callable) -> tuple | None:
@@ -331,6 +349,7 @@ class _Batcher:
         self.samples: list[tuple] = []
         self.broken = 0
         self.tar_errors = [0]  # damaged tar records, counted by the record reader
+        self.short: list[tuple[str, int, int]] = []  # shards that ended early, reported by the record reader
 
     def add(self, sample: tuple | None, position: int | None) -> dict | None:
         if sample is None:
@@ -355,6 +374,10 @@ class _Batcher:
         }
         if position is not None:
             batch["position"] = position
+        if self.short:
+            # (shard id, records read, records it holds) of each shard that ended early since the last batch
+            batch["short"] = [(self.dataset.config.shard_id(Path(url)), read, held) for url, read, held in self.short]
+            self.short = []
         if params[0] is not None:
             batch["augment"] = torch.stack(params)
         if self.teacher is not None:
@@ -366,7 +389,8 @@ class _Batcher:
 class EpisodeStream:
     """One rank's passes over a run's episodes, served by one DataLoader with persistent workers."""
 
-    def __init__(self, config: StreamConfig, pin_memory: bool = False):
+    def __init__(self, config: StreamConfig, pin_memory: bool = False, worker_init: Callable[[int], None] | None = None):
+        """``worker_init`` runs in each worker process as it starts (the trainer's signal policy)."""
         self.config = config
         self.control = torch.zeros(_WORKERS_AT + 2 * max(1, config.workers), dtype=torch.int64).share_memory_()
         self.loader = DataLoader(
@@ -376,6 +400,7 @@ class EpisodeStream:
             pin_memory=pin_memory,
             persistent_workers=config.workers > 0,
             prefetch_factor=4 if config.workers > 0 else None,
+            worker_init_fn=worker_init,
         )
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+from protoclip_cli.errors import write_error
 
 SPLITS = ("train", "heldout")
 GENERATOR_VERSION = 1  # bump when scenes, captions or rendering change (invalidates cached renderings)
@@ -366,13 +367,18 @@ def write_images(folder: str | Path, count: int, seed: int = 0, split: str = "tr
                  quality: int = 95, on_image=None) -> list[Scene]:  # fmt: skip
     """Render scenes ``0 .. count-1`` of ``split`` to ``folder/<index>.jpg``; return the scenes.
 
-    ``on_image`` (optional) is called after each image, for progress reporting.
+    ``on_image`` (optional) is called after each image, for progress reporting. A write that fails
+    (a full disk) is a WriteError naming the image.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     items = []
     for item in scenes(count, seed, split):
-        render(item, image_size).save(folder / f"{item.index:06d}.jpg", format="JPEG", quality=quality)
+        path = folder / f"{item.index:06d}.jpg"
+        try:
+            render(item, image_size).save(path, format="JPEG", quality=quality)
+        except OSError as exc:  # PIL's failed write names no file
+            raise write_error(path, exc) from exc
         items.append(item)
         if on_image is not None:
             on_image()

@@ -15,15 +15,24 @@ that knows what is inside (docs/teacher-embed.md has the table):
   of its manifest, ...) and ``manifest``: the stage's manifest as JSON. The teacher folder holds one
   file per model, so the manifest lives inside the file rather than in a shared manifest.json.
 
-Writing is resumable: chunks are appended to a partial file next to the target
+Writing is resumable: chunks are written into a partial file next to the target
 (:func:`partial_path`) whose ``complete_rows`` attribute is raised only after a chunk is flushed,
 so a killed writer loses at most the chunk in flight; :func:`finalise` sorts the rows by key,
 applies PCA and writes the final file by an atomic rename.
+
+Both files get their whole disk space before HDF5 writes a row (:func:`_reserve`): a write that
+fails inside HDF5 (a full disk, a file size limit) leaves its C library in a state that floods the
+terminal with errors and ends the process with a segmentation fault. So their data sets are
+allocated at creation (:func:`_allocated`) and the file's blocks reserved with
+``posix_fallocate``; a disk that cannot hold the file is then an OSError before anything is
+written, and every later write lands in space the file already owns.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +40,7 @@ from protoclip_cli import __version__
 from protoclip_cli.artifacts import atomic_path, file_sha256
 from protoclip_cli.console import info
 from protoclip_cli.data.sources import split_keys
-from protoclip_cli.errors import MissingInputError, ProtoclipError
+from protoclip_cli.errors import MissingInputError, ProtoclipError, write_error
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,8 +67,11 @@ def partial_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.partial")
 
 
-def open_partial(partial: Path, identity: dict[str, Any], dimension: int):
-    """Open (or start) the partial file; one from other inputs or unreadable after a crash is restarted.
+def open_partial(partial: Path, identity: dict[str, Any], dimension: int, rows: int):
+    """Open (or start) the partial file for ``rows`` captions of ``dimension`` features; one from
+    other inputs, of another layout or unreadable after a crash is restarted. The file's disk space
+    is reserved first: a disk that cannot hold it is a WriteError naming it, and a partial file that
+    was resumable stays so.
 
     Returns the open ``h5py.File``; its ``complete_rows`` attribute counts the committed rows.
     """
@@ -75,22 +87,88 @@ def open_partial(partial: Path, identity: dict[str, Any], dimension: int):
                 same_inputs = json.loads(handle.attrs["identity"]) == identity
             except (KeyError, ValueError):
                 same_inputs = False
-            if same_inputs:
+            laid_out = _laid_out(handle, rows, dimension)
+            if same_inputs and laid_out:
+                try:
+                    _reserve(partial, partial.stat().st_size)  # a copy may have lost its blocks
+                except OSError as exc:
+                    handle.close()
+                    raise write_error(_sized(partial), exc) from exc
                 return handle
             handle.close()
-            info(f"Discarding {partial}: it was started for other inputs.")
+            info(f"Discarding {partial}: it was started for other inputs." if not same_inputs else
+                 f"Discarding {partial}: it was written by an older version of protoclip.")
         partial.unlink()
     partial.parent.mkdir(parents=True, exist_ok=True)
+    size = rows * (8 + 4 * dimension) + _METADATA_ALLOWANCE
+    try:
+        _reserve(partial, size)  # HDF5 must not meet a full disk even in its own first writes
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise write_error(_sized(partial, size), exc) from exc
     handle = h5py.File(partial, "w")
     handle.attrs["identity"] = json.dumps(identity, sort_keys=True)
     handle.attrs["complete_rows"] = 0
-    handle.create_dataset("keys", shape=(0,), maxshape=(None,), dtype="int64", chunks=(4096,))
-    handle.create_dataset(
-        "embeddings", shape=(0, dimension), maxshape=(None, dimension), dtype="float32",
-        chunks=(max(1, min(1024, 2**20 // (4 * dimension))), dimension),
-    )  # fmt: skip
+    _allocated(handle, "keys", (rows,), "int64")
+    _allocated(handle, "embeddings", (rows, dimension), "float32")
     handle.flush()
+    try:
+        _reserve(partial, partial.stat().st_size)
+    except OSError as exc:  # the disk filled since the check above
+        handle.close()
+        partial.unlink(missing_ok=True)
+        raise write_error(_sized(partial, size), exc) from exc
     return handle
+
+
+def _laid_out(handle, rows: int, dimension: int) -> bool:
+    """The partial file has data sets of all the rows, allocated when it was created (older versions
+    grew theirs chunk by chunk, which a full disk can break inside HDF5)."""
+    try:
+        keys, embeddings = handle["keys"], handle["embeddings"]
+    except KeyError:
+        return False
+    return keys.shape == (rows,) and embeddings.shape == (rows, dimension) and keys.chunks is None
+
+
+# Room for what HDF5 writes besides the data sets (superblock, object headers, attributes: the
+# final file's manifest among them), reserved with them.
+_METADATA_ALLOWANCE = 1 << 20
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Make the disk hold the first ``size`` bytes of ``path`` (created if missing) now.
+
+    A full disk, a quota or a file size limit is an OSError here; file systems that cannot reserve
+    space (``EOPNOTSUPP``) are left to the writes themselves."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        os.posix_fallocate(descriptor, 0, max(size, 1))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def _sized(path: Path, size: int | None = None) -> str:
+    """``path`` with the space it needs, for the sentence of a reservation that failed."""
+    size = path.stat().st_size if size is None and path.exists() else size
+    return f"{path} ({size / 1e6:.1f} MB)" if size else str(path)
+
+
+def _allocated(group, name: str, shape: tuple[int, ...], dtype: str):
+    """A contiguous data set whose file space is allocated when it is created, not at its first
+    write (so that the reservation that follows covers every later write)."""
+    import h5py
+    import numpy as np
+
+    properties = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    properties.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    properties.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), h5py.h5s.create_simple(shape),
+                    dcpl=properties)
+    return group[name]
 
 
 def committed_keys(handle) -> "np.ndarray":
@@ -101,8 +179,11 @@ def committed_keys(handle) -> "np.ndarray":
 def append(handle, keys: "np.ndarray", embeddings: "np.ndarray", done: int) -> None:
     """Write one chunk after row ``done`` and only then record it as complete."""
     end = done + len(keys)
-    handle["keys"].resize((end,))
-    handle["embeddings"].resize((end, embeddings.shape[1]))
+    if end > handle["keys"].shape[0]:
+        raise ProtoclipError(
+            f"The data set yields more captions than the {handle['keys'].shape[0]} its manifest counts; repair it "
+            "with `protoclip download NAME --verify`."
+        )
     handle["keys"][done:end] = keys
     handle["embeddings"][done:end] = embeddings
     handle.flush()
@@ -139,37 +220,55 @@ def finalise(
         if pca is not None:
             extra["pca_explained_variance_ratio"] = round(float(pca[2].sum() / pca[3]), 6)
         manifest = {**manifest, **extra}
-        with atomic_path(target) as tmp, h5py.File(tmp, "w") as out:
-            out.create_dataset("keys", data=sorted_keys)
-            dimension = pca_dim or features.shape[1]
-            embeddings = out.create_dataset("embeddings", shape=(rows, dimension), dtype="float32")
-            for start in range(0, rows, _BLOCK):
-                block = _read_rows(features, order[start : start + _BLOCK])
-                if pca is not None:
-                    block = apply_pca(block, pca[0], pca[1], renormalise=pca_normalise)
-                embeddings[start : start + len(block)] = block
-            if pca is not None:
-                out.create_dataset("pca_mean", data=pca[0])
-                out.create_dataset("pca_components", data=pca[1])
-                out.create_dataset("pca_explained_variance", data=pca[2].astype(np.float32))
-            attrs = {
-                "stage": "teacher-embed",
-                "model": identity["model"],
-                "model_source": manifest["model_source"],
-                "dimension": dimension,
-                "source_dimension": features.shape[1],
-                "normalisation": normalisation(pca_dim, pca_normalise),
-                "pca_dim": pca_dim,
-                "count": rows,
-                "dataset": identity["dataset"],
-                "dataset_manifest": manifest["inputs"]["dataset"]["path"],
-                "dataset_manifest_sha256": identity["dataset_manifest_sha256"],
-                "protoclip_version": __version__,
-                "created_at": manifest["created_at"],
-                "manifest": json.dumps(manifest, sort_keys=True, default=str),
-            }
-            out.attrs.update(attrs)
+        dimension = pca_dim or features.shape[1]
+        with atomic_path(target) as tmp:
+            # The whole file's space first (see the module's docstring); its data sets, attributes
+            # and reservation before the first row is written.
+            size = rows * (8 + 4 * dimension) + (pca_dim + 2) * 4 * features.shape[1] + _METADATA_ALLOWANCE
+            _reserve(tmp, size)
+            with h5py.File(tmp, "w") as out:
+                _write_final(out, source, rows, order, sorted_keys, dimension, pca, pca_normalise, identity, manifest,
+                             tmp)
     return extra
+
+
+def _write_final(out, source, rows: int, order, sorted_keys, dimension: int, pca, pca_normalise: bool,
+                 identity: dict[str, Any], manifest: dict[str, Any], tmp: Path) -> None:
+    """The final file's content: its data sets and attributes, its space reserved, then its rows."""
+    import numpy as np
+
+    features = source["embeddings"]
+    pca_dim = dimension if pca is not None else 0
+    arrays = {"keys": sorted_keys}
+    if pca is not None:
+        arrays.update(pca_mean=pca[0], pca_components=pca[1], pca_explained_variance=pca[2].astype(np.float32))
+    written = {name: _allocated(out, name, array.shape, array.dtype.str) for name, array in arrays.items()}
+    embeddings = _allocated(out, "embeddings", (rows, dimension), "float32")
+    out.attrs.update({
+        "stage": "teacher-embed",
+        "model": identity["model"],
+        "model_source": manifest["model_source"],
+        "dimension": dimension,
+        "source_dimension": features.shape[1],
+        "normalisation": normalisation(pca_dim, pca_normalise),
+        "pca_dim": pca_dim,
+        "count": rows,
+        "dataset": identity["dataset"],
+        "dataset_manifest": manifest["inputs"]["dataset"]["path"],
+        "dataset_manifest_sha256": identity["dataset_manifest_sha256"],
+        "protoclip_version": __version__,
+        "created_at": manifest["created_at"],
+        "manifest": json.dumps(manifest, sort_keys=True, default=str),
+    })
+    out.flush()
+    _reserve(tmp, tmp.stat().st_size)
+    for name, array in arrays.items():
+        written[name][...] = array
+    for start in range(0, rows, _BLOCK):
+        block = _read_rows(features, order[start : start + _BLOCK])
+        if pca is not None:
+            block = apply_pca(block, pca[0], pca[1], renormalise=pca_normalise)
+        embeddings[start : start + len(block)] = block
 
 
 def _read_rows(features, rows: "np.ndarray") -> "np.ndarray":

@@ -11,15 +11,16 @@ so the real download path runs with no network.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from protoclip_cli.artifacts import atomic_path, write_json
 from protoclip_cli.console import info, progress, warn
 from protoclip_cli.data import synthetic
-from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.errors import ProtoclipError, WriteError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -30,6 +31,11 @@ HEADERLESS_COLUMNS: dict[str, tuple[str, str]] = {
     "cc12m": ("url", "caption"),
 }
 
+# What a caption that is not UTF-8 is decoded as: web text in another encoding is nearly always
+# Latin-1 or its Windows superset (cp1252: curly quotes, the euro sign); the five bytes cp1252 leaves
+# undefined are read as Latin-1, so every byte keeps a character and no caption loses its sample.
+TEXT_FALLBACK = "cp1252"
+
 
 @dataclass(frozen=True)
 class UrlList:
@@ -37,8 +43,8 @@ class UrlList:
 
     table: "pa.Table"
     duplicate_urls: int = 0  # rows whose URL an earlier row has (kept: each row is its own sample)
-    repaired_captions: int = 0  # captions with bytes that are not UTF-8, decoded with U+FFFD
-    repaired_urls: int = 0
+    repaired_captions: int = 0  # captions with bytes that are not UTF-8, decoded as cp1252 (TEXT_FALLBACK)
+    repaired_urls: int = 0  # URLs with bytes that are not UTF-8, those bytes percent-encoded
 
     @property
     def rows(self) -> int:
@@ -61,8 +67,9 @@ def read_url_list(
     """Read and check a URL list into columns ``url``, ``caption`` and the extras.
 
     ``header`` names the columns of a file without a header row (the raw CC3M / CC12M TSVs).
-    Bytes that are not UTF-8 in a caption or URL are decoded with the replacement character and
-    counted; rows repeating an earlier row's URL are counted and kept (each is its own sample).
+    A caption that is not UTF-8 is decoded as cp1252 (:data:`TEXT_FALLBACK`), a URL's bytes that
+    are not UTF-8 are percent-encoded (as a browser sends them); both are counted and said with the
+    first row. Rows repeating an earlier row's URL are counted and kept (each is its own sample).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -102,18 +109,25 @@ def read_url_list(
         )
     if table.num_rows == 0:
         raise ProtoclipError(f"URL list {path} has no rows; it needs one row per image.")
-    urls, repaired_urls = _text(table[url_col], path, url_col)
-    captions, repaired_captions = _text(table[caption_col], path, caption_col)
+    urls, repaired_url_rows = _text(table[url_col], path, url_col, _percent_encoded)
+    captions, repaired_caption_rows = _text(table[caption_col], path, caption_col, _fallback_decoded)
     checked = UrlList(
         pa.table({"url": urls, "caption": captions, **{c: table[c] for c in extra_cols}}),
         duplicate_urls=table.num_rows - pc.count_distinct(urls).as_py(),
-        repaired_captions=repaired_captions,
-        repaired_urls=repaired_urls,
+        repaired_captions=len(repaired_caption_rows),
+        repaired_urls=len(repaired_url_rows),
     )
-    if repaired_captions or repaired_urls:
+    if repaired_caption_rows:
+        first = repaired_caption_rows[0]
         warn(
-            f"{repaired_captions} caption(s) and {repaired_urls} URL(s) of {path} hold bytes that are not UTF-8; "
-            "they were decoded with the replacement character \ufffd (the manifest counts them)."
+            f"{len(repaired_caption_rows)} caption(s) of {path} are not UTF-8 (the first in row {first + 1}); they were "
+            f"decoded as {TEXT_FALLBACK} (Windows Latin-1) instead, e.g. {captions[first].as_py()!r} (the manifest "
+            "counts them)."
+        )
+    if repaired_url_rows:
+        warn(
+            f"{len(repaired_url_rows)} URL(s) of {path} hold bytes that are not UTF-8 (the first in row "
+            f"{repaired_url_rows[0] + 1}); those bytes were percent-encoded, as a browser sends them."
         )
     if checked.duplicate_urls:
         warn(
@@ -123,27 +137,50 @@ def read_url_list(
     return checked
 
 
-def _text(column, path: Path, name: str):
-    """``column`` as UTF-8 strings and how many values needed the replacement character."""
+def _text(column, path: Path, name: str, repair: Callable[[bytes], str]):
+    """``column`` as UTF-8 strings, with the rows (0-based) whose bytes are not UTF-8, each
+    decoded by ``repair``. A string column is validated too: parquet writers can store bytes that
+    are not UTF-8 in one."""
     import pyarrow as pa
 
     try:
-        return column.cast(pa.string()), 0
+        text = column.cast(pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
             raise ProtoclipError(f"Column '{name}' of URL list {path} is not text ({column.type}); name another column.") from exc
-    # Only a list with invalid bytes gets here: decode value by value, replacing what is not UTF-8.
-    values, repaired = [], 0
-    for value in column.to_pylist():
+    else:
+        try:
+            text.validate(full=True)
+            return text, []
+        except pa.ArrowInvalid:
+            column = text.cast(pa.binary())
+    # Only a list with invalid bytes gets here: decode value by value, repairing what is not UTF-8.
+    values, repaired = [], []
+    for row, value in enumerate(column.to_pylist()):
         if value is None:
             values.append("")
             continue
         try:
             values.append(value.decode("utf-8"))
         except UnicodeDecodeError:
-            values.append(value.decode("utf-8", errors="replace"))
-            repaired += 1
+            values.append(repair(value))
+            repaired.append(row)
     return pa.chunked_array([pa.array(values, pa.string())]), repaired
+
+
+def _fallback_decoded(value: bytes) -> str:
+    try:
+        return value.decode(TEXT_FALLBACK)
+    except UnicodeDecodeError:  # one of the five bytes cp1252 leaves undefined
+        return value.decode("latin-1")
+
+
+def _percent_encoded(value: bytes) -> str:
+    """The URL with every byte outside printable ASCII percent-encoded (valid UTF-8 sequences too,
+    which is how they travel in a request anyway)."""
+    from urllib.parse import quote
+
+    return quote(value, safe=bytes(range(0x21, 0x7F)))
 
 
 def row_count(url_file: Path) -> int:
@@ -177,19 +214,24 @@ def synthetic_url_list(folder: Path, split: str, count: int, *, seed: int, image
     params_file.unlink(missing_ok=True)
 
     started = time.perf_counter()
-    with progress(transient=True) as bar:
-        task = bar.add_task(f"render {split}", total=count, rate="")
-        items = synthetic.write_images(
-            folder, count, seed, split, image_size, quality, on_image=lambda: bar.advance(task)
-        )
-    columns: dict[str, list] = {
-        "url": [(folder / f"{item.index:06d}.jpg").resolve().as_uri() for item in items],
-        "caption": [item.caption for item in items],
-    }
-    for attribute in synthetic.ATTRIBUTE_COLUMNS:
-        columns[attribute] = [getattr(item, attribute) for item in items]
-    with atomic_path(url_file) as tmp:
-        pq.write_table(pa.table(columns), tmp)
-    write_json(params_file, params)
+    try:
+        with progress(transient=True) as bar:
+            task = bar.add_task(f"render {split}", total=count, rate="")
+            items = synthetic.write_images(
+                folder, count, seed, split, image_size, quality, on_image=lambda: bar.advance(task)
+            )
+        columns: dict[str, list] = {
+            "url": [(folder / f"{item.index:06d}.jpg").resolve().as_uri() for item in items],
+            "caption": [item.caption for item in items],
+        }
+        for attribute in synthetic.ATTRIBUTE_COLUMNS:
+            columns[attribute] = [getattr(item, attribute) for item in items]
+        with atomic_path(url_file) as tmp:
+            pq.write_table(pa.table(columns), tmp)
+        write_json(params_file, params)
+    except WriteError:
+        # Half a rendering is of no use (the next run renders afresh) and holds the space the disk lacks.
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     info(f"Rendered {count} {split} images in {time.perf_counter() - started:.1f} s ({folder}).")
     return url_file

@@ -109,7 +109,7 @@ def _img2dataset(config: DownloadConfig, workspace: Workspace, split: str, url_f
         extra_cols=extra_cols, log=workspace.download_log(config.name, split), image_size=config.image_size,
         resize_mode=config.resize_mode, encode_quality=config.encode_quality, processes=config.processes,
         threads=config.threads, samples_per_shard=config.samples_per_shard, timeout=config.timeout,
-        retries=config.retries, distributor=config.distributor,
+        retries=config.retries, distributor=config.distributor, max_pixels=config.max_pixels,
     )  # fmt: skip
 
 

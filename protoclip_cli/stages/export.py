@@ -35,6 +35,7 @@ from protoclip_cli.errors import MissingInputError, ProtoclipError
 from protoclip_cli.evaluation.reports.model_card import render_model_card
 from protoclip_cli.evaluation.reports.results import checkpoint_results, read_results
 from protoclip_cli.workspace import Workspace, resolve
+from protoclip_cli.training.episodes import episode_phase
 
 ROUND_TRIP_ATOL = 1e-5
 
@@ -80,6 +81,7 @@ def _export_hub_folder(config: ExportConfig, resolved, model, train_config, info
     readme = render_model_card(
         config.push.split("/")[-1] if config.push else resolved.run.name, train_config, info,
         _dataset_record(resolved.workspace, train_config), results, config.license, load_as,
+        phases=_episode_phases(train_config),
     )
     with atomic_dir(out) as tmp:  # a folder that failed the round trip is never left behind
         write_hub_folder(model.clip, arch, tmp, readme)
@@ -98,6 +100,12 @@ def _export_hub_folder(config: ExportConfig, resolved, model, train_config, info
 
     manifest = record(None)  # the folder is complete whether or not the upload succeeds
     return record(push_folder(out, config.push, config.private)) if config.push else manifest
+
+
+def _episode_phases(train_config) -> list[str]:
+    """The phase of every episode of the run's recipe ('warmup', 'proto', 'lit', 'clip'), for the card."""
+    # Whether the teacher is used changes no phase's name.
+    return [episode_phase(train_config, e, use_teacher=False).name for e in range(train_config.schedule.episodes)]
 
 
 def _dataset_record(workspace: Workspace, train_config) -> dict | None:

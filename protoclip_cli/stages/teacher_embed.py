@@ -293,7 +293,9 @@ def _embed_to_partial(
     """Encode every caption not yet in the partial file; returns (rows resumed, rows encoded now)."""
     import numpy as np
 
-    handle = teacher_file.open_partial(partial, identity, identity["source_dimension"])
+    if total is None:  # a manifest without the count: the partial file is sized by the captions themselves
+        total = sum(1 for _ in iter_captions(shards))
+    handle = teacher_file.open_partial(partial, identity, identity["source_dimension"], total)
     done = 0
     try:
         stored_keys = teacher_file.committed_keys(handle)

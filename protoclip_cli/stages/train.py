@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from protoclip_cli.core import distributed as dist_utils
 from protoclip_cli.data import teacher_file
 from protoclip_cli.data.shards import shard_keys, shard_sample_count
 from protoclip_cli.data.sources import run_datasets
-from protoclip_cli.errors import Interrupted, MissingInputError, ProtoclipError
+from protoclip_cli.errors import Interrupted, MissingInputError, ProtoclipError, Refused
 from protoclip_cli.runs import RunDir
 from protoclip_cli.training.episodes import (
     EpisodePlan,
@@ -38,7 +39,7 @@ from protoclip_cli.training.episodes import (
     plan_episodes,
     run_layout,
 )
-from protoclip_cli.training.interrupts import catching_sigint
+from protoclip_cli.training import interrupts
 from protoclip_cli.training.loop import Trainer
 from protoclip_cli.workspace import Workspace
 
@@ -67,6 +68,15 @@ def warn_about_recipe(config: TrainConfig) -> None:
     """Settings that are valid (TrainConfig checks itself) but do less than they seem to."""
     if config.proto.teacher and config.proto.enabled and not config.loss.pbt:
         warn("proto.teacher is set but loss.pbt = false: the external-teacher loss needs PBT and is skipped.")
+    if config.proto.enabled:
+        phases = [episode_phase(config, e, use_teacher(config)).name for e in range(config.schedule.episodes)]
+        if "proto" not in phases:
+            warn(
+                f"proto.enabled is on, but none of the {len(phases)} episodes trains with prototypes "
+                f"({phases.count('warmup')} InfoNCE warm-up by schedule.infonce_warmup_episodes, {phases.count('lit')} "
+                "LiT by schedule.lit_start_episode): the run is CLIP training; raise schedule.episodes or lower "
+                "those, or set proto.enabled = false to say so."
+            )
 
 
 def check_inputs(config: TrainConfig, workspace: Workspace, trust_teacher: bool = False) -> TrainInputs:
@@ -231,7 +241,12 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
     so a second ``train`` of the same run is refused instead of interleaving with this one.
     """
     started = time.perf_counter()
-    inputs = check_inputs(config, workspace, trust_teacher)
+    try:
+        inputs = check_inputs(config, workspace, trust_teacher)
+    except Refused:
+        raise
+    except ProtoclipError as exc:
+        raise Refused(str(exc)) from exc
     run_dir = RunDir(workspace.run_dir(config.name))
     if resume is True and not run_dir.exists():
         info(f"Nothing to resume in {run_dir.path}; starting the run.")
@@ -256,37 +271,49 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
                 note_episode_size(config, plan, world_size)
                 write_text(run_dir.config_file, config_io.dumps(config))
                 plan.save(run_dir.plan_file)
-                _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
                 decision = [str(resume_from) if resume_from else None, None, layout.steps]
             except ProtoclipError as exc:
                 decision = [None, str(exc), None]
         decision = dist_utils.broadcast_object(decision)
         if decision[1] is not None:
-            raise ProtoclipError(decision[1])
+            raise Refused(decision[1])
         resume_from = Path(decision[0]) if decision[0] else None
         plan = EpisodePlan.load(run_dir.plan_file)
         layout = RunLayout(decision[2], lit_start_episode(config))
         if config.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
-        trainer = Trainer(config, run_dir.path, plan, layout, inputs.shard_paths, inputs.teacher_paths, resume_from,
-                          key_offsets=inputs.key_offsets)
-        info(
-            f"Training run '{config.name}': {config.schedule.episodes} episodes, {trainer.layout.total_steps} steps, "
-            f"{world_size} process(es) on {trainer.device}, global batch {config.data.batch_size * world_size}."
-        )
+        trainer = None
         try:
-            with catching_sigint():
+            # Ctrl-C, SIGTERM and SIGUSR1 stop training at the next step boundary, with a checkpoint
+            # of that step (training/interrupts.py).
+            with interrupts.catching_stop_signals():
+                # Resuming checks the checkpoint against the run (its shapes, its launch): a refusal
+                # there leaves the manifest as it was, since nothing of the run has changed.
+                try:
+                    trainer = Trainer(config, run_dir.path, plan, layout, inputs.shard_paths, inputs.teacher_paths,
+                                      resume_from, key_offsets=inputs.key_offsets)
+                except ProtoclipError as exc:
+                    raise Refused(str(exc)) from exc
+                if rank == 0:
+                    _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
+                info(
+                    f"Training run '{config.name}': {config.schedule.episodes} episodes, {layout.total_steps} "
+                    f"steps, {world_size} process(es) on {trainer.device}, global batch "
+                    f"{config.data.batch_size * world_size}."
+                )
                 summary = trainer.fit()
         except BaseException as exc:
-            if rank == 0:
+            if rank == 0 and trainer is not None:
                 status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
                 _record_stop(config, run_dir, inputs, world_size, status, trainer)
             if isinstance(exc, KeyboardInterrupt):
-                raise Interrupted(_where_it_stopped(run_dir, trainer)) from None
+                signum = getattr(exc, "signum", signal.SIGINT)
+                raise Interrupted(_where_it_stopped(run_dir, trainer, signum), interrupts.EXIT_CODES[signum]) from None
             raise
         finally:
-            trainer.close()  # no data-loader worker outlives the stage
-        summary["broken_samples"] = trainer.stats.get("broken", 0)
+            if trainer is not None:
+                trainer.close()  # no data-loader worker outlives the stage
+        summary.update(trainer.losses.run_summary())
         summary["seconds"] = round(time.perf_counter() - started, 2)  # this call's: inputs, model, data, training
         manifest = {}
         if rank == 0:
@@ -297,22 +324,22 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
         if lock is not None:
             lock.release()
         if created_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            torch.distributed.destroy_process_group()
 
 
-def _where_it_stopped(run_dir: RunDir, trainer) -> str:
-    """The sentence for Ctrl-C: the step reached, and the checkpoint a rerun resumes from."""
-    layout = trainer.layout
-    step = trainer.global_step
-    episode = next((e for e in range(len(layout.steps)) if layout.first_step(e + 1) > step), len(layout.steps) - 1)
+def _where_it_stopped(run_dir: RunDir, trainer, signum: int) -> str:
+    """The sentence for a stop signal: the step reached, and the checkpoint a rerun resumes from."""
     checkpoint = run_dir.latest_checkpoint()
     if checkpoint is None:
         resume = "no checkpoint was written yet, so rerunning the same command starts the run again"
     else:
         resume = f"rerunning the same command resumes from {checkpoint.name} (step {int(checkpoint.stem.split('-')[1])})"
-    return f"Training stopped by Ctrl-C at step {step} of {layout.total_steps} (episode {episode}); {resume}."
+    if trainer is None:
+        return f"Training stopped by {interrupts.NAMES[signum]} before its first step; {resume}."
+    layout = trainer.layout
+    step = trainer.global_step
+    episode = next((e for e in range(len(layout.steps)) if layout.first_step(e + 1) > step), len(layout.steps) - 1)
+    return f"Training stopped by {interrupts.NAMES[signum]} at step {step} of {layout.total_steps} (episode {episode}); {resume}."
 
 
 def _record_stop(config: TrainConfig, run_dir: RunDir, inputs: TrainInputs, world_size: int, status: str, trainer) -> None:
@@ -320,7 +347,7 @@ def _record_stop(config: TrainConfig, run_dir: RunDir, inputs: TrainInputs, worl
     checkpoint = run_dir.latest_checkpoint()
     summary = {"global_step": trainer.global_step, "total_steps": trainer.layout.total_steps,
                "last_checkpoint": str(checkpoint) if checkpoint else None,
-               "broken_samples": trainer.stats.get("broken", 0)}  # fmt: skip
+               **trainer.losses.run_summary()}  # fmt: skip
     try:
         _write_run_manifest(config, run_dir, inputs, world_size, status, summary)
     except (OSError, ProtoclipError):

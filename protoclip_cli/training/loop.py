@@ -30,20 +30,23 @@ from protoclip_cli import config as config_io
 from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.console import info, progress
 from protoclip_cli.core import distributed as dist_utils
-from protoclip_cli.core.checkpoint import TrainState, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from protoclip_cli.core.checkpoint import (
+    TrainState, load_checkpoint, load_weights, restore_rng_state, rng_state, save_checkpoint,
+)
 from protoclip_cli.core.losses import ProtoCLIPLoss
 from protoclip_cli.core.optim import build_optimizer, cosine_schedule, parameter_groups, set_learning_rates
-from protoclip_cli.data.pipeline import EpisodeStream, Position, StreamConfig, batches_to_skip, split_for_rank
+from protoclip_cli.data.pipeline import Position, batches_to_skip, split_for_rank
 from protoclip_cli.data.teacher_file import run_teacher_rows
 from protoclip_cli.data.transforms import device_augmentation, to_model_input
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.runs import RunDir
+from protoclip_cli.training import interrupts
+from protoclip_cli.training.data_losses import DataLosses
 from protoclip_cli.training.episodes import EpisodePlan, Phase, RunLayout, episode_phase
 from protoclip_cli.training.extraction import extract_features
-from protoclip_cli.training.interrupts import raise_if_interrupted
 from protoclip_cli.training.metrics import MetricsLog, batch_diagnostics
 from protoclip_cli.training.prototypes import EpisodePrototypes, build_prototypes, load_prototypes, save_prototypes
-from protoclip_cli.training.setup import TrainingDevice, build_training_model
+from protoclip_cli.training.setup import TrainingDevice, build_training_model, episode_stream
 from protoclip_cli.training.single_pass import FeatureRecorder, OnlineLabels
 from protoclip_cli.training.step import Stepper, micro_batches
 
@@ -60,7 +63,6 @@ class Trainer:
     teacher_paths: list[Path]  # one per data set of the run (data.datasets order); empty: no external teacher
     resume_from: Path | None = None
     key_offsets: dict[str, int] = field(default_factory=dict)  # shard id -> offset of its keys (several data sets)
-    stats: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -81,10 +83,17 @@ class Trainer:
             grad_clip=cfg.optim.grad_clip, no_sync=getattr(self.train_model, "no_sync", None),
         )
         self.single_pass = cfg.proto.enabled and cfg.proto.single_pass
-        self.stream = self._setup_stream()
+        self.stream = episode_stream(
+            cfg, [[self.shard_paths[s] for s in self._rank_shards(e)] for e in range(cfg.schedule.episodes)],
+            self.plan.counts, self.shard_paths, self.key_offsets, self.teacher_paths if self.single_pass else [],
+            self.rank, self.model.image_size, pin_memory=self.device.type == "cuda",
+        )
+        self.stop_agreement = interrupts.StopAgreement(self.world_size)
         self.recorder = FeatureRecorder()
+        self.losses = DataLosses()
         self.metrics = MetricsLog.for_run(self.run_dir, cfg, enabled=self.rank == 0)
         self.global_step = 0
+        self._saved_step: int | None = None  # the global step of the newest checkpoint this trainer wrote or read
         self.start_episode = 0
         self.start_batches = 0
         self.position = Position.start(cfg.data.workers)
@@ -103,31 +112,6 @@ class Trainer:
             "visual": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, layout.total_steps, end_step=lit_step),
         }
 
-    def _setup_stream(self) -> EpisodeStream:
-        """This rank's one data loader for every pass of the run."""
-        cfg = self.config
-        return EpisodeStream(
-            StreamConfig(
-                episodes=[[self.shard_paths[s] for s in self._rank_shards(e)] for e in range(cfg.schedule.episodes)],
-                counts=self.plan.counts,
-                batch_size=cfg.data.batch_size,
-                extract_batch_size=cfg.data.extract_batch_size,
-                image_size=self.model.image_size,
-                tokenizer_arch=cfg.model.arch,
-                augmentation=cfg.data.augmentation,
-                seed=cfg.seed,
-                rank=self.rank,
-                shuffle_buffer=cfg.data.shuffle_buffer,
-                workers=cfg.data.workers,
-                # Single-pass labels a batch's teacher cluster online, from its teacher features.
-                teacher_paths=tuple(str(p) for p in self.teacher_paths) if self.single_pass else (),
-                shard_ids={str(path): shard for shard, path in self.shard_paths.items()},
-                key_offsets={str(self.shard_paths[shard]): offset for shard, offset in self.key_offsets.items() if offset},
-                extraction_transform=cfg.proto.extraction_transform,
-            ),
-            pin_memory=self.device.type == "cuda",
-        )
-
     def close(self) -> None:
         """Stop the data-loader workers; the stage calls it however training ends."""
         self._started = None
@@ -141,10 +125,16 @@ class Trainer:
                 f"Checkpoint {path.name} was written by {state.world_size} process(es) x {state.workers} "
                 f"data worker(s); resume with the same launch, or start over with --no-resume."
             )
-        self.model.load_state_dict(state.model)
-        self.optimizer.load_state_dict(state.optimizer)
+        advice = "move it away to resume from the previous checkpoint, or start over with --no-resume"
+        load_weights(self.model, state.model, path, advice)
+        try:
+            self.optimizer.load_state_dict(state.optimizer)
+        except (ValueError, KeyError) as exc:  # torch's sentence on parameter groups of other sizes
+            raise ProtoclipError(
+                f"Checkpoint {path} holds the optimiser state of another model ({exc}); {advice}."
+            ) from exc
         restore_rng_state(state.rng)
-        self.global_step = state.global_step
+        self.global_step = self._saved_step = state.global_step
         episode, done = state.episode, state.batches_done
         if done >= self.layout.steps[episode]:
             episode, done = episode + 1, 0
@@ -173,6 +163,7 @@ class Trainer:
             )
             path = save_checkpoint(self.run, state, self.config.logging.keep_checkpoints)
         self._barrier()
+        self._saved_step = self.global_step
         return path
 
     def _all_ranks(self, value: Any) -> list[Any]:
@@ -185,6 +176,15 @@ class Trainer:
     def _barrier(self) -> None:
         if dist_utils.is_distributed():
             torch.distributed.barrier()
+
+    def _stop(self, episode: int, batches_done: int, signum: int, total: torch.Tensor | None) -> None:
+        """Stop training for a stop signal at this step boundary, with a checkpoint of the step just
+        done (unless one holds it already): a rerun, or a requeued job, continues from it."""
+        if self._saved_step != self.global_step:
+            if total is not None:
+                self._check_finite(total)
+            self._save(episode, batches_done)
+        raise interrupts.StopSignal(signum)
 
     # -- passes -----------------------------------------------------------------------------------
     def _rank_shards(self, episode: int) -> list[str]:
@@ -217,12 +217,6 @@ class Trainer:
         self._started = None
         return batches
 
-    def _count_broken(self, episode: int, broken: int) -> None:
-        if broken:
-            self.stats["broken"] = self.stats.get("broken", 0) + broken
-            self.stats.setdefault("broken_by_episode", {}).setdefault(episode, 0)
-            self.stats["broken_by_episode"][episode] += broken
-
     def _prototypes(self, episode: int, phase: Phase, bar) -> tuple[EpisodePrototypes, dict[str, float]]:
         """Load the episode's prototypes (made already) or extract, cluster and save them."""
         path = self._prototype_path(episode)
@@ -241,12 +235,12 @@ class Trainer:
 
         compiled = self.extract_forward is not self.model
         keys, features, broken = extract_features(
-            self.model, self._take(episode, "extract"), self.device, self.autocast,
+            self.model, self.losses.noting_short_shards(episode, self._take(episode, "extract")), self.device, self.autocast,
             channels_last=self.channels_last, on_batch=on_batch, forward=self.extract_forward,
             pad_to=self.config.data.extract_batch_size if compiled else None,
             augmentation=self.augmentation if self.config.proto.extraction_transform == "train" else None,
         )
-        self._count_broken(episode, broken)
+        self.losses.count_broken(episode, broken)
         # The training pass's first batches decode while this rank clusters.
         self._start(episode, "train")
         extract_seconds = time.perf_counter() - start
@@ -334,13 +328,26 @@ class Trainer:
         start = time.perf_counter()
         window_start, window_samples = time.perf_counter(), 0
         global_batch = cfg.data.batch_size * self.world_size * cfg.optim.accum_freq
-        for step_batches in micro_batches(batches, cfg.optim.accum_freq):
-            raise_if_interrupted()
-            if done >= steps:
+        steps_of_batches = micro_batches(batches, cfg.optim.accum_freq)
+        total = None  # the last step's loss
+        while done < steps:
+            if (signum := self.stop_agreement.signal()) is not None:
+                self._stop(episode, done, signum, total)
+            try:
+                step_batches = next(steps_of_batches)
+            except StopIteration:
                 break
+            except RuntimeError:
+                # A SIGTERM sent to every process ends the loader's workers too (interrupts.py), and
+                # the batch they owed never comes: this is still a step boundary. (With several
+                # ranks, the others may have their batch: they cannot stop at this step together.)
+                if (signum := interrupts.stop_requested()) is not None and self.world_size == 1:
+                    self._stop(episode, done, signum, total)
+                raise
             for batch in step_batches:
-                self._count_broken(episode, int(batch["broken"]))
+                self.losses.note(episode, batch)
             terms, outputs, lrs = self._step(step_batches, phase, prototypes, protos, online)
+            total = terms["total"]
             for batch in step_batches:
                 self.position = self.position.advanced(batch)
             if record:
@@ -372,12 +379,10 @@ class Trainer:
                 bar.update(task, completed=done)
             if save_now:
                 self._save(episode, done)
-            if done >= steps:
-                break
         if done < steps:
             raise ProtoclipError(
                 f"Episode {episode} gave {done} of its {steps} batches: some of its shards hold no decodable sample "
-                f"({self.stats.get('broken_by_episode', {}).get(episode, 0)} broken samples skipped); repair the data "
+                f"({self.losses.broken_by_episode.get(episode, 0)} broken samples skipped); repair the data "
                 f"set with `protoclip download {cfg.data.dataset} --verify`."
             )
         bar.remove_task(task)
@@ -403,29 +408,40 @@ class Trainer:
                 phase = episode_phase(cfg, episode, use_teacher)
                 prototypes, seconds = None, {"extract": 0.0, "cluster": 0.0}
                 if phase.use_proto:
+                    # A stop signal here ends training at once: the newest checkpoint is the end of
+                    # the previous episode, where a resume extracts this episode's features again.
                     prototypes, seconds = self._prototypes(episode, phase, bar)
-                recorded = self._records_for(episode + 1)
-                seconds["train"] = self._train_episode(episode, phase, prototypes, bar)
-                if episode + 1 < cfg.schedule.episodes:
-                    # The next pass decodes its first batches during the clustering and the checkpoint.
-                    self._start(episode + 1, "train" if recorded else self._first_pass(episode + 1))
-                if recorded:
-                    seconds["cluster_next"] = self._prototypes_from_recording(episode + 1)
-                record = {
-                    "kind": "episode", "episode": episode, "step": self.global_step, "phase": phase.name,
-                    "samples": self.plan.samples(episode), "steps": self.layout.steps[episode],
-                    "seconds": seconds, "broken": self.stats.get("broken_by_episode", {}).get(episode, 0),
-                    "broken_total": self.stats.get("broken", 0),
-                }
-                if prototypes is not None:
-                    record["clusters"] = prototypes.cluster_stats()
-                self.metrics.write(record)
-                self._save(episode, self.layout.steps[episode])
-                info(
-                    f"episode {episode} ({phase.name}): {self.layout.steps[episode]} steps, "
-                    f"extract {seconds['extract']:.1f}s, cluster {seconds['cluster'] + seconds.get('cluster_next', 0.0):.1f}s, "
-                    f"train {seconds['train']:.1f}s"
-                    + (f", {record['broken']} broken samples skipped" if record["broken"] else "")
-                )
+                with interrupts.deferred():  # from the first step to the episode's checkpoint
+                    self._train_and_close_episode(episode, phase, prototypes, seconds, bar)
+                if episode + 1 < cfg.schedule.episodes and (signum := self.stop_agreement.signal()) is not None:
+                    raise interrupts.StopSignal(signum)  # received at the episode's end: its checkpoint is written
         self.metrics.close()
         return {"global_step": self.global_step, "total_steps": self.layout.total_steps, "steps_per_episode": self.layout.steps}
+
+    def _train_and_close_episode(self, episode: int, phase: Phase, prototypes: EpisodePrototypes | None,
+                                 seconds: dict[str, float], bar) -> None:
+        """The episode's training pass, the next episode's prototypes in single-pass mode, its metrics
+        line and its checkpoint."""
+        cfg = self.config
+        recorded = self._records_for(episode + 1)
+        seconds["train"] = self._train_episode(episode, phase, prototypes, bar)
+        if episode + 1 < cfg.schedule.episodes:
+            # The next pass decodes its first batches during the clustering and the checkpoint.
+            self._start(episode + 1, "train" if recorded else self._first_pass(episode + 1))
+        if recorded:
+            seconds["cluster_next"] = self._prototypes_from_recording(episode + 1)
+        record = {
+            "kind": "episode", "episode": episode, "step": self.global_step, "phase": phase.name,
+            "samples": self.plan.samples(episode), "steps": self.layout.steps[episode],
+            "seconds": seconds, **self.losses.episode_record(episode),
+        }
+        if prototypes is not None:
+            record["clusters"] = prototypes.cluster_stats()
+        self.metrics.write(record)
+        self._save(episode, self.layout.steps[episode])
+        info(
+            f"episode {episode} ({phase.name}): {self.layout.steps[episode]} steps, "
+            f"extract {seconds['extract']:.1f}s, cluster {seconds['cluster'] + seconds.get('cluster_next', 0.0):.1f}s, "
+            f"train {seconds['train']:.1f}s"
+            + self.losses.episode_words(episode)
+        )

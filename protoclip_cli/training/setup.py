@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -13,6 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.core.distributed import resolve_device
 from protoclip_cli.core.model import ProtoCLIP, build_model
+from protoclip_cli.data.pipeline import EpisodeStream, StreamConfig
+from protoclip_cli.training import interrupts
 
 
 def _is_convolutional(arch: str) -> bool:
@@ -78,3 +81,25 @@ def build_training_model(config: TrainConfig, runtime: TrainingDevice,
     if config.model.compile and runtime.device.type == "cuda":
         return model, torch.compile(train_model), torch.compile(model, dynamic=False)
     return model, train_model, model
+
+
+def episode_stream(config: TrainConfig, episodes: list[list[Path]], counts: dict[str, int], shard_paths: dict[str, Path],
+                   key_offsets: dict[str, int], teacher_paths: list[Path], rank: int, image_size,
+                   pin_memory: bool) -> EpisodeStream:
+    """One rank's data loader for every pass of the run: ``episodes`` are this rank's shards of each
+    episode; ``teacher_paths`` given, training batches carry each sample's teacher features (the
+    online teacher labels of single-pass mode)."""
+    data = config.data
+    return EpisodeStream(
+        StreamConfig(
+            episodes=episodes, counts=counts, batch_size=data.batch_size, extract_batch_size=data.extract_batch_size,
+            image_size=image_size, tokenizer_arch=config.model.arch, augmentation=data.augmentation, seed=config.seed,
+            rank=rank, shuffle_buffer=data.shuffle_buffer, workers=data.workers,
+            teacher_paths=tuple(str(p) for p in teacher_paths),
+            shard_ids={str(path): shard for shard, path in shard_paths.items()},
+            key_offsets={str(shard_paths[shard]): offset for shard, offset in key_offsets.items() if offset},
+            extraction_transform=config.proto.extraction_transform,
+        ),
+        pin_memory=pin_memory,
+        worker_init=interrupts.worker_signals,
+    )

@@ -10,7 +10,7 @@ it was trained on and the whole resolved recipe.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from protoclip_cli import __version__
 from protoclip_cli import config as config_io
@@ -34,35 +34,57 @@ def _split_count(dataset: dict | None, split: str) -> tuple[int | None, int | No
     return entry.get("count_ok"), entry.get("count_failed", 0)
 
 
-def _method(config: "TrainConfig") -> str:
+# How the card names the phases of training/episodes.py's episode_phase.
+PHASE_NAMES = {"warmup": "InfoNCE warm-up", "proto": "prototype", "lit": "LiT", "clip": "CLIP"}
+
+
+def _episode_counts(phases: Sequence[str]) -> str:
+    """``1 InfoNCE warm-up, 10 prototype, 1 LiT``: the episodes of each phase, in order of appearance."""
+    return ", ".join(f"{phases.count(phase)} {PHASE_NAMES.get(phase, phase)}" for phase in dict.fromkeys(phases))
+
+
+def _method(config: "TrainConfig", phases: Sequence[str] | None = None) -> str:
+    """What trained the checkpoint; ``phases`` are the phases of the episodes it has reached, so a
+    ProtoCLIP recipe none of whose episodes used prototypes is not called ProtoCLIP."""
     if not config.proto.enabled:
         return "CLIP (InfoNCE) baseline trained by the ProtoCLIP trainer"
-    parts = [f"ProtoCLIP: episodic prototypes (k = {config.proto.k})"]
+    if phases is not None and "proto" not in phases:
+        return (
+            f"CLIP (InfoNCE) only: a ProtoCLIP recipe, but none of the {len(phases)} episode(s) up to this checkpoint "
+            f"trained with prototypes ({_episode_counts(phases)})"
+        )
+    parts = [f"ProtoCLIP: episodic prototypes (k = {config.proto.k})"
+             + (f" in {phases.count('proto')} of {len(phases)} episodes" if phases is not None else "")]
     parts.append("Prototypical Back Translation" if config.loss.pbt else "no PBT")
     if config.proto.teacher and config.loss.pbt:
         parts.append(f"external teacher {config.proto.teacher}")
     return ", ".join(parts)
 
 
-def card_fields(config: "TrainConfig", info: dict[str, Any], dataset: dict | None, license: str, load_as: str) -> dict:
-    """open_clip's ``model_card`` dict for ``generate_readme``."""
+def card_fields(config: "TrainConfig", info: dict[str, Any], dataset: dict | None, license: str, load_as: str,
+                phases: Sequence[str] | None = None) -> dict:
+    """open_clip's ``model_card`` dict for ``generate_readme``; ``phases``: the phase of every episode of
+    the recipe (``training/episodes.py``), of which the card describes those the checkpoint reached."""
     names = ", ".join(f"`{name}`" for name in run_datasets(config.data).names)
     pairs = _split_count(dataset, config.data.split)[0]
     source = f" ({dataset.get('source')}, {pairs} image-text pairs)" if dataset else ""
+    reached = list(phases[: int(info["episode"]) + 1]) if phases is not None else None
+    method = _method(config, reached)
     return {
         "tags": ("clip", "protoclip"),
         "license": license,
         "description": (
-            f"A {config.model.arch} CLIP model trained with {_method(config)} on "
+            f"A {config.model.arch} CLIP model trained with {method} on "
             f"{names}{source}, exported with protoclip {__version__}."
         ),
         "details": {
             "Model Type": "Contrastive image-text, zero-shot image classification.",
             "Architecture": config.model.arch,
-            "Method": _method(config),
+            "Method": method,
             "Dataset": names.replace("`", ""),
             "Training": (
-                f"{info['global_step']} of {info['total_steps']} steps, {config.schedule.episodes} episodes, "
+                f"{info['global_step']} of {info['total_steps']} steps, {config.schedule.episodes} episodes"
+                + (f" ({_episode_counts(phases)})" if phases is not None else "") + ", "
                 f"batch {config.data.batch_size} per process, lr {config.optim.lr}"
             ),
             "Checkpoint": f"{Path(info['path']).name} (episode {info['episode']})",
@@ -94,11 +116,13 @@ def render_model_card(
     results: dict[str, dict],
     license: str,
     load_as: str,
+    phases: Sequence[str] | None = None,
 ) -> str:
-    """The README.md of the hub folder of ``config``'s run at the checkpoint ``info`` describes."""
+    """The README.md of the hub folder of ``config``'s run at the checkpoint ``info`` describes;
+    ``phases``: see :func:`card_fields`."""
     from open_clip.push_to_hf_hub import generate_readme
 
-    text = generate_readme(card_fields(config, info, dataset, license, load_as), name)
+    text = generate_readme(card_fields(config, info, dataset, license, load_as, phases), name)
     kept, others = checkpoint_results(results, info["path"])
     text += "\n## Evaluation results\n"
     if kept:

@@ -12,15 +12,18 @@ and runs side by side (:func:`metric_curves_png`: a metric against samples seen,
 
 from __future__ import annotations
 
+import functools
 import textwrap
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from protoclip_cli.artifacts import atomic_path
 from protoclip_cli.errors import ProtoclipError
+
+_Drawing = TypeVar("_Drawing", bound=Callable)
 
 
 def _pyplot():
@@ -30,6 +33,21 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _literal_text(draw: _Drawing) -> _Drawing:
+    """Draw every string as it is: captions, class names and titles come from web data, where
+    ``$`` is common, and matplotlib would otherwise parse a pair of them as mathtext (and fail on
+    one it cannot parse). Scoped to the drawing, so a caller's own matplotlib settings are untouched."""
+
+    @functools.wraps(draw)
+    def drawing(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return draw(*args, **kwargs)
+
+    return drawing  # type: ignore[return-value]
 
 
 def _save(figure, path: Path, title: str) -> Path:
@@ -45,6 +63,7 @@ def _save(figure, path: Path, title: str) -> Path:
     return Path(path)
 
 
+@_literal_text
 def curves_png(
     path: Path,
     series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
@@ -101,6 +120,7 @@ def metric_curves_png(
     return curves_png(path, named, xlabel, metric, title or f"{metric} vs {xlabel}", log_x=log_x, legend=True)
 
 
+@_literal_text
 def band_curves_png(
     path: Path, panels: Mapping[str, Mapping[str, tuple[list[float], list[float], list[float]]]], xlabel: str, title: str
 ) -> Path:
@@ -120,6 +140,7 @@ def band_curves_png(
     return _save(figure, path, title)
 
 
+@_literal_text
 def bars_png(path: Path, values: Mapping[str, float], ylabel: str, title: str, mean_label: str | None = None) -> Path:
     """One bar per name, its value written on it; a dashed line at their mean when ``mean_label``."""
     plt = _pyplot()
@@ -136,6 +157,7 @@ def bars_png(path: Path, values: Mapping[str, float], ylabel: str, title: str, m
     return _save(figure, path, title)
 
 
+@_literal_text
 def labelled_grid_png(
     path: Path, images: Sequence[torch.Tensor], labels: Sequence[str], title: str, colours: Sequence[str] | None = None,
     columns: int = 8,
@@ -154,6 +176,7 @@ def labelled_grid_png(
     return _save(figure, path, title)
 
 
+@_literal_text
 def grid_png(path: Path, clusters: list[tuple[int, list[tuple[torch.Tensor, str]]]], title: str) -> Path:
     """Rows of sample images (uint8 (3, H, W)) with wrapped captions, one row per cluster."""
     plt = _pyplot()
@@ -195,6 +218,7 @@ def group_colours(colourings: dict[str, np.ndarray], shared: bool = False, most:
     return found
 
 
+@_literal_text
 def tsne_png(
     path: Path, features: np.ndarray, colourings: dict[str, np.ndarray], seed: int, title: str,
     points: np.ndarray | None = None, shared_colours: bool = False,
