@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import linked_workspace
 from protoclip_cli.cli import app
 from protoclip_cli.runs import RunDir
-from test_train import small_config
+from helpers import small_config
 
 NAME = "foreign-checkpoint"
 ONE_EPISODE = ["schedule.episodes=1", "proto.enabled=false", "model.heads=false", f"name='{NAME}'"]
@@ -59,7 +59,7 @@ def test_a_refused_resume_leaves_the_manifest_true(foreign):
     workspace, run_dir, checkpoint = foreign
     before = run_dir.manifest_file.read_text()
     assert json.loads(before)["status"] == "complete"
-    from test_train import RECIPE, SMALL
+    from helpers import RECIPE, SMALL
 
     sets = [*SMALL, "proto.teacher=''", *ONE_EPISODE]
     result = CliRunner().invoke(app, ["train", str(RECIPE), *(x for s in sets for x in ("--set", s)),

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import linked_workspace
+from helpers import REPO
+
+from protoclip_cli.configs import recipes
 from protoclip_cli.evaluation.reports import comparison
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "synthetic.toml"
+RECIPE = recipes.path("synthetic")
 
 
 def test_mean_and_std_are_the_sample_statistics():
@@ -197,7 +199,7 @@ def test_prototype_quality_reads_each_prototype_episode(compared, compare_worksp
     AMI against the classes in [0, 1], and the episode's mean prototype accuracy from metrics.jsonl."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("prototype_quality", RECIPE.parents[1] / "benchmarks" / "prototype_quality.py")
+    spec = importlib.util.spec_from_file_location("prototype_quality", REPO / "benchmarks" / "prototype_quality.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "quality.json"
@@ -262,8 +264,8 @@ def test_open_clip_train_reads_webdataset_shards_with_the_end_of_shard_workaroun
 
 def test_a_budget_that_is_not_whole_passes_is_refused_for_the_peer(tmp_path):
     from protoclip_cli import config as config_io
-    from protoclip_cli.errors import ProtoclipError
     from protoclip_cli.configs.train import TrainConfig
+    from protoclip_cli.errors import ProtoclipError
     from protoclip_cli.training.open_clip_peer import peer_arguments
 
     recipe = config_io.load(TrainConfig, RECIPE, [])

@@ -9,10 +9,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import RUN
 
 torch.set_num_threads(2)
-
-from helpers import RUN
 
 
 def _cli(*args: str):

@@ -11,13 +11,14 @@ import pytest
 
 from protoclip_cli import config as config_io
 from protoclip_cli.config import ConfigError
-from protoclip_cli.errors import ProtoclipError
+from protoclip_cli.configs import recipes
 from protoclip_cli.configs.train import TrainConfig
+from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.names import is_valid_name, slugify
 from protoclip_cli.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "synthetic.toml"
+RECIPE = recipes.path("synthetic")
 BAD = ["../../escape", "a b/c", "..", ".hidden", "-x", "a/b", "", "x" * 101, "caf\u00e9"]
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from protoclip_cli.configs import recipes
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.run_lock import RunLocked
 from protoclip_cli.runs import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "synthetic.toml"
+RECIPE = recipes.path("synthetic")
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 HOLD = (
     "import sys, time\n"

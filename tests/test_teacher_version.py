@@ -66,7 +66,7 @@ def test_the_cli_names_the_override(reseeded, synthetic_teacher):
 
     from protoclip_cli.cli import app
 
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "synthetic.toml"
+    from helpers import RECIPE as recipe
     slug = Path(synthetic_teacher).stem
     result = CliRunner().invoke(app, ["train", str(recipe), "--set", f"proto.teacher='{slug}'", "-w", str(reseeded.root)])
     assert result.exit_code == 1

@@ -74,7 +74,7 @@ def test_a_shard_cut_in_half_is_counted_in_samples_lost_and_named(synthetic_work
     from typer.testing import CliRunner
 
     from protoclip_cli.cli import app
-    from test_train import RECIPE, SMALL
+    from helpers import RECIPE, SMALL
 
     workspace = _copy_dataset(synthetic_workspace, tmp_path / "ws")
     shards = workspace.shards("synthetic")

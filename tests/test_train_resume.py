@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 import torch
 
+from protoclip_cli.configs import recipes
+
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "synthetic.toml"
+RECIPE = recipes.path("synthetic")
 # 2 episodes (warm-up, prototypes) of 2 shards, 8 steps each (one shard per worker); a checkpoint every 3 steps.
 ARGS = [
     "--set", "data.episode_size=256", "--set", "data.batch_size=32", "--set", "data.workers=2",

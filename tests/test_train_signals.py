@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from protoclip_cli.configs import recipes
 from protoclip_cli.runs import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "synthetic.toml"
+RECIPE = recipes.path("synthetic")
 # 2 episodes (warm-up, prototypes) of 2 shards, 8 steps each, read by 2 workers; no periodic
 # checkpoints, so the only one inside an episode is the one the signal asks for.
 SETS = [

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import linked_workspace
+
 from protoclip_cli import config as config_io
+from protoclip_cli.configs import recipes
 from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.training.metrics import wandb_values
 
 torch.set_num_threads(2)
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "synthetic.toml"
+RECIPE = recipes.path("synthetic")
 # 2 episodes (InfoNCE warm-up, prototypes) of 2 shards = 4 steps each; a checkpoint every 2 steps.
 OVERRIDES = [
     "name='wandb-run'", "device='cpu'", "data.episode_size=256", "data.batch_size=64", "data.workers=0",
