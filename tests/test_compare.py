@@ -271,6 +271,10 @@ def test_a_budget_that_is_not_whole_passes_is_refused_for_the_peer(tmp_path):
     recipe = config_io.load(TrainConfig, RECIPE, [])
     with pytest.raises(ProtoclipError, match="not a multiple of it: choose --episodes"):
         peer_arguments(recipe, [tmp_path / "a.tar"], 512, 768, tmp_path, "cpu")
+    # 3 shards over 2 loader workers: open_clip_train would read 2 shards' batches per epoch, not 3.
+    two_workers = config_io.load(TrainConfig, RECIPE, ["data.workers=2"])
+    with pytest.raises(ProtoclipError, match="it would train fewer samples than this project"):
+        peer_arguments(two_workers, [tmp_path / f"{i}.tar" for i in range(3)], 768, 1536, tmp_path, "cpu")
 
 
 def test_curve_points_follow_samples_whatever_the_episode_size():

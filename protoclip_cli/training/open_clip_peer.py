@@ -52,6 +52,13 @@ def peer_arguments(config: TrainConfig, shards: list[Path], dataset_size: int, s
             f"open_clip_train trains whole passes over the {dataset_size} samples of the data set; the budget of "
             f"{samples_seen} samples is not a multiple of it: choose --episodes so that it is."
         )
+    workers = max(1, config.data.workers)
+    if len(shards) % workers or (dataset_size // workers) % config.data.batch_size:
+        raise ProtoclipError(
+            f"open_clip_train gives each of its {workers} loader workers whole shards and the same number of batches, "
+            f"so over {len(shards)} shards of {dataset_size} samples it would train fewer samples than this project; "
+            "set data.workers to a number that divides the shards (and their samples into whole batches)."
+        )
     o = config.optim
     cuda = device.startswith("cuda")
     precision = "amp_bf16" if cuda and config.precision in ("auto", "bf16") else "fp32"
