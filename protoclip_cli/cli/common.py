@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -63,7 +64,24 @@ def handle_errors(command: Callable) -> Callable:
             _say("Interrupted by Ctrl-C; files are written whole or not at all, so rerunning the same command is safe.")
             raise typer.Exit(Interrupted.exit_code) from None
 
+    wrapper.__doc__ = help_paragraphs(command.__doc__)
     return wrapper
+
+
+def help_paragraphs(doc: str | None) -> str | None:
+    """A command's docstring as ``--help`` shows it: each paragraph of prose on one line (the help
+    wraps it to the terminal), indented lines (examples) kept as they are."""
+    if not doc:
+        return doc
+    lines = inspect.cleandoc(doc).splitlines()
+    out: list[str] = []
+    for line in lines:
+        joinable = line.strip() and not line.startswith(" ") and out and out[-1].strip() and not out[-1].startswith(" ")
+        if joinable and not out[-1].startswith("protoclip ") and not line.startswith("protoclip "):
+            out[-1] = f"{out[-1]} {line}"
+        else:
+            out.append(line)
+    return "\n".join(out)
 
 
 def _under_torchrun() -> bool:

@@ -81,8 +81,8 @@ command = stage_command(
 
     Each (variant, seed) is an ordinary run (runs/<name>-<variant>-s<seed>) evaluated with every
     task; a rerun reuses finished runs and evaluations. The open_clip_train variant is OpenCLIP's
-    own trainer with the CLIP baseline's settings on the same shards. Results: <workspace>/compare/
-    <name>/compare.md, compare.json and curves.png (zero-shot and linear-probe top-1 against samples
+    own trainer with the CLIP baseline's settings on the same shards. Results:
+    <workspace>/compare/<name>/compare.md, compare.json and curves.png (zero-shot and linear-probe top-1 against samples
     seen; the samples each variant needs to reach CLIP's final accuracy).
     Needs the data set and its teacher: `protoclip download synthetic && protoclip teacher-embed`.
 
