@@ -42,6 +42,7 @@ class TrainState:
     rng: dict[str, Any]  # torch's CPU state and the CUDA states, as uint8 tensors
     loader: list[dict] | None = None  # per rank, per worker: records read and batches given in the episode
     recorded: dict[str, torch.Tensor] | None = None  # single-pass, mid-episode: every rank's recorded keys and features
+    preprocess: dict[str, Any] | None = None  # the towers' preprocessing config (None: the architecture's default)
 
     @property
     def complete(self) -> bool:

@@ -30,6 +30,7 @@ from protoclip_cli.data.shards import shard_keys, shard_sample_count
 from protoclip_cli.data.sources import run_datasets
 from protoclip_cli.errors import Interrupted, MissingInputError, ProtoclipError
 from protoclip_cli.runs import RunDir
+from protoclip_cli.core.pretrained import fetch_pretrained
 from protoclip_cli.training.episodes import (
     EpisodePlan,
     RunLayout,
@@ -233,6 +234,8 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
     started = time.perf_counter()
     inputs = check_inputs(config, workspace, trust_teacher)
     run_dir = RunDir(workspace.run_dir(config.name))
+    if resume is False or run_dir.latest_checkpoint() is None:
+        fetch_pretrained(config.model)  # a resumed run starts from its checkpoint instead
     if resume is True and not run_dir.exists():
         info(f"Nothing to resume in {run_dir.path}; starting the run.")
     created_group = dist_utils.init_distributed(config.device)

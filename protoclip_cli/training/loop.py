@@ -32,6 +32,7 @@ from protoclip_cli.console import info, progress
 from protoclip_cli.core import distributed as dist_utils
 from protoclip_cli.core.checkpoint import TrainState, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from protoclip_cli.core.losses import ProtoCLIPLoss
+from protoclip_cli.core.model import preprocess_config
 from protoclip_cli.core.optim import build_optimizer, cosine_schedule, parameter_groups, set_learning_rates
 from protoclip_cli.data.pipeline import EpisodeStream, Position, StreamConfig, batches_to_skip, split_for_rank
 from protoclip_cli.data.teacher_file import run_teacher_rows
@@ -70,7 +71,12 @@ class Trainer:
         self.runtime = TrainingDevice.for_recipe(cfg)
         self.device, self.autocast, self.channels_last = self.runtime.device, self.runtime.autocast, self.runtime.channels_last
         torch.manual_seed(cfg.seed)
-        self.model, self.train_model, self.extract_forward = build_training_model(cfg, self.runtime, self.world_size)
+        resumed = load_checkpoint(self.resume_from, map_location=self.device) if self.resume_from is not None else None
+        # A resumed run's towers come from its checkpoint: the starting weights are not needed (nor their cache).
+        self.model, self.train_model, self.extract_forward = build_training_model(
+            cfg, self.runtime, self.world_size, weights=resumed is None,
+            preprocess=resumed.preprocess if resumed is not None else None,
+        )
         self._setup_optimizer()
         self.augmentation = device_augmentation(cfg.data.augmentation, self.model.image_size)
         self.stepper = Stepper(
@@ -89,8 +95,8 @@ class Trainer:
         self.start_batches = 0
         self.position = Position.start(cfg.data.workers)
         self._started: tuple[int, str, Iterator[dict]] | None = None
-        if self.resume_from is not None:
-            self._restore(self.resume_from)
+        if resumed is not None:
+            self._restore(self.resume_from, resumed)
 
     def _setup_optimizer(self) -> None:
         """AdamW over the parameter groups, and the per-step learning rates (the visual ones end at LiT)."""
@@ -134,8 +140,7 @@ class Trainer:
         self.stream.close()
 
     # -- state ------------------------------------------------------------------------------------
-    def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
+    def _restore(self, path: Path, state: TrainState) -> None:
         if state.world_size != self.world_size or state.workers != self.config.data.workers:
             raise ProtoclipError(
                 f"Checkpoint {path.name} was written by {state.world_size} process(es) x {state.workers} "
@@ -170,6 +175,7 @@ class Trainer:
                 batches_done=batches_done, steps_in_episode=self.layout.steps[episode], global_step=self.global_step,
                 total_steps=self.layout.total_steps, world_size=self.world_size, workers=self.config.data.workers,
                 config=config_io.to_dict(self.config), rng=rng_state(), loader=positions, recorded=recorded,
+                preprocess=preprocess_config(self.model),
             )
             path = save_checkpoint(self.run, state, self.config.logging.keep_checkpoints)
         self._barrier()
