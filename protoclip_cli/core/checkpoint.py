@@ -42,6 +42,8 @@ class TrainState:
     rng: dict[str, Any]  # torch's CPU state and the CUDA states, as uint8 tensors
     loader: list[dict] | None = None  # per rank, per worker: records read and batches given in the episode
     recorded: dict[str, torch.Tensor] | None = None  # single-pass, mid-episode: every rank's recorded keys and features
+    steps_per_episode: list[int] | None = None  # the run's layout (None: as its plan gives it on world_size ranks)
+    schedule_steps: list[int] | None = None  # the layout the learning-rate schedule is laid out on (None: the run's)
     preprocess: dict[str, Any] | None = None  # the towers' preprocessing config (None: the architecture's default)
 
     @property
@@ -75,11 +77,12 @@ def save_checkpoint(run: RunDir, state: TrainState, keep: int) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> TrainState:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> TrainState:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain data only); ``mmap``
+    maps the tensors instead of reading them (to read where a run stands)."""
     path = Path(path)
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # a truncated or foreign file
         raise ProtoclipError(
             f"Checkpoint {path} cannot be read ({type(exc).__name__}); delete it to fall back to the previous one."

@@ -30,13 +30,15 @@ from protoclip_cli.data.shards import shard_keys, shard_sample_count
 from protoclip_cli.data.sources import run_datasets
 from protoclip_cli.errors import Interrupted, MissingInputError, ProtoclipError
 from protoclip_cli.runs import RunDir
+from protoclip_cli.core.checkpoint import load_checkpoint
 from protoclip_cli.core.pretrained import fetch_pretrained
 from protoclip_cli.training.episodes import (
     EpisodePlan,
     RunLayout,
     episode_phase,
-    lit_start_episode,
     plan_episodes,
+    resume_point,
+    resumed_layout,
     run_layout,
 )
 from protoclip_cli.training.interrupts import catching_sigint
@@ -145,9 +147,12 @@ def _check_teacher(config: TrainConfig, workspace: Workspace, name: str, shards:
     return teacher_path, trusted
 
 
-def check_plan(config: TrainConfig, plan: EpisodePlan, layout: RunLayout, world_size: int) -> None:
-    """Every episode must give each rank a shard and a full batch, and hold at least k samples."""
+def check_plan(config: TrainConfig, plan: EpisodePlan, layout: RunLayout, world_size: int, first_episode: int = 0) -> None:
+    """Every episode (from ``first_episode``, where a resumed run continues) must give each rank a
+    shard and a full batch, and hold at least k samples."""
     for episode, shards in enumerate(plan.episodes):
+        if episode < first_episode:
+            continue
         if len(shards) < world_size:
             raise ProtoclipError(
                 f"Episode {episode} has {len(shards)} shard(s) for {world_size} processes; raise data.episode_size "
@@ -224,6 +229,15 @@ def prepare_run_dir(config: TrainConfig, run_dir: RunDir, resume: bool | None) -
     return checkpoint
 
 
+def _layout(config: TrainConfig, plan: EpisodePlan, world_size: int, resume_from: Path | None) -> tuple[RunLayout, int]:
+    """The run's layout on ``world_size`` ranks and the first episode still to train: a resumed run
+    keeps the steps it trained, on another number of ranks too (:func:`resumed_layout`)."""
+    if resume_from is None:
+        return run_layout(config, plan, world_size), 0
+    point = resume_point(load_checkpoint(resume_from, mmap=True), config, plan)
+    return resumed_layout(config, plan, world_size, point), point.next_episode[0]
+
+
 def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, trust_teacher: bool = False) -> dict[str, Any]:
     """Train the recipe ``config`` in ``workspace``; returns the run's manifest. ``trust_teacher``:
     see :func:`check_inputs`.
@@ -254,13 +268,13 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
                 else:
                     plan = plan_episodes(inputs.counts, config.schedule.episodes, config.data.episode_size, config.seed,
                                          weights=inputs.weights)
-                layout = run_layout(config, plan, world_size)
-                check_plan(config, plan, layout, world_size)
+                layout, first_episode = _layout(config, plan, world_size, resume_from)
+                check_plan(config, plan, layout, world_size, first_episode)
                 note_episode_size(config, plan, world_size)
                 write_text(run_dir.config_file, config_io.dumps(config))
                 plan.save(run_dir.plan_file)
                 _write_run_manifest(config, run_dir, inputs, world_size, "running", {})
-                decision = [str(resume_from) if resume_from else None, None, layout.steps]
+                decision = [str(resume_from) if resume_from else None, None, layout]
             except ProtoclipError as exc:
                 decision = [None, str(exc), None]
         decision = dist_utils.broadcast_object(decision)
@@ -268,7 +282,7 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
             raise ProtoclipError(decision[1])
         resume_from = Path(decision[0]) if decision[0] else None
         plan = EpisodePlan.load(run_dir.plan_file)
-        layout = RunLayout(decision[2], lit_start_episode(config))
+        layout = decision[2]
         if config.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
         trainer = Trainer(config, run_dir.path, plan, layout, inputs.shard_paths, inputs.teacher_paths, resume_from,

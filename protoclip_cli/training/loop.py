@@ -39,7 +39,7 @@ from protoclip_cli.data.teacher_file import run_teacher_rows
 from protoclip_cli.data.transforms import device_augmentation, to_model_input
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.runs import RunDir
-from protoclip_cli.training.episodes import EpisodePlan, Phase, RunLayout, episode_phase
+from protoclip_cli.training.episodes import EpisodePlan, Phase, RunLayout, episode_phase, resume_point
 from protoclip_cli.training.extraction import extract_features
 from protoclip_cli.training.interrupts import raise_if_interrupted
 from protoclip_cli.training.metrics import MetricsLog, batch_diagnostics
@@ -99,14 +99,16 @@ class Trainer:
             self._restore(self.resume_from, resumed)
 
     def _setup_optimizer(self) -> None:
-        """AdamW over the parameter groups, and the per-step learning rates (the visual ones end at LiT)."""
+        """AdamW over the parameter groups, and the per-step learning rates (the visual ones end at LiT),
+        on the schedule's steps (those of the run's first launch, :class:`RunLayout`)."""
         cfg, layout = self.config, self.layout
         groups = parameter_groups(self.model, cfg.optim.weight_decay)
         self.optimizer = build_optimizer(groups, cfg.optim, fused=self.device.type in ("cuda", "cpu"))
-        lit_step = layout.first_step(layout.lit_start) if layout.lit_start is not None else None
+        lit_step = layout.schedule_first_step(layout.lit_start) if layout.lit_start is not None else None
+        total, positions = sum(layout.schedule), layout.schedule_positions()
         self.schedules = {
-            "rest": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, layout.total_steps),
-            "visual": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, layout.total_steps, end_step=lit_step),
+            "rest": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, total, positions=positions),
+            "visual": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, total, end_step=lit_step, positions=positions),
         }
 
     def _setup_stream(self) -> EpisodeStream:
@@ -141,24 +143,30 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------------
     def _restore(self, path: Path, state: TrainState) -> None:
-        if state.world_size != self.world_size or state.workers != self.config.data.workers:
+        if state.workers != self.config.data.workers:
             raise ProtoclipError(
-                f"Checkpoint {path.name} was written by {state.world_size} process(es) x {state.workers} "
-                f"data worker(s); resume with the same launch, or start over with --no-resume."
+                f"Checkpoint {path.name} was written with {state.workers} data worker(s) per process; resume with "
+                f"data.workers = {state.workers}, or start over with --no-resume."
             )
         self.model.load_state_dict(state.model)
         self.optimizer.load_state_dict(state.optimizer)
         restore_rng_state(state.rng)
         self.global_step = state.global_step
-        episode, done = state.episode, state.batches_done
-        if done >= self.layout.steps[episode]:
-            episode, done = episode + 1, 0
-        elif state.loader is not None:
+        point = resume_point(state, self.config, self.plan)
+        episode, done = point.next_episode
+        if point.restarts_episode(self.world_size):
+            info(
+                f"Checkpoint {path.name} was written by {state.world_size} process(es) inside episode {episode} "
+                f"({done} of its {point.steps[episode]} steps done), whose data cannot be continued exactly on "
+                f"{self.world_size}, so the episode's training pass restarts from its first batch with the "
+                f"checkpoint's weights ({self.layout.steps[episode] - done} more steps)."
+            )
+        elif done and state.loader is not None:
             self.position = Position.from_json(state.loader[self.rank])
-        else:  # a checkpoint of an older version: batches only, no record counts
+        elif done:  # a checkpoint of an older version: batches only, no record counts
             given = batches_to_skip(self.stream.config.owed(episode), done * self.config.optim.accum_freq)
             self.position = Position(tuple(g * self.config.data.batch_size for g in given), tuple(given))
-        if state.recorded is not None and done > 0:
+        if state.recorded is not None and done > 0 and not point.restarts_episode(self.world_size):
             self.recorder.restore(state.recorded, self.device)
         self.start_episode, self.start_batches = episode, done
         self.metrics.truncate_after(self.global_step, episode)
@@ -175,6 +183,7 @@ class Trainer:
                 batches_done=batches_done, steps_in_episode=self.layout.steps[episode], global_step=self.global_step,
                 total_steps=self.layout.total_steps, world_size=self.world_size, workers=self.config.data.workers,
                 config=config_io.to_dict(self.config), rng=rng_state(), loader=positions, recorded=recorded,
+                steps_per_episode=list(self.layout.steps), schedule_steps=self.layout.schedule,
                 preprocess=preprocess_config(self.model),
             )
             path = save_checkpoint(self.run, state, self.config.logging.keep_checkpoints)
