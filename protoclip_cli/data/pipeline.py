@@ -56,6 +56,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from protoclip_cli.core.model import get_tokenizer
+from protoclip_cli.data.shards import tar_records
 from protoclip_cli.data.teacher_file import TeacherRows
 from protoclip_cli.data.transforms import crop_transform, decode_image, device_augmentation, eval_batch
 
@@ -130,14 +131,14 @@ def in_canonical_order(batches: Iterable[dict], per_worker: list[int], done: int
 
 
 def _records(urls: list[str], errors: list[int]) -> Iterator[dict]:
-    """The records of ``urls`` in order; a damaged tar record is skipped and counted in ``errors[0]``."""
-    import webdataset as wds
+    """The records of ``urls`` in order; a damaged tar record is skipped and counted in ``errors[0]``
+    (a shard that cannot be read at all raises its one sentence: ``data/remote.py``)."""
 
     def count(exception: Exception) -> bool:
         errors[0] += 1
         return True  # continue with the next record (webdataset's own handlers also sleep and warn)
 
-    yield from wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=count))
+    yield from tar_records(urls, handler=count)
 
 
 def shuffled(records: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
@@ -161,7 +162,7 @@ def shuffled(records: Iterator[dict], buffer_size: int, rng: random.Random) -> I
 class StreamConfig:
     """What one rank's loader reads over a run, and how it turns samples into batches."""
 
-    episodes: list[list[Path]]  # this rank's shards of every episode, in reading order
+    episodes: list[list[Path | str]]  # this rank's shards (paths or URLs) of every episode, in reading order
     counts: dict[str, int]  # shard id -> samples
     batch_size: int
     extract_batch_size: int
@@ -182,7 +183,7 @@ class StreamConfig:
     # The extraction pass's images: "train" = one augmented view (the reference), "eval" = centre crops.
     extraction_transform: str = "eval"
 
-    def shard_id(self, path: Path) -> str:
+    def shard_id(self, path: Path | str) -> str:
         return self.shard_ids.get(str(path), Path(path).name)
 
     def owed(self, episode: int) -> list[int]:

@@ -26,7 +26,8 @@ from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.console import info, warn
 from protoclip_cli.core import distributed as dist_utils
 from protoclip_cli.data import teacher_file
-from protoclip_cli.data.shards import shard_keys, shard_sample_count
+from protoclip_cli.data.remote import check_reachable, is_remote
+from protoclip_cli.data.shards import shard_keys, split_counts
 from protoclip_cli.data.sources import run_datasets
 from protoclip_cli.errors import Interrupted, MissingInputError, ProtoclipError
 from protoclip_cli.runs import RunDir
@@ -53,7 +54,7 @@ RESUMABLE_CHANGES = ("device", "model.compile", "model.grad_checkpointing", "dat
 @dataclass
 class TrainInputs:
     dataset_dirs: list[Path]  # one per data set of the run, in data.datasets order
-    shard_paths: dict[str, Path]  # shard id -> path
+    shard_paths: dict[str, Path | str]  # shard id -> path, or URL where the shards live elsewhere
     counts: dict[str, int]  # shard id -> samples
     teacher_paths: list[Path]  # one per data set, or none without an external teacher
     key_offsets: dict[str, int]  # shard id -> offset added to its img2dataset keys (0 with one data set)
@@ -88,19 +89,23 @@ def check_inputs(config: TrainConfig, workspace: Workspace, trust_teacher: bool 
     inputs = TrainInputs([], {}, {}, [], {}, None)
     weights: dict[str, float] = {}
     for index, name in enumerate(datasets.names):
-        shards = workspace.shards(name, config.data.split)  # raises, naming `protoclip download`
-        if not shards:
+        files = workspace.shard_files(name, config.data.split)  # raises, naming `protoclip download`
+        if not files:
             raise ProtoclipError(f"Data set '{name}' lists no shards for split '{config.data.split}'; rerun `protoclip download {name}`.")
-        missing = [p for p in shards if not p.is_file()]
+        shards = list(files.values())
+        missing = [p for p in shards if not is_remote(p) and not Path(p).is_file()]
         if missing:
             raise MissingInputError(f"Shard {missing[0]} of data set '{name}' is missing; rerun `protoclip download {name}`.")
+        if is_remote(shards[0]):
+            check_reachable(shards[0])  # a wrong address or credential stops here, not in the first episode
         datasets.check_key_digits(index, shards[0])
         inputs.dataset_dirs.append(workspace.dataset_dir(name))
+        counts = split_counts(workspace, name, config.data.split)
         samples = 0
-        for path in shards:
-            shard = datasets.shard_id(index, path.name)
+        for file, path in files.items():
+            shard = datasets.shard_id(index, file)
             inputs.shard_paths[shard] = path
-            inputs.counts[shard] = shard_sample_count(path)
+            inputs.counts[shard] = counts[file]
             inputs.key_offsets[shard] = datasets.key_offset(index)
             weights[shard] = datasets.weights[index]
             samples += inputs.counts[shard]
