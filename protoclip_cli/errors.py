@@ -12,6 +12,15 @@ class ProtoclipError(Exception):
 
     exit_code = 1
 
+    def __init__(self, *args: object) -> None:
+        # Raised in a data-loader worker, it reaches the main process rebuilt from torch's text of its
+        # traceback ("Caught ... in DataLoader worker process 0.\nOriginal Traceback ..."), whose last
+        # line is "<module>.<class>: <sentence>": keep the sentence.
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") and "\nOriginal Traceback" in args[0]:
+            last = args[0].rstrip().splitlines()[-1]
+            args = (last.split(": ", 1)[1] if ": " in last else last,)
+        super().__init__(*args)
+
 
 class MissingInputError(ProtoclipError):
     """An artifact a stage needs is not in the workspace; the message names the command that makes it."""

@@ -5,6 +5,7 @@
 <workspace>/datasets/<name>/shards/00000.tar ...      webdataset shards of the train split
 <workspace>/datasets/<name>/<split>/00000.tar ...     other splits (the embedded set has 'heldout')
 <workspace>/datasets/<name>/teacher/<slug>.h5          teacher-embed's caption features
+<workspace>/datasets/<name>/shards-at.json            where the shards live when not in this folder
 <workspace>/runs/<run>/...                             a training run (layout: protoclip_cli.runs.RunDir)
 <workspace>/eval/<model>/...                           evaluate's results for an OpenCLIP checkpoint
 <workspace>/compare/<name>/...                         compare's table, curves and plot
@@ -17,11 +18,12 @@ folder or a checkpoint file) into a :class:`ResolvedRun`.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from protoclip_cli.artifacts import MANIFEST, read_manifest
+from protoclip_cli.artifacts import MANIFEST, read_manifest, write_json
 from protoclip_cli.console import info
 from protoclip_cli.errors import MissingInputError, ProtoclipError
 from protoclip_cli.names import check_name, is_valid_name, slugify
@@ -31,8 +33,26 @@ DEFAULT_WORKSPACE = "protoclip-workspace"
 WORKSPACE_ENV = "PROTOCLIP_WORKSPACE"
 
 
+SHARDS_AT = "shards-at.json"
+
+
 def default_workspace() -> Path:
     return Path(os.environ.get(WORKSPACE_ENV, DEFAULT_WORKSPACE))
+
+
+def split_folder(split: str) -> str:
+    """The folder of a split's shards: ``shards`` for train (as since the first version), else the split."""
+    return "shards" if split == "train" else split
+
+
+def shard_location(location: str, split: str, shard: str) -> str:
+    """Where shard ``shard`` of ``split`` is under a data set's location: a folder or URL below which
+    the split folders lie (``s3://bucket/cc3m`` -> ``s3://bucket/cc3m/shards/00000.tar``), or a
+    template naming both (``pipe:aws s3 cp s3://bucket/cc3m/{folder}/{shard} -``)."""
+    folder = split_folder(split)
+    if "{shard}" in location:
+        return location.replace("{folder}", folder).replace("{shard}", shard)
+    return f"{location.rstrip('/')}/{folder}/{shard}"
 
 
 @dataclass(frozen=True)
@@ -53,7 +73,21 @@ class Workspace:
         return self.datasets_dir / check_name(name, "Data set name", "protoclip download NAME")
 
     def split_dir(self, name: str, split: str = "train") -> Path:
-        return self.dataset_dir(name) / ("shards" if split == "train" else split)
+        return self.dataset_dir(name) / split_folder(split)
+
+    def shards_at_file(self, name: str) -> Path:
+        """Where the shards of data set ``name`` live when they are not in its folder (a URL or another
+        folder) and how many samples each holds: ``{"location": ..., "counts": {split: {shard: n}}}``."""
+        return self.dataset_dir(name) / SHARDS_AT
+
+    def shards_at(self, name: str) -> dict | None:
+        path = self.shards_at_file(name)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def record_shards_at(self, name: str, location: str, counts: dict[str, dict[str, int]]) -> Path:
+        """Record that the shards of ``name`` live at ``location`` (the manifest, the data set's
+        version, does not change: the same shards elsewhere are the same data)."""
+        return write_json(self.shards_at_file(name), {"location": location, "counts": counts})
 
     def teacher_dir(self, dataset: str) -> Path:
         return self.dataset_dir(dataset) / "teacher"
@@ -78,16 +112,31 @@ class Workspace:
             self.dataset_dir(name), what=f"data set '{name}'", command=f"protoclip download {name}"
         )
 
-    def shards(self, name: str, split: str = "train") -> list[Path]:
-        """The shard files of a downloaded split, in order, as the manifest lists them."""
+    def shard_files(self, name: str, split: str = "train") -> dict[str, Path | str]:
+        """Shard file name -> where it is (a path in the data set's folder, or a URL or path under the
+        location of ``shards-at.json``), in the manifest's order."""
         manifest = self.dataset_manifest(name)
         splits = manifest.get("splits", {})
         if split not in splits:
             raise ProtoclipError(
                 f"Data set '{name}' has no split '{split}' (it has: {', '.join(splits) or 'none'})."
             )
+        elsewhere = self.shards_at(name)
+        if elsewhere is not None:
+            return {shard: shard_location(elsewhere["location"], split, shard) for shard in splits[split]["shards"]}
         folder = self.split_dir(name, split)
-        return [folder / shard for shard in splits[split]["shards"]]
+        return {shard: folder / shard for shard in splits[split]["shards"]}
+
+    def shards(self, name: str, split: str = "train") -> list[Path | str]:
+        """The shards of a downloaded split, in order, as the manifest lists them: paths, or URLs
+        (``s3://``, ``gs://``, ``http(s)://``, ``pipe:``) for a data set whose shards live elsewhere."""
+        return list(self.shard_files(name, split).values())
+
+    def shard_counts(self, name: str, split: str = "train") -> dict[str, int] | None:
+        """Samples per shard file of a data set whose shards live elsewhere (None: read them from the
+        shards' folder, ``data.shards.shard_sample_count``)."""
+        elsewhere = self.shards_at(name)
+        return None if elsewhere is None else {k: int(v) for k, v in elsewhere["counts"].get(split, {}).items()}
 
     def datasets(self) -> list[str]:
         """Downloaded data sets (those with a manifest), oldest first."""

@@ -277,6 +277,23 @@ def test_a_budget_that_is_not_whole_passes_is_refused_for_the_peer(tmp_path):
         peer_arguments(two_workers, [tmp_path / f"{i}.tar" for i in range(3)], 768, 1536, tmp_path, "cpu")
 
 
+def test_the_peer_refuses_shards_on_s3_in_one_sentence(tmp_path):
+    """open_clip_train opens shards with webdataset's gopen, which has no s3:// opener: the peer row says
+    so before starting it, where open_clip_train would fail in its data-loader workers."""
+    from helpers import small_config, write_tiny_dataset
+    from protoclip_cli.configs.compare import CompareConfig
+    from protoclip_cli.errors import ProtoclipError
+    from protoclip_cli.stages import compare
+    from protoclip_cli.workspace import Workspace
+
+    workspace = Workspace.at(tmp_path / "ws")
+    write_tiny_dataset(workspace, train=64, heldout=32, per_shard=32)
+    workspace.record_shards_at("synthetic", "s3://bucket/synthetic", {"train": {"00000.tar": 32, "00001.tar": 32}})
+    with pytest.raises(ProtoclipError, match=r"cannot read the s3:// shards of 'synthetic' .* --shards-at 'pipe:aws s3 cp"):
+        compare._train_and_evaluate_peer(CompareConfig(), small_config(), 0, workspace, tmp_path / "out", 64)
+    assert not (tmp_path / "out").exists()
+
+
 def test_curve_points_follow_samples_whatever_the_episode_size():
     from protoclip_cli.stages.compare import curve_episodes
 

@@ -122,3 +122,16 @@ def test_reference_recipes_build_the_references_quickgelu_rn50_and_it_exports(tm
         other = torch.nn.functional.normalize(gelu.clip.encode_text(tokens), dim=-1)
     torch.testing.assert_close(faithful, ours, atol=ROUND_TRIP_ATOL, rtol=0)
     assert (other - ours).abs().max() > 100 * ROUND_TRIP_ATOL
+
+
+def test_the_finetune_recipe_starts_from_a_released_tag_of_its_architecture():
+    """finetune-vit-b-32.toml: a pretrained tag open_clip knows for its architecture (with the activation
+    the weights were trained with), and the fine-tune choices docs/training.md justifies."""
+    import open_clip
+
+    recipe = config_io.load(TrainConfig, RECIPES[0].parent / "finetune-vit-b-32.toml")
+    released = open_clip.get_pretrained_cfg(recipe.model.arch, recipe.model.pretrained)
+    assert released and bool(released.get("quick_gelu")) == bool(open_clip.get_model_config(recipe.model.arch).get("quick_gelu"))
+    assert (recipe.optim.lr, recipe.optim.weight_decay, recipe.schedule.warmup_steps) == (1e-5, 0.1, 100)
+    assert (recipe.optim.beta2, recipe.optim.eps, recipe.data.augmentation) == (0.98, 1e-6, "rrc")
+    assert (recipe.schedule.infonce_warmup_episodes, recipe.schedule.lit_start_episode) == (0, -1)

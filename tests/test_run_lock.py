@@ -178,7 +178,7 @@ def test_ctrl_c_exits_130_saying_where_training_stopped(synthetic_workspace):
     sentence = " ".join(stderr.split())
     checkpoint = run_dir.latest_checkpoint()
     step = int(checkpoint.stem.split("-")[1])
-    assert f"Training stopped by Ctrl-C at step " in sentence
+    assert "Training stopped by Ctrl-C at step " in sentence
     assert f"rerunning the same command resumes from {checkpoint.name} (step {step})." in sentence
     assert "Traceback" not in stderr
     manifest = json.loads(run_dir.manifest_file.read_text())

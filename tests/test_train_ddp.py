@@ -1,5 +1,6 @@
 """Distributed training: `torchrun --nproc_per_node 2 -m protoclip_cli train` (gloo on CPU) against one
-process on the same global batches.
+process on the same global batches, and two processes started as `srun` starts its tasks (SLURM's
+variables, no torchrun) against the torchrun pair.
 
 How both runs see the same data. Episodes are 2 shards of 128 samples (the session data set has 4),
 so each rank reads exactly one shard per episode, and the per-rank batch is a whole shard (128):
@@ -28,6 +29,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +39,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
+
+from protoclip_cli.core.slurm import rendezvous_port
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "synthetic.toml"
@@ -62,9 +67,12 @@ def _train_args(workspace: Path, name: str, batch_size: int, teacher: str) -> li
     return ["train", str(RECIPE), *[arg for s in sets for arg in ("--set", s)], "--workspace", str(workspace)]
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def _run(command: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(command[:6])} ... failed:\n{result.stderr[-4000:]}"
     return result
 
@@ -174,3 +182,41 @@ def test_weights_after_every_step_match_one_process(runs):
     assert moved > 100 * WEIGHT_ATOL
     temperature = [n for n in want if n.endswith("logit_scale_proto")]
     assert temperature and not torch.equal(want[temperature[0]], first[temperature[0]])
+
+
+def _free_job_id() -> str:
+    """A SLURM job id whose derived rendezvous port is free now (parallel test sessions never collide)."""
+    for job in random.sample(range(1, 10**6), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", rendezvous_port(str(job), "0")))
+            except OSError:
+                continue
+        return str(job)
+    raise AssertionError("no free port in the derived range")
+
+
+def test_srun_tasks_without_torchrun_train_as_the_torchrun_pair(runs, synthetic_teacher, synthetic_workspace):
+    """`srun python -m protoclip_cli train`: two tasks that know only SLURM's variables (a compressed
+    node list whose first host is this machine) join one gloo group and give the torchrun pair's
+    weights bit for bit (same ranks, same batches, same reductions)."""
+    root, teacher = synthetic_workspace.root, Path(synthetic_teacher).stem
+    job = _free_job_id()
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NODELIST": "localhost,gpu[02-03]", "SLURM_JOB_ID": job, "SLURM_STEP_ID": "0",
+             "SLURM_TASKS_PER_NODE": "2,1(x2)", "SLURM_NODEID": "0"}
+    env = {name: value for name, value in _env().items()
+           if name not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    command = [sys.executable, "-m", "protoclip_cli", *_train_args(root, "ddp-srun", SHARD, teacher)]
+    tasks = [subprocess.Popen(command, cwd=REPO, env={**env, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    for task, (_, stderr) in zip(tasks, outputs):
+        assert task.returncode == 0, stderr[-3000:]
+    run_dir = root / "runs" / "ddp-srun"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["world_size"] == 2
+    assert outputs[0][0] == manifest["final_checkpoint"] + "\n" and outputs[1][0] == ""  # rank 0 alone prints
+    for step in range(1, EPISODES + 1):
+        got, want = _checkpoint(run_dir, step)["model"], _checkpoint(runs["ddp"][0], step)["model"]
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[name], want[name]) for name in want), step

@@ -48,6 +48,8 @@ def run(values: dict[str, Any], overrides: list[str], workspace_path) -> None:
     name = values["name"] or DownloadConfig.name
     if values.pop("verify"):
         return _verify(name, values, overrides, workspace_path)
+    if values["shards_at"]:
+        return _relocate(name, values, overrides, workspace_path)
     list_format = values["input_format"] or DownloadConfig.input_format
     source, list_file, list_format = _source(name, values.pop("tsv"), values["url_list"], list_format)
     if source != "synthetic" and any(values[field] is not None for field in EMBEDDED_ONLY):
@@ -90,6 +92,18 @@ def _verify(name: str, values: dict[str, Any], overrides: list[str], workspace_p
              f"{name} --force`, or train with --trust-teacher (the kept captions are unchanged).")
     else:
         info(f"Data set '{name}' is repaired: every broken shard was re-fetched whole.")
+
+
+def _relocate(name: str, values: dict[str, Any], overrides: list[str], workspace_path) -> None:
+    """`download NAME --shards-at LOCATION`: the data set's shards were moved there."""
+    from protoclip_cli.errors import ProtoclipError
+    from protoclip_cli.stages.download import relocate
+
+    given = [key for key, value in values.items() if key not in ("name", "shards_at", "tsv") and value not in (None, [])]
+    if given or overrides or values.get("tsv"):
+        option = "--set" if overrides else "--" + (given[0] if given else "tsv").replace("_", "-")
+        raise ProtoclipError(f"--shards-at records where the shards are and downloads nothing, so {option} does not apply.")
+    relocate(name, values["shards_at"], workspace(workspace_path))
 
 
 def verify_table(manifest: dict):
@@ -163,5 +177,9 @@ command = stage_command(
       protoclip download mydata --url-list urls.parquet --input-format parquet --url-col URL --caption-col TEXT
 
       protoclip download cc3m --verify
+
+      protoclip download cc12m --tsv cc12m.tsv --output s3://my-bucket/cc12m
+
+      protoclip download cc3m --shards-at 'pipe:aws s3 cp s3://my-bucket/cc3m/{folder}/{shard} -'
     """,
 )

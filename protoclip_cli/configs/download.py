@@ -66,6 +66,18 @@ class DownloadConfig:
     synthetic_train_size: int = option(4096, "Embedded set: training samples.")
     synthetic_heldout_size: int = option(1024, "Embedded set: held-out samples (evaluation).")
     seed: int = option(0, "Embedded set: generator seed (the held-out split uses its own streams).")
+    output: str = option(
+        "",
+        "Where img2dataset writes the shards: '' = the data set's folder in the workspace; a folder or a URL "
+        "fsspec writes to (s3://bucket/prefix, gs://bucket/prefix): each split's shards go to OUTPUT/shards "
+        "(train) or OUTPUT/<split>, and the workspace keeps the manifest and the small files.",
+    )
+    shards_at: str = option(
+        "",
+        "Record that the shards of a downloaded data set now live at this location, after you copied them "
+        "there (nothing is downloaded, the manifest stays as it is): a folder or URL below which the split "
+        "folders lie, or a template with {folder} and {shard} such as 'pipe:aws s3 cp s3://bucket/cc3m/{folder}/{shard} -'.",
+    )
     verify: bool = option(
         False,
         "Re-read every shard of a downloaded data set (tar records, JPEG decodes, UTF-8 captions); re-fetch "
@@ -86,6 +98,11 @@ class DownloadConfig:
         require(
             self.source == "synthetic" or bool(self.url_list),
             f"Source '{self.source}' needs a URL list file; pass --url-list FILE (or --tsv FILE).",
+        )
+        require(
+            not self.output.startswith("pipe:") and "{" not in self.output,
+            f"--output {self.output} is no folder img2dataset can write to; pass a folder or a URL such as "
+            "s3://bucket/prefix (pipe: commands and templates are for --shards-at).",
         )
         reserved = sorted(RESERVED_COLUMNS.intersection(self.extra_cols))
         require(not reserved, f"Extra column '{reserved[0] if reserved else ''}' clashes with img2dataset's own metadata; rename it.")

@@ -79,6 +79,12 @@ class EvaluateConfig:
     )
     plots: bool = option(True, "Write PNG plots next to each result (curves, t-SNE maps, sample grids) and print their paths.")
     tsne_points: int = option(1000, "Image features in each t-SNE map (a seeded sample; 0 = no t-SNE).")
+    export_wds: str = option(
+        "",
+        "Also write the zero-shot test split to this folder as a webdataset in CLIP_benchmark's layout (test/*.tar, "
+        "classnames.txt, zeroshot_classification_templates.txt): `clip_benchmark eval --dataset wds/NAME "
+        "--dataset_root FOLDER` then scores a model on the same images, class names and templates.",
+    )
     suite_datasets: tuple[str, ...] = option(
         (), f"Data sets of --task {SUITE_TASK} (default: every one found under --root): {', '.join(SUITE_DATASETS)}."
     )
@@ -108,6 +114,10 @@ class EvaluateConfig:
         require(
             not self.classnames or dataset == "folder",
             "--classnames applies to --dataset folder only; other data sets name their classes.",
+        )
+        require(
+            not self.export_wds or "zeroshot" in base_tasks,
+            f"--export-wds writes the zero-shot test split; use it with --task zeroshot, all or a *-zeroshot preset, not {self.task}.",
         )
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}.")
         require(self.workers >= 0, f"--workers must be 0 (decode in this process) or more, got {self.workers}.")

@@ -49,7 +49,13 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = option("protoclip-tiny", "OpenCLIP architecture name (RN50, ViT-B-32, ...) or a tiny config of this package.")
-    pretrained: str = option("", "Optional OpenCLIP checkpoint file to initialise the towers from.")
+    pretrained: str = option(
+        "",
+        "Starting weights of the towers, anything open_clip.create_model accepts: an OpenCLIP checkpoint file, a "
+        "pretrained tag of model.arch (openai, laion2b_s34b_b79k, ...), hf-hub:ORG/NAME or local-dir:PATH (an "
+        "OpenCLIP hub folder, e.g. from `protoclip export --format hf`); '' = random. The projection heads always "
+        "start fresh.",
+    )
     heads: bool = option(True, "Projection heads for the prototype losses (false for the CLIP baseline).")
     projection_dim: int = option(128, "Output size of the projection heads.")
     projection_hidden_dim: int = option(2048, "Hidden size of the projection heads.")

@@ -42,6 +42,9 @@ class TrainState:
     rng: dict[str, Any]  # torch's CPU state and the CUDA states, as uint8 tensors
     loader: list[dict] | None = None  # per rank, per worker: records read and batches given in the episode
     recorded: dict[str, torch.Tensor] | None = None  # single-pass, mid-episode: every rank's recorded keys and features
+    steps_per_episode: list[int] | None = None  # the run's layout (None: as its plan gives it on world_size ranks)
+    schedule_steps: list[int] | None = None  # the layout the learning-rate schedule is laid out on (None: the run's)
+    preprocess: dict[str, Any] | None = None  # the towers' preprocessing config (None: the architecture's default)
 
     @property
     def complete(self) -> bool:
@@ -98,11 +101,30 @@ def _shape(tensor: torch.Tensor) -> str:
     return "x".join(str(size) for size in tensor.shape) or "a scalar"
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> TrainState:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+def restore_training_state(path: Path, state: TrainState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           workers: int) -> None:
+    """Resume training from ``state`` (read from ``path``): the weights, the optimiser and the random
+    generators; a checkpoint of another model, optimiser or number of data workers is one sentence."""
+    if state.workers != workers:
+        raise ProtoclipError(
+            f"Checkpoint {path.name} was written with {state.workers} data worker(s) per process; resume with "
+            f"data.workers = {state.workers}, or start over with --no-resume."
+        )
+    advice = "move it away to resume from the previous checkpoint, or start over with --no-resume"
+    load_weights(model, state.model, path, advice)
+    try:
+        optimizer.load_state_dict(state.optimizer)
+    except (ValueError, KeyError) as exc:  # torch's sentence on parameter groups of other sizes
+        raise ProtoclipError(f"Checkpoint {path} holds the optimiser state of another model ({exc}); {advice}.") from exc
+    restore_rng_state(state.rng)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> TrainState:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain data only); ``mmap``
+    maps the tensors instead of reading them (to read where a run stands)."""
     path = Path(path)
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # a truncated or foreign file
         raise ProtoclipError(
             f"Checkpoint {path} cannot be read ({type(exc).__name__}); delete it to fall back to the previous one."

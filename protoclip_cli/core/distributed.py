@@ -1,8 +1,9 @@
-"""The process's device and its place in a torchrun launch.
+"""The process's device and its place in a torchrun or srun launch.
 
 :func:`resolve_device` turns a ``device`` setting into a ``torch.device`` (every stage uses it);
-:func:`init_distributed` joins the process group torchrun describes in the environment. The
-collective helpers below are no-op identities with world size 1.
+:func:`init_distributed` joins the process group torchrun describes in the environment, or that
+SLURM's ``srun`` describes (``core/slurm.py`` turns it into torchrun's variables). The collective
+helpers below are no-op identities with world size 1.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from protoclip_cli.core.slurm import launch_environment
 from protoclip_cli.errors import ProtoclipError
 
 
@@ -46,16 +48,28 @@ def launched_by_torchrun() -> bool:
 
 
 def init_distributed(device: str) -> bool:
-    """Join the torchrun process group: NCCL on CUDA, gloo on the CPU. Started by torchrun, even one
-    process joins (``--nproc_per_node 1`` goes through the same start-up as eight); a world of one
-    then trains as a single process. Returns True when this call created the group (the caller
-    then destroys it)."""
-    if dist.is_initialized() or not (launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    """Join the process group of a torchrun or srun launch: NCCL on CUDA, gloo on the CPU. Started by
+    torchrun, even one process joins (``--nproc_per_node 1`` goes through the same start-up as
+    eight); a world of one then trains as a single process. A task of a multi-task ``srun`` step
+    first gets torchrun's variables from SLURM's (those already set win). Returns True when this
+    call created the group (the caller then destroys it)."""
+    if dist.is_initialized():
+        return False
+    os.environ.update(launch_environment(os.environ))
+    if not (launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         return False
     cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    try:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    except (RuntimeError, ValueError) as error:  # torch's DistStoreError is a RuntimeError
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise ProtoclipError(
+            f"Rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} could not join the others at "
+            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({reason}); start every rank with "
+            "the same torchrun or srun command (srun: one task per GPU), or set MASTER_PORT to a free port."
+        ) from error
     return True
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from protoclip_cli.configs.train import ModelConfig
+from protoclip_cli.core.pretrained import Pretrained, fetch_pretrained
 from protoclip_cli.errors import ProtoclipError
 
 TINY_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -186,37 +187,39 @@ def _quiet_random_init_notice():
         logging.getLogger().removeFilter(notice)
 
 
-def build_model(cfg: ModelConfig, contrastive: str = "infonce") -> ProtoCLIP:
-    """Build the towers of ``cfg.arch`` (random init, or from the OpenCLIP checkpoint ``cfg.pretrained``).
+def build_model(cfg: ModelConfig, contrastive: str = "infonce", weights: bool = True,
+                preprocess: dict | None = None) -> ProtoCLIP:
+    """Build the towers of ``cfg.arch``, from ``cfg.pretrained`` (any OpenCLIP starting point,
+    ``core/pretrained.py``) or at random, with fresh projection heads on top.
 
-    ``contrastive="sigmoid"`` adds open_clip's ``logit_bias`` and starts from SigLIP's scale and
-    bias (a pretrained checkpoint's own scale and bias win, its missing bias is 0, as in open_clip).
-    ``cfg.grad_checkpointing`` turns on open_clip's activation checkpointing of both towers.
+    ``weights=False`` skips the starting weights (a reader of a run loads a checkpoint over them
+    anyway; it then needs neither the file nor the Hub); ``preprocess`` is the preprocessing config
+    the run's towers had (mean, std, resizing), which a hub repository or tag may set apart from the
+    architecture's defaults. ``contrastive="sigmoid"`` adds open_clip's ``logit_bias`` and starts from
+    SigLIP's scale and bias (a pretrained checkpoint's own scale and bias win, its missing bias is 0,
+    as in open_clip). ``cfg.grad_checkpointing`` turns on open_clip's activation checkpointing of both towers.
     """
     register_tiny_configs()
-    pretrained = cfg.pretrained or None
-    if pretrained is not None and not Path(pretrained).is_file():
-        raise ProtoclipError(
-            f"The pretrained checkpoint {pretrained} does not exist; set model.pretrained to an OpenCLIP "
-            "checkpoint file or to '' for a random initialisation."
-        )
     if ":" not in cfg.arch and cfg.arch not in open_clip.list_models():
         raise ProtoclipError(
             f"Unknown model architecture '{cfg.arch}'; set model.arch to an OpenCLIP name such as RN50 or "
             f"ViT-B-32, or to a tiny config of this package ({', '.join(TINY_ARCHS)})."
         )
+    start = fetch_pretrained(cfg) if weights else Pretrained("none", "")
+    name, pretrained = start.create_args(cfg.arch)
     siglip = (
         {"init_logit_scale": SIGLIP_INIT_LOGIT_SCALE, "init_logit_bias": SIGLIP_INIT_LOGIT_BIAS}
         if contrastive == "sigmoid" else {}
     )
     try:
         with _quiet_random_init_notice():
-            clip = open_clip.create_model(cfg.arch, pretrained=pretrained, **siglip)
+            clip = open_clip.create_model(name, pretrained=pretrained, load_weights=weights,
+                                          force_preprocess_cfg=preprocess, **siglip)
     except RuntimeError as error:
-        if pretrained is None:
+        if start.kind == "none":
             raise
         raise ProtoclipError(
-            f"Could not load {pretrained} into {cfg.arch} ({error}); use a checkpoint of that architecture."
+            f"Could not load {cfg.pretrained} into {cfg.arch} ({error}); use a checkpoint of that architecture."
         ) from error
     if cfg.grad_checkpointing:
         # Recompute each transformer block / ResNet stage in the backward pass instead of keeping
@@ -230,6 +233,13 @@ def build_model(cfg: ModelConfig, contrastive: str = "infonce") -> ProtoCLIP:
         projection_hidden_dim=cfg.projection_hidden_dim,
         projection_n_layers=cfg.projection_n_layers,
     )
+
+
+def preprocess_config(model: ProtoCLIP) -> dict:
+    """The preprocessing config of the towers (size, mean, std, interpolation, resize mode), as
+    plain data for a checkpoint: :func:`build_model` rebuilds the same with ``preprocess``."""
+    config = open_clip.get_model_preprocess_cfg(model.clip)
+    return {key: (list(value) if isinstance(value, tuple) else value) for key, value in config.items()}
 
 
 def get_tokenizer(arch: str) -> Callable[[list[str]], torch.LongTensor]:

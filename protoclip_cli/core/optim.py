@@ -61,12 +61,15 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def cosine_schedule(base_lr: float, warmup_steps: int, total_steps: int, end_step: int | None = None) -> np.ndarray:
-    """One learning rate per step (length ``total_steps``).
+def cosine_schedule(base_lr: float, warmup_steps: int, total_steps: int, end_step: int | None = None,
+                    positions: np.ndarray | None = None) -> np.ndarray:
+    """One learning rate per step (length ``total_steps``, or one per entry of ``positions``).
 
     Linear warm-up ``base_lr * (step + 1) / warmup_steps`` for the first ``warmup_steps`` steps,
     then ``base_lr * (1 + cos(pi * (step - warmup_steps) / (end - warmup_steps))) / 2`` with
-    ``end = end_step`` (default ``total_steps``), and 0 from ``end_step`` on.
+    ``end = end_step`` (default ``total_steps``), and 0 from ``end_step`` on. ``positions`` evaluates
+    the same curve at other (fractional) steps: a run resumed on another number of ranks walks its
+    first launch's schedule with steps of another size (``RunLayout.schedule_positions``).
     """
     if base_lr < 0 or warmup_steps < 0 or total_steps < 0:
         raise ProtoclipError(
@@ -76,7 +79,7 @@ def cosine_schedule(base_lr: float, warmup_steps: int, total_steps: int, end_ste
     end = total_steps if end_step is None else end_step
     if end < 0:
         raise ProtoclipError(f"The schedule's end step must be non-negative, got {end}.")
-    steps = np.arange(total_steps, dtype=np.float64)
+    steps = np.arange(total_steps, dtype=np.float64) if positions is None else np.asarray(positions, dtype=np.float64)
     decay_length = max(end - warmup_steps, 1)
     cosine = 0.5 * (1.0 + np.cos(np.pi * (steps - warmup_steps) / decay_length)) * base_lr
     warmup = base_lr * (steps + 1) / max(warmup_steps, 1)

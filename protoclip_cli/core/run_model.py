@@ -40,7 +40,9 @@ def load_run_model(run: RunDir | str | Path, checkpoint: str | Path | None = Non
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     config = run.config()
     path, state = load_run_state(run, checkpoint)
-    model = build_model(config.model, contrastive=config.loss.contrastive)
+    # The checkpoint holds every weight: the run's starting weights (a file, a tag, a hub repository)
+    # are not needed to read it, only the preprocessing they came with.
+    model = build_model(config.model, contrastive=config.loss.contrastive, weights=False, preprocess=state.preprocess)
     load_weights(model, state.model, path, "pass a checkpoint of this run (--checkpoint), or move this one away "
                  "to read the run's previous one")
     model.to(device).eval()

@@ -4,7 +4,8 @@ record read back from img2dataset's per-shard ``*_stats.json``.
 img2dataset writes ``<folder>/00000.tar`` ... (:data:`SHARD_DIGITS` digits) and a
 ``<shard>_stats.json`` when a shard is complete; a rerun in incremental mode skips the shards that
 have one. Its prints and tqdm bars (its worker processes' too) go to a log file, so the terminal
-shows only this project's progress bar.
+shows only this project's progress bar. The folder is a local path or a URL (``s3://bucket/prefix``):
+img2dataset writes there through fsspec, and this module reads it back through fsspec too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from protoclip_cli.console import progress, warn
+from protoclip_cli.data.remote import filesystem, is_remote
 from protoclip_cli.errors import Interrupted, ProtoclipError, write_error
+
 
 SHARD_DIGITS = 5  # img2dataset's default oom_shard_count: shard files are 00000.tar, 00001.tar, ...
 # Below this much free space the download is stopped as a full disk: a shard and its log lines no
@@ -33,7 +36,7 @@ OVER_PIXEL_LIMIT = "more pixels than --max-pixels allows"
 
 def download_split(
     url_file: Path,
-    folder: Path,
+    folder: Path | str,
     *,
     label: str,
     rows: int,
@@ -64,7 +67,8 @@ def download_split(
         os.environ[OPENCV_PIXEL_LIMIT] = str(max_pixels)
     import img2dataset
 
-    folder.mkdir(parents=True, exist_ok=True)
+    fs, path = filesystem(str(folder))
+    fs.makedirs(path, exist_ok=True)
     if _free_bytes(folder) < DISK_FULL_BYTES:
         raise _disk_full(folder)
     previous_sigint = signal.getsignal(signal.SIGINT)
@@ -116,7 +120,7 @@ def download_split(
             _update_bar(folder, bar, task)
 
 
-def _update_bar(folder: Path, bar, task) -> None:
+def _update_bar(folder: Path | str, bar, task) -> None:
     done, started, ended = 0, math.inf, -math.inf
     for stats in read_stats(folder).values():
         done += stats.get("count", 0)
@@ -126,7 +130,7 @@ def _update_bar(folder: Path, bar, task) -> None:
     bar.update(task, completed=done, rate=rate)
 
 
-def _watch_stats(folder: Path, bar, task, stop: threading.Event, full: threading.Event) -> None:
+def _watch_stats(folder: Path | str, bar, task, stop: threading.Event, full: threading.Event) -> None:
     """Advance the bar as img2dataset's workers finish shards (each writes a *_stats.json), and stop
     img2dataset when the disk fills (``full``).
 
@@ -143,8 +147,11 @@ def _watch_stats(folder: Path, bar, task, stop: threading.Event, full: threading
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
-def _free_bytes(folder: Path) -> int:
-    """Bytes an unprivileged writer may still use on ``folder``'s file system."""
+def _free_bytes(folder: Path | str) -> float:
+    """Bytes an unprivileged writer may still use on ``folder``'s file system (unbounded for object
+    storage, whose fullness is its own error)."""
+    if is_remote(folder):
+        return math.inf
     status = os.statvfs(folder)
     return status.f_bavail * status.f_frsize
 
@@ -160,7 +167,7 @@ def _remove_unfinished(folder: Path) -> None:
     """Remove the files of shards img2dataset did not finish (no *_stats.json): they hold space the
     disk lacks, and a rerun downloads those shards again."""
     finished = read_stats(folder)
-    for path in folder.iterdir():
+    for path in Path(folder).iterdir():
         number = path.name.split(".")[0].split("_")[0]
         if path.is_file() and number.isdigit() and int(number) not in finished:
             path.unlink(missing_ok=True)
@@ -203,13 +210,35 @@ def _fileno(stream) -> int | None:
 # -- the split's record ----------------------------------------------------------------------------
 
 
-def read_stats(folder: Path) -> dict[int, dict[str, Any]]:
+def _listing(folder: Path | str, pattern: str) -> tuple[Any, str, list[str]]:
+    """``(filesystem, the folder's path in it, paths)`` of the files of ``folder`` matching ``pattern``,
+    listed afresh (fsspec caches remote listings, and img2dataset adds files while this module watches)."""
+    fs, path = filesystem(str(folder))
+    path = path.rstrip("/")
+    fs.invalidate_cache(path)
+    return fs, path, fs.glob(f"{path}/{pattern}")
+
+
+def read_stats(folder: Path | str) -> dict[int, dict[str, Any]]:
     """img2dataset's ``*_stats.json`` of ``folder``, by shard number."""
     stats = {}
-    for path in folder.glob("*_stats.json"):
+    fs, _, paths = _listing(folder, "*_stats.json")
+    for path in paths:
         with contextlib.suppress(ValueError, OSError):
-            stats[int(path.name.split("_")[0])] = json.loads(path.read_text())
+            stats[int(path.rsplit("/", 1)[-1].split("_")[0])] = json.loads(fs.cat_file(path))
     return stats
+
+
+def shard_counts(folder: Path | str) -> dict[str, int]:
+    """Samples of each complete shard of ``folder`` (``00000.tar``: img2dataset's ``successes``)."""
+    return {f"{number:0{SHARD_DIGITS}d}.tar": int(stats["successes"]) for number, stats in read_stats(folder).items()}
+
+
+def remove_folder(folder: Path | str) -> None:
+    """Delete a split's folder and everything in it (``download --overwrite``)."""
+    fs, path = filesystem(str(folder))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def readable_reason(reason: str) -> str:
@@ -225,13 +254,13 @@ def readable_reason(reason: str) -> str:
     return reason
 
 
-def unfinished_shards(folder: Path, rows: int, samples_per_shard: int) -> list[int]:
+def unfinished_shards(folder: Path | str, rows: int, samples_per_shard: int) -> list[int]:
     """Shard numbers without img2dataset's *_stats.json (which it writes when a shard is done)."""
     done = read_stats(folder)
     return [i for i in range(math.ceil(rows / samples_per_shard)) if i not in done]
 
 
-def collect_split(folder: Path, *, name: str, split: str, rows: int, samples_per_shard: int, log: Path) -> dict[str, Any]:
+def collect_split(folder: Path | str, *, name: str, split: str, rows: int, samples_per_shard: int, log: Path) -> dict[str, Any]:
     """Sum the per-shard stats of a finished split; keep only complete, non-empty shards.
 
     Returns the split's manifest record: ``shards`` (file names), ``count_ok``, ``count_failed``,
@@ -246,6 +275,8 @@ def collect_split(folder: Path, *, name: str, split: str, rows: int, samples_per
             f"{len(unfinished)} of {expected} shards of {name}/{split} did not finish (see "
             f"{log}); rerun the same command to continue."
         )
+    fs, base, tars = _listing(folder, "*.tar")
+    present = {tar.rsplit("/", 1)[-1] for tar in tars}
     shards, reasons = [], {}
     ok = failed_download = failed_resize = 0
     dropped: dict[str, Any] = {"count": 0, "reasons": {}, "keys": []}
@@ -263,14 +294,15 @@ def collect_split(folder: Path, *, name: str, split: str, rows: int, samples_per
         for reason, n in shard.get("status_dict", {}).items():
             if reason != "success":
                 reasons[readable_reason(reason)] = reasons.get(readable_reason(reason), 0) + n
-        tar = folder / f"{shard_id:0{SHARD_DIGITS}d}.tar"
+        tar = f"{shard_id:0{SHARD_DIGITS}d}.tar"
         if shard["successes"] == 0:
             # An empty tar would only trip a reader later; img2dataset's stats keep the record.
-            tar.unlink(missing_ok=True)
-        elif not tar.is_file():
-            raise ProtoclipError(f"Shard {tar} is missing; rerun with --overwrite to download {split} afresh.")
+            if tar in present:
+                fs.rm_file(f"{base}/{tar}")
+        elif tar not in present:
+            raise ProtoclipError(f"Shard {str(folder).rstrip('/')}/{tar} is missing; rerun with --overwrite to download {split} afresh.")
         else:
-            shards.append(tar.name)
+            shards.append(tar)
     if ok == 0:
         top = ", ".join(f"{r} ({n})" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
         raise ProtoclipError(

@@ -58,6 +58,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from protoclip_cli.core.model import get_tokenizer
+from protoclip_cli.data.shards import tar_records
 from protoclip_cli.data.teacher_file import TeacherRows
 from protoclip_cli.data.transforms import crop_transform, decode_image, device_augmentation, eval_batch
 
@@ -133,12 +134,12 @@ def in_canonical_order(batches: Iterable[dict], per_worker: list[int], done: int
 
 def _records(urls: list[str], errors: list[int], expected: dict[str, int] | None = None,
              short: list[tuple[str, int, int]] | None = None) -> Iterator[dict]:
-    """The records of ``urls`` in order; a damaged tar record is skipped and counted in ``errors[0]``.
+    """The records of ``urls`` in order; a damaged tar record is skipped and counted in ``errors[0]``
+    (a shard that cannot be read at all raises its one sentence: ``data/remote.py``).
 
     A shard that ends before the ``expected`` records of its url (a tar cut short: everything after
     the cut is lost, which no per-record count shows) is reported in ``short`` as (url, records
     read, expected)."""
-    import webdataset as wds
 
     def count(exception: Exception) -> bool:
         errors[0] += 1
@@ -146,7 +147,7 @@ def _records(urls: list[str], errors: list[int], expected: dict[str, int] | None
 
     for url in urls:  # one at a time, to see where each one ends
         read = 0
-        for record in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=count)):
+        for record in tar_records([url], handler=count):
             read += 1
             yield record
         if expected is not None and short is not None and read < expected.get(url, 0):
@@ -174,7 +175,7 @@ def shuffled(records: Iterator[dict], buffer_size: int, rng: random.Random) -> I
 class StreamConfig:
     """What one rank's loader reads over a run, and how it turns samples into batches."""
 
-    episodes: list[list[Path]]  # this rank's shards of every episode, in reading order
+    episodes: list[list[Path | str]]  # this rank's shards (paths or URLs) of every episode, in reading order
     counts: dict[str, int]  # shard id -> samples
     batch_size: int
     extract_batch_size: int
@@ -195,7 +196,7 @@ class StreamConfig:
     # The extraction pass's images: "train" = one augmented view (the reference), "eval" = centre crops.
     extraction_transform: str = "eval"
 
-    def shard_id(self, path: Path) -> str:
+    def shard_id(self, path: Path | str) -> str:
         return self.shard_ids.get(str(path), Path(path).name)
 
     def owed(self, episode: int) -> list[int]:

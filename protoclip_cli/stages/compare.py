@@ -33,7 +33,7 @@ from protoclip_cli.configs import recipes
 from protoclip_cli.configs.evaluate import BASE_TASKS, EvaluateConfig
 from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.console import console, info
-from protoclip_cli.data.shards import shard_sample_count
+from protoclip_cli.data.shards import split_counts
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.evaluation.data import readers
 from protoclip_cli.evaluation.reports import comparison
@@ -85,7 +85,7 @@ def variant_recipe(config: CompareConfig, recipe: Path, variant: str, seed: int,
 def _dataset_size(workspace: Workspace, recipe: Path, config: CompareConfig) -> int:
     """Samples of the base recipe's training split (img2dataset's count, as the episode plan counts them)."""
     base = config_io.load(TrainConfig, recipe, config.recipe_set)
-    return sum(shard_sample_count(path) for path in workspace.shards(base.data.dataset, base.data.split))
+    return sum(split_counts(workspace, base.data.dataset, base.data.split).values())
 
 
 def run(config: CompareConfig, workspace: Workspace) -> dict[str, Any]:
@@ -157,6 +157,13 @@ def _train_and_evaluate_peer(config: CompareConfig, recipe: TrainConfig, seed: i
     samples = recipe.schedule.episodes * (recipe.data.episode_size or dataset_size)
     folder = out_dir / "open_clip_train" / f"s{seed}"
     shards = workspace.shards(recipe.data.dataset, recipe.data.split)
+    if any(str(shard).startswith("s3://") for shard in shards):
+        # open_clip_train opens shards with webdataset's gopen, which has no s3:// opener (http, gs and pipe: it has).
+        raise ProtoclipError(
+            f"The open_clip_train variant cannot read the s3:// shards of '{recipe.data.dataset}' (webdataset, which it "
+            f"reads them with, has no s3:// opener); record them as a pipe: command (`protoclip download {recipe.data.dataset} --shards-at "
+            "'pipe:aws s3 cp s3://BUCKET/PREFIX/{folder}/{shard} -'`) or compare without that variant."
+        )
     trained = train_peer(recipe, shards, dataset_size, samples, folder, config.device)
     if trained.get("reused"):
         info(f"open_clip_train seed {seed}: trained already, reused ({folder}).")

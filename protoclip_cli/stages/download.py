@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +27,21 @@ from protoclip_cli.artifacts import MANIFEST, write_json, write_manifest, write_
 from protoclip_cli.configs.download import DATA_SETTINGS, DownloadConfig, defaults_for
 from protoclip_cli.console import info
 from protoclip_cli.data import downloader, shard_verify, synthetic, url_lists
+from protoclip_cli.data.remote import check_reachable, filesystem, is_remote
+from protoclip_cli.data.shards import shard_keys, split_counts
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.workspace import Workspace
+from protoclip_cli.workspace import Workspace, shard_location, split_folder
 
 # -- the stage -----------------------------------------------------------------------------------
 
 
 def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
-    """Download ``config``'s data set into ``workspace`` (or verify it: ``config.verify``); return
-    the written manifest."""
+    """Download ``config``'s data set into ``workspace`` (or verify it: ``config.verify``; or record
+    where its shards were moved: ``config.shards_at``); return the written manifest."""
     if config.verify:
         return verify(config, workspace)
+    if config.shards_at:
+        return relocate(config.name, config.shards_at, workspace)
     _check_environment(config)
     _check_settings(config, workspace)
 
@@ -50,12 +53,13 @@ def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
     (dataset_dir / MANIFEST).unlink(missing_ok=True)
     write_json(workspace.download_settings_file(config.name), _data_settings(config))
     splits: dict[str, dict[str, Any]] = {}
+    counts: dict[str, dict[str, int]] = {}
     for split, (url_file, rows, extra_cols) in lists.items():
-        folder = workspace.split_dir(config.name, split)
+        folder = _split_folder(config, workspace, split)
         log = workspace.download_log(config.name, split)
-        if not config.incremental and folder.exists():
+        if not config.incremental:
             # img2dataset's own overwrite mode deletes its temporary folder too; clear it here instead.
-            shutil.rmtree(folder)
+            downloader.remove_folder(folder)
         if downloader.unfinished_shards(folder, rows, config.samples_per_shard):
             _img2dataset(config, workspace, split, url_file, rows, extra_cols)
         else:
@@ -65,6 +69,11 @@ def run(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
         )
         if split in checks:
             splits[split]["url_list"] = checks[split]
+        counts[split] = {shard: n for shard, n in downloader.shard_counts(folder).items() if shard in splits[split]["shards"]}
+    if config.output:
+        workspace.record_shards_at(config.name, _absolute(config.output), counts)
+    else:
+        workspace.shards_at_file(config.name).unlink(missing_ok=True)  # the shards are back in the workspace
 
     fields: dict[str, Any] = {
         "name": config.name,
@@ -102,10 +111,22 @@ def _same_data(previous: dict[str, Any], config: DownloadConfig, fields: dict[st
     return same_settings and all(previous.get(key) == value for key, value in fields.items())
 
 
+def _split_folder(config: DownloadConfig, workspace: Workspace, split: str) -> Path | str:
+    """Where img2dataset writes the shards of ``split``: the workspace, or under ``--output``."""
+    if not config.output:
+        return workspace.split_dir(config.name, split)
+    return f"{_absolute(config.output).rstrip('/')}/{split_folder(split)}"
+
+
+def _absolute(location: str) -> str:
+    """A URL as it is, a folder as an absolute path (the record must not depend on where a command ran)."""
+    return location if is_remote(location) else str(Path(location).resolve())
+
+
 def _img2dataset(config: DownloadConfig, workspace: Workspace, split: str, url_file: Path, rows: int, extra_cols: list[str]) -> None:
     """Download the shards of ``split`` that have no ``*_stats.json`` yet."""
     downloader.download_split(
-        url_file, workspace.split_dir(config.name, split), label=f"{config.name}/{split}", rows=rows,
+        url_file, _split_folder(config, workspace, split), label=f"{config.name}/{split}", rows=rows,
         extra_cols=extra_cols, log=workspace.download_log(config.name, split), image_size=config.image_size,
         resize_mode=config.resize_mode, encode_quality=config.encode_quality, processes=config.processes,
         threads=config.threads, samples_per_shard=config.samples_per_shard, timeout=config.timeout,
@@ -201,6 +222,13 @@ def verify(config: DownloadConfig, workspace: Workspace) -> dict[str, Any]:
     ``dropped`` records keep what was removed)."""
     dataset_dir = workspace.dataset_dir(config.name)
     manifest = workspace.dataset_manifest(config.name)  # a data set that finished downloading
+    elsewhere = workspace.shards_at(config.name)
+    if elsewhere is not None:
+        raise ProtoclipError(
+            f"--verify repairs shards in the data set's folder, but those of '{config.name}' live at "
+            f"{elsewhere['location']}; verify a local copy (`protoclip download {config.name} --shards-at COPY` with "
+            "the copy's folder, then --verify) and copy the repaired shards back."
+        )
     previous = _previous_manifest(dataset_dir / MANIFEST)
 
     def in_flux() -> None:
@@ -252,3 +280,51 @@ def _refetch(config: DownloadConfig, workspace: Workspace, split: str) -> None:
     url_file, rows, extra_cols = lists[split]
     _img2dataset(config, workspace, split, url_file, rows, extra_cols)
 
+
+
+# -- shards that moved ----------------------------------------------------------------------------
+
+
+def relocate(name: str, location: str, workspace: Workspace) -> dict[str, Any]:
+    """Record that the shards of data set ``name`` now live at ``location`` (``--shards-at``); returns
+    its manifest, unchanged: the same shards elsewhere are the same version of the data set.
+
+    Each split's sample counts travel with the record (from the shards where they were, or from
+    img2dataset's stats next to them at the new place, or counted in the tars there), so that
+    planning a run reads no remote file; the first shard of each split is read at the new place
+    before anything is recorded. The data set's own folder as ``location`` forgets the record."""
+    manifest = workspace.dataset_manifest(name)
+    if not is_remote(location) and Path(location).resolve() == workspace.dataset_dir(name).resolve():
+        workspace.shards_at_file(name).unlink(missing_ok=True)
+        info(f"Data set '{name}' reads its shards from {workspace.dataset_dir(name)} again.")
+        return manifest
+    location = location if "{shard}" in location else _absolute(location)
+    counts = {}
+    for split, record in manifest["splits"].items():
+        shards = {shard: shard_location(location, split, shard) for shard in record["shards"]}
+        if shards:
+            check_reachable(next(iter(shards.values())))
+        counts[split] = _moved_counts(workspace, name, split, shards)
+    workspace.record_shards_at(name, location, counts)
+    info(f"Data set '{name}' reads its shards at {location} from now on ({workspace.shards_at_file(name)}).")
+    return manifest
+
+
+def _moved_counts(workspace: Workspace, name: str, split: str, moved: dict[str, str]) -> dict[str, int]:
+    """Samples per shard of a split that moved: as counted where it was, else at the new place."""
+    try:
+        return split_counts(workspace, name, split)
+    except (ProtoclipError, OSError):  # the old copy is gone
+        pass
+    return {shard: _stats_beside(url) or len(shard_keys(url)) for shard, url in moved.items()}
+
+
+def _stats_beside(url: str) -> int | None:
+    """img2dataset's sample count of a shard from the ``*_stats.json`` beside it (None: there is none)."""
+    if url.startswith("pipe:") or not url.endswith(".tar"):
+        return None
+    try:
+        fs, path = filesystem(url[: -len(".tar")] + "_stats.json")
+        return int(json.loads(fs.cat_file(path))["successes"])
+    except (OSError, ValueError, KeyError):
+        return None

@@ -21,6 +21,7 @@ from protoclip_cli.configs.evaluate import EXTERNAL, PROTOCOL_TASKS, SUITE_TASK,
 from protoclip_cli.console import info
 from protoclip_cli.data.sources import run_datasets
 from protoclip_cli.errors import write_error
+from protoclip_cli.evaluation.data.benchmark_wds import write_benchmark_wds
 from protoclip_cli.evaluation.data.prompts import read_templates
 from protoclip_cli.evaluation.data.registry import DataSets
 from protoclip_cli.evaluation.reports.result_plots import ResultPlots
@@ -59,7 +60,10 @@ def _run_task(
         return suite.evaluate(model, config.root, config.suite_datasets, **common)
     if task == "zeroshot":
         templates = read_templates(config.templates) if config.templates else None
-        return zeroshot.evaluate(model, data.get(dataset), templates, figures=figures, **common)
+        result = zeroshot.evaluate(model, data.get(dataset), templates, figures=figures, **common)
+        if config.export_wds:
+            result["clip_benchmark_wds"] = _export_wds(model, data.get(dataset), templates, Path(config.export_wds))
+        return result
     if task == "linear-probe":
         return linear_probe.evaluate(
             model, data.get(dataset, "train"), data.get(dataset), method=config.probe_method,
@@ -71,6 +75,24 @@ def _run_task(
         return modality_gap.evaluate(model, data.get(dataset), **common)
     return clustering.evaluate(model, data.get(dataset), config.clusters, seed=config.seed, protocol=config.protocol,
                             figures=figures, **common)
+
+
+def _export_wds(model, data, templates, out: Path) -> dict:
+    """The zero-shot split as CLIP_benchmark's webdataset, and the command that scores the model on it."""
+    export = write_benchmark_wds(data, zeroshot.templates_for(data, templates)[0], out)
+    if model.run_dir is not None:
+        folder = RunDir(model.run_dir).hub_export_dir(model.info["arch"])
+        what = f"--model local-dir:{folder}"
+        first = f"`protoclip export {model.run_dir} --checkpoint {model.info['path']} --format hf` (writes {folder}), then "
+    else:
+        what, first = f"--model {model.info['arch']} --pretrained {model.info['path']}", ""
+    # evaluate runs fp32 off CUDA, where CLIP_benchmark's autocast would run bf16 unless told not to.
+    precision = "" if model.device.type == "cuda" else " --no_amp"
+    export["command"] = (f"clip_benchmark eval --model_type open_clip {what} --dataset wds/{slugify(data.name)} "
+                         f"--dataset_root {out} --task zeroshot_classification{precision}")
+    info(f"Wrote {export['images']} images of {data.name} for CLIP_benchmark to {out}; to score this model there, run "
+         f"{first}`{export['command']}`.")
+    return export
 
 
 def run(config: EvaluateConfig, workspace: Workspace) -> dict[str, Any]:

@@ -27,16 +27,20 @@ from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.console import info, warn
 from protoclip_cli.core import distributed as dist_utils
 from protoclip_cli.data import teacher_file
-from protoclip_cli.data.shards import shard_keys, shard_sample_count
+from protoclip_cli.data.remote import check_reachable, is_remote
+from protoclip_cli.data.shards import shard_keys, split_counts
 from protoclip_cli.data.sources import run_datasets
 from protoclip_cli.errors import Interrupted, MissingInputError, ProtoclipError, Refused
 from protoclip_cli.runs import RunDir
+from protoclip_cli.core.checkpoint import load_checkpoint
+from protoclip_cli.core.pretrained import fetch_pretrained
 from protoclip_cli.training.episodes import (
     EpisodePlan,
     RunLayout,
     episode_phase,
-    lit_start_episode,
     plan_episodes,
+    resume_point,
+    resumed_layout,
     run_layout,
 )
 from protoclip_cli.training import interrupts
@@ -51,7 +55,7 @@ RESUMABLE_CHANGES = ("device", "model.compile", "model.grad_checkpointing", "dat
 @dataclass
 class TrainInputs:
     dataset_dirs: list[Path]  # one per data set of the run, in data.datasets order
-    shard_paths: dict[str, Path]  # shard id -> path
+    shard_paths: dict[str, Path | str]  # shard id -> path, or URL where the shards live elsewhere
     counts: dict[str, int]  # shard id -> samples
     teacher_paths: list[Path]  # one per data set, or none without an external teacher
     key_offsets: dict[str, int]  # shard id -> offset added to its img2dataset keys (0 with one data set)
@@ -95,19 +99,23 @@ def check_inputs(config: TrainConfig, workspace: Workspace, trust_teacher: bool 
     inputs = TrainInputs([], {}, {}, [], {}, None)
     weights: dict[str, float] = {}
     for index, name in enumerate(datasets.names):
-        shards = workspace.shards(name, config.data.split)  # raises, naming `protoclip download`
-        if not shards:
+        files = workspace.shard_files(name, config.data.split)  # raises, naming `protoclip download`
+        if not files:
             raise ProtoclipError(f"Data set '{name}' lists no shards for split '{config.data.split}'; rerun `protoclip download {name}`.")
-        missing = [p for p in shards if not p.is_file()]
+        shards = list(files.values())
+        missing = [p for p in shards if not is_remote(p) and not Path(p).is_file()]
         if missing:
             raise MissingInputError(f"Shard {missing[0]} of data set '{name}' is missing; rerun `protoclip download {name}`.")
+        if is_remote(shards[0]):
+            check_reachable(shards[0])  # a wrong address or credential stops here, not in the first episode
         datasets.check_key_digits(index, shards[0])
         inputs.dataset_dirs.append(workspace.dataset_dir(name))
+        counts = split_counts(workspace, name, config.data.split)
         samples = 0
-        for path in shards:
-            shard = datasets.shard_id(index, path.name)
+        for file, path in files.items():
+            shard = datasets.shard_id(index, file)
             inputs.shard_paths[shard] = path
-            inputs.counts[shard] = shard_sample_count(path)
+            inputs.counts[shard] = counts[file]
             inputs.key_offsets[shard] = datasets.key_offset(index)
             weights[shard] = datasets.weights[index]
             samples += inputs.counts[shard]
@@ -154,9 +162,12 @@ def _check_teacher(config: TrainConfig, workspace: Workspace, name: str, shards:
     return teacher_path, trusted
 
 
-def check_plan(config: TrainConfig, plan: EpisodePlan, layout: RunLayout, world_size: int) -> None:
-    """Every episode must give each rank a shard and a full batch, and hold at least k samples."""
+def check_plan(config: TrainConfig, plan: EpisodePlan, layout: RunLayout, world_size: int, first_episode: int = 0) -> None:
+    """Every episode (from ``first_episode``, where a resumed run continues) must give each rank a
+    shard and a full batch, and hold at least k samples."""
     for episode, shards in enumerate(plan.episodes):
+        if episode < first_episode:
+            continue
         if len(shards) < world_size:
             raise ProtoclipError(
                 f"Episode {episode} has {len(shards)} shard(s) for {world_size} processes; raise data.episode_size "
@@ -233,6 +244,15 @@ def prepare_run_dir(config: TrainConfig, run_dir: RunDir, resume: bool | None) -
     return checkpoint
 
 
+def _layout(config: TrainConfig, plan: EpisodePlan, world_size: int, resume_from: Path | None) -> tuple[RunLayout, int]:
+    """The run's layout on ``world_size`` ranks and the first episode still to train: a resumed run
+    keeps the steps it trained, on another number of ranks too (:func:`resumed_layout`)."""
+    if resume_from is None:
+        return run_layout(config, plan, world_size), 0
+    point = resume_point(load_checkpoint(resume_from, mmap=True), config, plan)
+    return resumed_layout(config, plan, world_size, point), point.next_episode[0]
+
+
 def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, trust_teacher: bool = False) -> dict[str, Any]:
     """Train the recipe ``config`` in ``workspace``; returns the run's manifest. ``trust_teacher``:
     see :func:`check_inputs`.
@@ -248,13 +268,15 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
     except ProtoclipError as exc:
         raise Refused(str(exc)) from exc
     run_dir = RunDir(workspace.run_dir(config.name))
+    if resume is False or run_dir.latest_checkpoint() is None:
+        fetch_pretrained(config.model)  # a resumed run starts from its checkpoint instead
     if resume is True and not run_dir.exists():
         info(f"Nothing to resume in {run_dir.path}; starting the run.")
     created_group = dist_utils.init_distributed(config.device)
     lock = None
     try:
         rank, world_size = dist_utils.rank(), dist_utils.world_size()
-        decision: list[Any] = [None, None, None]  # the checkpoint to resume from, an error, steps per episode
+        decision: list[Any] = [None, None, None]  # the checkpoint to resume from, an error, the run's layout
         if rank == 0:
             try:
                 lock = run_dir.lock("train")
@@ -266,12 +288,12 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
                 else:
                     plan = plan_episodes(inputs.counts, config.schedule.episodes, config.data.episode_size, config.seed,
                                          weights=inputs.weights)
-                layout = run_layout(config, plan, world_size)
-                check_plan(config, plan, layout, world_size)
+                layout, first_episode = _layout(config, plan, world_size, resume_from)
+                check_plan(config, plan, layout, world_size, first_episode)
                 note_episode_size(config, plan, world_size)
                 write_text(run_dir.config_file, config_io.dumps(config))
                 plan.save(run_dir.plan_file)
-                decision = [str(resume_from) if resume_from else None, None, layout.steps]
+                decision = [str(resume_from) if resume_from else None, None, layout]
             except ProtoclipError as exc:
                 decision = [None, str(exc), None]
         decision = dist_utils.broadcast_object(decision)
@@ -279,7 +301,7 @@ def run(config: TrainConfig, workspace: Workspace, resume: bool | None = None, t
             raise Refused(decision[1])
         resume_from = Path(decision[0]) if decision[0] else None
         plan = EpisodePlan.load(run_dir.plan_file)
-        layout = RunLayout(decision[2], lit_start_episode(config))
+        layout = decision[2]
         if config.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
         trainer = None

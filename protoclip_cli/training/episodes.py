@@ -22,6 +22,7 @@ import numpy as np
 
 from protoclip_cli.artifacts import write_json
 from protoclip_cli.configs.train import TrainConfig
+from protoclip_cli.core.checkpoint import TrainState
 from protoclip_cli.data.pipeline import split_for_rank, worker_batches
 
 
@@ -146,10 +147,18 @@ class Phase:
 
 @dataclass
 class RunLayout:
-    """Steps per episode and the schedule boundaries of a run (known before the first step)."""
+    """Steps per episode and the schedule boundaries of a run (known before the first step).
+
+    The learning-rate schedules are laid out on the steps of the run's first launch
+    (``schedule_steps``; None: ``steps`` themselves). A run resumed on another number of ranks has
+    other steps in its remaining episodes; each episode then keeps its span of the schedule, spread
+    evenly over its steps (:meth:`schedule_positions`), so the learning rate follows the episodes,
+    not the step count, and the LiT start stays at its episode.
+    """
 
     steps: list[int]
     lit_start: int | None  # first LiT episode, None without a LiT finish
+    schedule_steps: list[int] | None = None
 
     @property
     def total_steps(self) -> int:
@@ -157,6 +166,21 @@ class RunLayout:
 
     def first_step(self, episode: int) -> int:
         return int(sum(self.steps[:episode]))
+
+    @property
+    def schedule(self) -> list[int]:
+        return list(self.schedule_steps if self.schedule_steps is not None else self.steps)
+
+    def schedule_first_step(self, episode: int) -> int:
+        return int(sum(self.schedule[:episode]))
+
+    def schedule_positions(self) -> np.ndarray:
+        """Each step's position on the schedule's step axis: step ``i`` of an episode of ``n`` steps
+        whose schedule span is ``m`` steps sits at its span's start plus ``i * m / n`` (exactly
+        ``0, 1, 2, ...`` when the run keeps its first layout)."""
+        positions = [self.schedule_first_step(e) + (i * span) / n
+                     for e, (n, span) in enumerate(zip(self.steps, self.schedule)) for i in range(n)]
+        return np.asarray(positions, dtype=np.float64)
 
 
 def lit_start_episode(config: TrainConfig) -> int | None:
@@ -186,3 +210,51 @@ def run_layout(config: TrainConfig, plan: EpisodePlan, world_size: int) -> RunLa
         for e in range(config.schedule.episodes)
     ]
     return RunLayout(steps, lit_start_episode(config))
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a checkpoint stands, and the layout of the launch that wrote it."""
+
+    episode: int
+    batches_done: int  # steps done in that episode
+    world_size: int
+    steps: list[int]  # steps per episode of the run so far
+    schedule_steps: list[int]
+
+    @property
+    def next_episode(self) -> tuple[int, int]:
+        """(episode, steps done in it) where training continues: past the episode when it is finished."""
+        if self.batches_done >= self.steps[self.episode]:
+            return self.episode + 1, 0
+        return self.episode, self.batches_done
+
+    def restarts_episode(self, world_size: int) -> bool:
+        """Resumed on another number of ranks inside an episode: its training pass starts again (the
+        ranks' shards and data-loader positions of the old launch do not map onto the new one)."""
+        return world_size != self.world_size and self.next_episode[1] > 0
+
+
+def resume_point(state: TrainState, config: TrainConfig, plan: EpisodePlan) -> ResumePoint:
+    """Where ``state`` stands; a checkpoint of an older version (no layout in it) had its plan's layout."""
+    steps = state.steps_per_episode or run_layout(config, plan, state.world_size).steps
+    return ResumePoint(state.episode, state.batches_done, state.world_size, list(steps),
+                       list(state.schedule_steps or steps))
+
+
+def resumed_layout(config: TrainConfig, plan: EpisodePlan, world_size: int, point: ResumePoint) -> RunLayout:
+    """The layout of a run resumed at ``point`` on ``world_size`` ranks.
+
+    On the same number of ranks it is the layout the checkpoint was written with. On another, the
+    episodes already trained keep their steps and the remaining ones are re-split over the new ranks
+    (the same plan, the same shards); an episode the resume restarts keeps the steps it did and gets a
+    whole training pass of the new launch on top. The schedule stays laid out on the first launch's steps.
+    """
+    if world_size == point.world_size:
+        return RunLayout(list(point.steps), lit_start_episode(config), list(point.schedule_steps))
+    episode, done = point.next_episode
+    fresh = run_layout(config, plan, world_size).steps
+    steps = list(point.steps[:episode]) + fresh[episode:]
+    if done and episode < len(steps):
+        steps[episode] += done
+    return RunLayout(steps, lit_start_episode(config), list(point.schedule_steps))

@@ -31,9 +31,10 @@ from protoclip_cli.configs.train import TrainConfig
 from protoclip_cli.console import info, progress
 from protoclip_cli.core import distributed as dist_utils
 from protoclip_cli.core.checkpoint import (
-    TrainState, load_checkpoint, load_weights, restore_rng_state, rng_state, save_checkpoint,
+    TrainState, load_checkpoint, restore_training_state, rng_state, save_checkpoint,
 )
 from protoclip_cli.core.losses import ProtoCLIPLoss
+from protoclip_cli.core.model import preprocess_config
 from protoclip_cli.core.optim import build_optimizer, cosine_schedule, parameter_groups, set_learning_rates
 from protoclip_cli.data.pipeline import Position, batches_to_skip, split_for_rank
 from protoclip_cli.data.teacher_file import run_teacher_rows
@@ -42,7 +43,7 @@ from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.runs import RunDir
 from protoclip_cli.training import interrupts
 from protoclip_cli.training.data_losses import DataLosses
-from protoclip_cli.training.episodes import EpisodePlan, Phase, RunLayout, episode_phase
+from protoclip_cli.training.episodes import EpisodePlan, Phase, RunLayout, episode_phase, resume_point
 from protoclip_cli.training.extraction import extract_features
 from protoclip_cli.training.metrics import MetricsLog, batch_diagnostics
 from protoclip_cli.training.prototypes import EpisodePrototypes, build_prototypes, load_prototypes, save_prototypes
@@ -72,7 +73,12 @@ class Trainer:
         self.runtime = TrainingDevice.for_recipe(cfg)
         self.device, self.autocast, self.channels_last = self.runtime.device, self.runtime.autocast, self.runtime.channels_last
         torch.manual_seed(cfg.seed)
-        self.model, self.train_model, self.extract_forward = build_training_model(cfg, self.runtime, self.world_size)
+        resumed = load_checkpoint(self.resume_from, map_location=self.device) if self.resume_from is not None else None
+        # A resumed run's towers come from its checkpoint: the starting weights are not needed (nor their cache).
+        self.model, self.train_model, self.extract_forward = build_training_model(
+            cfg, self.runtime, self.world_size, weights=resumed is None,
+            preprocess=resumed.preprocess if resumed is not None else None,
+        )
         self._setup_optimizer()
         self.augmentation = device_augmentation(cfg.data.augmentation, self.model.image_size)
         self.stepper = Stepper(
@@ -98,18 +104,20 @@ class Trainer:
         self.start_batches = 0
         self.position = Position.start(cfg.data.workers)
         self._started: tuple[int, str, Iterator[dict]] | None = None
-        if self.resume_from is not None:
-            self._restore(self.resume_from)
+        if resumed is not None:
+            self._restore(self.resume_from, resumed)
 
     def _setup_optimizer(self) -> None:
-        """AdamW over the parameter groups, and the per-step learning rates (the visual ones end at LiT)."""
+        """AdamW over the parameter groups, and the per-step learning rates (the visual ones end at LiT),
+        on the schedule's steps (those of the run's first launch, :class:`RunLayout`)."""
         cfg, layout = self.config, self.layout
         groups = parameter_groups(self.model, cfg.optim.weight_decay)
         self.optimizer = build_optimizer(groups, cfg.optim, fused=self.device.type in ("cuda", "cpu"))
-        lit_step = layout.first_step(layout.lit_start) if layout.lit_start is not None else None
+        lit_step = layout.schedule_first_step(layout.lit_start) if layout.lit_start is not None else None
+        total, positions = sum(layout.schedule), layout.schedule_positions()
         self.schedules = {
-            "rest": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, layout.total_steps),
-            "visual": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, layout.total_steps, end_step=lit_step),
+            "rest": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, total, positions=positions),
+            "visual": cosine_schedule(cfg.optim.lr, cfg.schedule.warmup_steps, total, end_step=lit_step, positions=positions),
         }
 
     def close(self) -> None:
@@ -118,32 +126,24 @@ class Trainer:
         self.stream.close()
 
     # -- state ------------------------------------------------------------------------------------
-    def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
-        if state.world_size != self.world_size or state.workers != self.config.data.workers:
-            raise ProtoclipError(
-                f"Checkpoint {path.name} was written by {state.world_size} process(es) x {state.workers} "
-                f"data worker(s); resume with the same launch, or start over with --no-resume."
-            )
-        advice = "move it away to resume from the previous checkpoint, or start over with --no-resume"
-        load_weights(self.model, state.model, path, advice)
-        try:
-            self.optimizer.load_state_dict(state.optimizer)
-        except (ValueError, KeyError) as exc:  # torch's sentence on parameter groups of other sizes
-            raise ProtoclipError(
-                f"Checkpoint {path} holds the optimiser state of another model ({exc}); {advice}."
-            ) from exc
-        restore_rng_state(state.rng)
+    def _restore(self, path: Path, state: TrainState) -> None:
+        restore_training_state(path, state, self.model, self.optimizer, self.config.data.workers)
         self.global_step = self._saved_step = state.global_step
-        episode, done = state.episode, state.batches_done
-        if done >= self.layout.steps[episode]:
-            episode, done = episode + 1, 0
-        elif state.loader is not None:
+        point = resume_point(state, self.config, self.plan)
+        episode, done = point.next_episode
+        if point.restarts_episode(self.world_size):
+            info(
+                f"Checkpoint {path.name} was written by {state.world_size} process(es) inside episode {episode} "
+                f"({done} of its {point.steps[episode]} steps done), whose data cannot be continued exactly on "
+                f"{self.world_size}, so the episode's training pass restarts from its first batch with the "
+                f"checkpoint's weights ({self.layout.steps[episode] - done} more steps)."
+            )
+        elif done and state.loader is not None:
             self.position = Position.from_json(state.loader[self.rank])
-        else:  # a checkpoint of an older version: batches only, no record counts
+        elif done:  # a checkpoint of an older version: batches only, no record counts
             given = batches_to_skip(self.stream.config.owed(episode), done * self.config.optim.accum_freq)
             self.position = Position(tuple(g * self.config.data.batch_size for g in given), tuple(given))
-        if state.recorded is not None and done > 0:
+        if state.recorded is not None and done > 0 and not point.restarts_episode(self.world_size):
             self.recorder.restore(state.recorded, self.device)
         self.start_episode, self.start_batches = episode, done
         self.metrics.truncate_after(self.global_step, episode)
@@ -160,6 +160,8 @@ class Trainer:
                 batches_done=batches_done, steps_in_episode=self.layout.steps[episode], global_step=self.global_step,
                 total_steps=self.layout.total_steps, world_size=self.world_size, workers=self.config.data.workers,
                 config=config_io.to_dict(self.config), rng=rng_state(), loader=positions, recorded=recorded,
+                steps_per_episode=list(self.layout.steps), schedule_steps=self.layout.schedule,
+                preprocess=preprocess_config(self.model),
             )
             path = save_checkpoint(self.run, state, self.config.logging.keep_checkpoints)
         self._barrier()

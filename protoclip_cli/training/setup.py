@@ -60,12 +60,14 @@ def sync_batchnorm(model: torch.nn.Module, which: str) -> int:
     return sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
 
 
-def build_training_model(config: TrainConfig, runtime: TrainingDevice,
-                         world_size: int) -> tuple[ProtoCLIP, torch.nn.Module, Callable]:
+def build_training_model(config: TrainConfig, runtime: TrainingDevice, world_size: int, weights: bool = True,
+                         preprocess: dict | None = None) -> tuple[ProtoCLIP, torch.nn.Module, Callable]:
     """``(model, train_model, extract_forward)``: the bare model (what checkpoints hold), the module
     training steps call (DDP over several ranks, compiled with ``model.compile`` on CUDA), and the
-    extraction pass's forward (the bare model in eval mode, compiled for one batch shape when asked)."""
-    model = build_model(config.model, contrastive=config.loss.contrastive)
+    extraction pass's forward (the bare model in eval mode, compiled for one batch shape when asked).
+    ``weights`` and ``preprocess``: :func:`~protoclip_cli.core.model.build_model`'s (a resumed run
+    takes its weights and preprocessing from its checkpoint)."""
+    model = build_model(config.model, contrastive=config.loss.contrastive, weights=weights, preprocess=preprocess)
     if world_size > 1 and runtime.device.type == "cuda":
         sync_batchnorm(model, config.model.sync_batchnorm)
     model.to(runtime.device)

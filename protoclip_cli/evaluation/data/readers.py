@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torchvision
 
+from protoclip_cli.artifacts import MANIFEST, file_sha256
+from protoclip_cli.data.remote import is_remote
 from protoclip_cli.data.shards import iter_samples
 from protoclip_cli.errors import MissingInputError, ProtoclipError
 from protoclip_cli.evaluation.data import class_folders
@@ -115,9 +117,10 @@ def torchvision_set(name: str, root: str | Path, train: bool) -> ImageSet:
     )
 
 
-def _shard_set(name: str, shards: list[Path], ground_truth: dict | None = None) -> ImageSet:
+def _shard_set(name: str, shards: list[Path | str], ground_truth: dict | None = None, identity: str | None = None) -> ImageSet:
     """Image-text pairs of webdataset shards (captions from ``.txt``, or a ``captions`` list in the
-    json); labels from the json's ``label`` when ``ground_truth`` names the classes."""
+    json); labels from the json's ``label`` when ``ground_truth`` names the classes. ``identity``
+    tells remote shards apart for the feature cache (local files are known by their stat)."""
     rows: dict[int, int] = {}
     captions: list[list[str]] = []
     labels: list[int] = []
@@ -134,7 +137,7 @@ def _shard_set(name: str, shards: list[Path], ground_truth: dict | None = None) 
     classnames, templates = manifest_lists(ground_truth) if ground_truth else (None, None)
     return ImageSet(
         name=name,
-        fingerprint=fingerprint(shards),
+        fingerprint=identity or fingerprint(shards),
         size=len(rows),
         images=lambda transform: ShardImages(shards, rows, transform),
         labels=np.asarray(labels, dtype=np.int64) if ground_truth is not None else None,
@@ -149,7 +152,12 @@ def _shard_set(name: str, shards: list[Path], ground_truth: dict | None = None) 
 def embedded(workspace, dataset: str, split: str) -> ImageSet:
     """A split of a workspace data set (``protoclip download``); labelled when its manifest has ground truth."""
     manifest = workspace.dataset_manifest(dataset)
-    return _shard_set(f"{dataset}-{split}", workspace.shards(dataset, split), manifest.get("ground_truth"))
+    shards = workspace.shards(dataset, split)
+    identity = None
+    if any(is_remote(shard) for shard in shards):
+        # Remote shards have no stat to read: they are known by their URLs and the data set's version.
+        identity = fingerprint((), *shards, file_sha256(workspace.dataset_dir(dataset) / MANIFEST))
+    return _shard_set(f"{dataset}-{split}", shards, manifest.get("ground_truth"), identity)
 
 
 def webdataset_pairs(pattern: str) -> ImageSet:

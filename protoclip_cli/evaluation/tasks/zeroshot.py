@@ -89,6 +89,13 @@ def zeroshot_scores(
     return {**topk_accuracy(logits, labels, ks), "mean_per_class_recall": mean_per_class_recall(logits, labels)}
 
 
+def templates_for(data: ImageSet, templates: Sequence | None) -> tuple[list, str]:
+    """The templates zero-shot uses on ``data`` and where they come from: ``templates`` (``file``:
+    --templates), the data set's own (``dataset``) or the 80 ImageNet ones (``openai-imagenet``)."""
+    source = "file" if templates else ("dataset" if data.templates else "openai-imagenet")
+    return list(templates or data.templates or imagenet_templates()), source
+
+
 def evaluate(
     model: EvalModel, data: ImageSet, templates: Sequence | None, cache_dir: Path | None, batch_size: int, workers: int,
     figures: dict | None = None,
@@ -96,8 +103,7 @@ def evaluate(
     """Top-1/top-5 accuracy of classifying ``data`` by its class names put into ``templates``, the
     top-k curve, and (into ``figures``, when given) the image features, labels and class scores."""
     labels = data.require_labels("zero-shot classification")
-    source = "file" if templates else ("dataset" if data.templates else "openai-imagenet")
-    templates = list(templates or data.templates or imagenet_templates())
+    templates, source = templates_for(data, templates)
     prompts = [p for per_class in prompts_for(data.classnames, templates) for p in per_class]
     images = image_features(model, data, cache_dir, batch_size, workers)
     prompt_features = text_features(model, prompts, f"{data.name}-prompts", cache_dir)
