@@ -12,7 +12,8 @@
 5. no import cycle anywhere in the package;
 6. only the CLI imports the package's own modules inside functions (so that ``--help`` loads no
    torch); everywhere else a module's dependencies are at its top, where they can be seen;
-7. the configs import nothing heavy (only the standard library and the shared modules).
+7. the configs import nothing heavy (only the standard library and the shared modules);
+8. no module is longer than :data:`MAX_LINES`: past that a module holds two jobs, to be split.
 
 Every import counts, also those inside functions and under TYPE_CHECKING.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "protoclip_cli"
 LIBRARY = ("core", "data", "training", "evaluation")
+MAX_LINES = 450  # rule 8
 # What each library package may not import (rule 3).
 BELOW = {
     "core": ("data", "training", "evaluation"),
@@ -183,6 +185,12 @@ def test_the_package_keeps_the_import_rule():
 def test_no_import_cycle_anywhere_in_the_package():
     found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_no_module_is_longer_than_the_limit():
+    found = [f"{path.relative_to(PACKAGE.parent)}: {lines} lines"
+             for path in sorted(PACKAGE.rglob("*.py")) if (lines := len(path.read_text().splitlines())) > MAX_LINES]
+    assert not found, f"modules over {MAX_LINES} lines (split them by job):\n" + "\n".join(found)
 
 
 def test_only_the_cli_imports_the_package_inside_functions():

@@ -16,7 +16,8 @@ import pytest
 from protoclip_cli.artifacts import file_sha256, write_json
 from protoclip_cli.data.shards import iter_samples
 from protoclip_cli.errors import ProtoclipError
-from protoclip_cli.data.teacher_file import check_teacher_covers, load_teacher, partial_path
+from protoclip_cli.data.teacher_file import check_teacher_covers, load_teacher
+from protoclip_cli.data.teacher_writer import partial_path
 from protoclip_cli.stages import teacher_embed
 from protoclip_cli.configs.teacher import TeacherConfig
 from protoclip_cli.stages.teacher_embed import MINILM_NAME, resolve_model, run
@@ -370,13 +371,13 @@ def test_a_partial_file_that_does_not_fit_is_one_sentence_before_any_encoding(sm
 def test_a_teacher_file_that_does_not_fit_keeps_the_partial_file_resumable(small_copy, minilm_path, monkeypatch):
     """The partial file fits, the final one does not: the partial stays whole and the next run
     finishes from it without encoding a caption again."""
-    from protoclip_cli.data import teacher_file
+    from protoclip_cli.data import teacher_writer
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt  # as a kill after the last chunk was committed
 
     target = small_copy.teacher_file("synthetic", minilm_path)
-    monkeypatch.setattr(teacher_file, "finalise", stop)
+    monkeypatch.setattr(teacher_writer, "finalise", stop)
     with pytest.raises(KeyboardInterrupt):
         run(TeacherConfig(dataset="synthetic", model=minilm_path, batch_size=64, chunk_size=64), small_copy)
     monkeypatch.undo()

@@ -23,7 +23,7 @@ from protoclip_cli import __version__
 from protoclip_cli.artifacts import MANIFEST, file_sha256
 from protoclip_cli.configs.teacher import TeacherConfig
 from protoclip_cli.console import info, progress
-from protoclip_cli.data import teacher_file
+from protoclip_cli.data import teacher_file, teacher_writer
 from protoclip_cli.data.shards import iter_captions
 from protoclip_cli.errors import ProtoclipError
 from protoclip_cli.workspace import Workspace
@@ -167,7 +167,7 @@ def run(config: TeacherConfig, workspace: Workspace, *, on_chunk: ChunkHook | No
         )
     identity["source_dimension"] = dimension
 
-    partial = teacher_file.partial_path(target)
+    partial = teacher_writer.partial_path(target)
     if config.force:
         partial.unlink(missing_ok=True)
     shards = workspace.shards(dataset, "train")
@@ -185,7 +185,7 @@ def run(config: TeacherConfig, workspace: Workspace, *, on_chunk: ChunkHook | No
     manifest = _stage_manifest(
         config, model, identity, target, dataset_manifest_path, resumed_rows, encoded_rows, seconds
     )
-    manifest.update(teacher_file.finalise(partial, target, identity, config.pca_dim, manifest, config.pca_normalise))
+    manifest.update(teacher_writer.finalise(partial, target, identity, config.pca_dim, manifest, config.pca_normalise))
     partial.unlink(missing_ok=True)
     info(
         f"Wrote {manifest['count']} teacher features ({manifest['dimension']} dims, {model.name}) to {target}"
@@ -295,10 +295,10 @@ def _embed_to_partial(
 
     if total is None:  # a manifest without the count: the partial file is sized by the captions themselves
         total = sum(1 for _ in iter_captions(shards))
-    handle = teacher_file.open_partial(partial, identity, identity["source_dimension"], total)
+    handle = teacher_writer.open_partial(partial, identity, identity["source_dimension"], total)
     done = 0
     try:
-        stored_keys = teacher_file.committed_keys(handle)
+        stored_keys = teacher_writer.committed_keys(handle)
         done = len(stored_keys)
         captions = iter_captions(shards)
         _skip_committed(captions, stored_keys, partial)
@@ -315,7 +315,7 @@ def _embed_to_partial(
                     encoded += len(texts[start : start + step])
                     bar.update(task, advance=len(texts[start : start + step]),
                                rate=f"{encoded / (time.perf_counter() - started):,.0f} captions/s")  # fmt: skip
-                teacher_file.append(handle, np.asarray(keys, dtype=np.int64), np.concatenate(parts), done)
+                teacher_writer.append(handle, np.asarray(keys, dtype=np.int64), np.concatenate(parts), done)
                 done += len(keys)
                 if on_chunk is not None:
                     on_chunk(done, encoded)
