@@ -1,6 +1,8 @@
-"""A launch that train refuses under torchrun (here: resuming a run with another number of
-processes) says so once, by rank 0, with a non-zero status that a job script sees; the run's
-manifest and lock are as they were. (torchrun adds its own summary of the failed ranks.)"""
+"""A launch that train refuses under torchrun says so once, by rank 0, with a non-zero status that a
+job script sees; the run's manifest and lock are as they were. (torchrun adds its own summary of the
+failed ranks.) Two refusals: one that rank 0 decides before the ranks start (another recipe in the
+run folder), one that every rank meets while loading the checkpoint (another number of data
+workers)."""
 
 from __future__ import annotations
 
@@ -32,12 +34,12 @@ def one_process_run(synthetic_workspace, tmp_path_factory):
     return workspace
 
 
-def _torchrun(workspace, processes: int) -> subprocess.CompletedProcess:
+def _torchrun(workspace, processes: int, *extra: str) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", str(processes), "-m", "protoclip_cli", "train", str(RECIPE),
-         *(x for s in SETS for x in ("--set", s)), "-w", str(workspace.root)],
+         *(x for s in (*SETS, *extra) for x in ("--set", s)), "-w", str(workspace.root)],
         capture_output=True, text=True, timeout=600, env=env,
     )
 
@@ -46,28 +48,29 @@ def _lines(done: subprocess.CompletedProcess) -> list[str]:
     return [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
 
 
-def test_two_ranks_refusing_a_one_process_run_say_it_once(one_process_run):
+def test_two_ranks_refusing_another_recipe_say_it_once(one_process_run):
     run_dir = RunDir(one_process_run.run_dir(NAME))
     manifest = run_dir.manifest_file.read_text()
-    checkpoint = run_dir.latest_checkpoint()
-    done = _torchrun(one_process_run, 2)
+    done = _torchrun(one_process_run, 2, "optim.lr=0.5")
     said = " ".join((done.stdout + done.stderr).split())
-    sentence = (f"error: Checkpoint {checkpoint.name} was written by 1 process(es) x 0 data worker(s); resume with the "
-                "same launch, or start over with --no-resume.")
-    assert said.count("error: Checkpoint") == 1 and sentence in said, said[-3000:]
+    sentence = (f"error: Run folder {run_dir.path} holds a run with another configuration (differs in optim.lr); "
+                "pick another run name with --set name=NEW_NAME, or delete the folder.")
+    assert said.count("error: Run folder") == 1 and sentence in said, said[-3000:]
     assert done.returncode != 0
     assert run_dir.manifest_file.read_text() == manifest and not run_dir.lock_file.exists()
 
 
-def test_one_process_refusing_a_two_rank_run_says_it_once(one_process_run):
-    """The issue's case: the run was trained by 2 ranks (its checkpoint says so), resumed by 1."""
+def test_two_ranks_refusing_a_checkpoint_of_other_workers_say_it_once(one_process_run):
+    """Every rank refuses the checkpoint while loading it; the sentence still comes once."""
     run_dir = RunDir(one_process_run.run_dir(NAME))
+    manifest = run_dir.manifest_file.read_text()
     checkpoint = run_dir.latest_checkpoint()
     state = torch.load(checkpoint, weights_only=True)
-    state["world_size"] = 2
+    state["workers"] = 3
     torch.save(state, checkpoint)
-    done = _torchrun(one_process_run, 1)
+    done = _torchrun(one_process_run, 2)
     said = " ".join(_lines(done))
-    sentence = (f"error: Checkpoint {checkpoint.name} was written by 2 process(es) x 0 data worker(s); resume with the "
-                "same launch, or start over with --no-resume.")
-    assert said.count(sentence) == 1 and done.returncode != 0
+    sentence = (f"error: Checkpoint {checkpoint.name} was written with 3 data worker(s) per process; resume with "
+                "data.workers = 3, or start over with --no-resume.")
+    assert said.count(sentence) == 1 and done.returncode != 0, said[-3000:]
+    assert run_dir.manifest_file.read_text() == manifest and not run_dir.lock_file.exists()
