@@ -80,7 +80,7 @@ def test_captions_with_dollar_signs_are_drawn_as_text_everywhere(tmp_path, draw)
     import matplotlib
     import torch
 
-    from protoclip_cli.evaluation import plots
+    from protoclip_cli.evaluation.reports import plots
 
     image = torch.zeros(3, 8, 8, dtype=torch.uint8)
     text = WEB_CAPTION
