@@ -308,3 +308,20 @@ def test_a_download_into_a_full_disk_is_one_sentence_and_resumes_once_there_is_r
     again = protoclip(*args)
     assert again.returncode == 0, again.stderr
     assert workspace.dataset_manifest("synthetic")["splits"]["train"]["count_ok"] == 512
+
+
+def test_watching_a_download_reads_each_shards_stats_once(tmp_path):
+    """The progress watch lists the folder each time but reads a shard's stats only when it first
+    appears (img2dataset writes them once, complete): on object storage each read is a request."""
+    import json
+
+    from protoclip_cli.data.downloader import read_stats
+
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 10, "successes": 9}))
+    known: dict = {}
+    assert read_stats(tmp_path, known) == {0: {"count": 10, "successes": 9}}
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 99, "successes": 99}))  # not read again
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"count": 5, "successes": 5}))
+    assert read_stats(tmp_path, known) == {0: {"count": 10, "successes": 9}, 1: {"count": 5, "successes": 5}}
+    assert known == read_stats(tmp_path, known)
+    assert read_stats(tmp_path)[0] == {"count": 99, "successes": 99}  # without a cache: read afresh

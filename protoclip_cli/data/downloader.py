@@ -120,9 +120,9 @@ def download_split(
             _update_bar(folder, bar, task)
 
 
-def _update_bar(folder: Path | str, bar, task) -> None:
+def _update_bar(folder: Path | str, bar, task, known: dict[int, dict[str, Any]] | None = None) -> None:
     done, started, ended = 0, math.inf, -math.inf
-    for stats in read_stats(folder).values():
+    for stats in read_stats(folder, known).values():
         done += stats.get("count", 0)
         started = min(started, stats.get("start_time", math.inf))
         ended = max(ended, stats.get("end_time", -math.inf))
@@ -138,9 +138,11 @@ def _watch_stats(folder: Path | str, bar, task, stop: threading.Event, full: thr
     on the same disk, and a print that fails there leaves a semaphore unreleased, so the download
     hangs forever. Ctrl-C is how img2dataset stops cleanly (its handler ends the workers and exits).
     """
-    while not stop.wait(0.5):
+    known: dict[int, dict[str, Any]] = {}
+    every = 5.0 if is_remote(folder) else 0.5  # a remote listing is a request
+    while not stop.wait(every):
         with contextlib.suppress(OSError, ValueError):
-            _update_bar(folder, bar, task)
+            _update_bar(folder, bar, task, known)
         with contextlib.suppress(OSError):
             if not full.is_set() and _free_bytes(folder) < DISK_FULL_BYTES:
                 full.set()
@@ -219,13 +221,17 @@ def _listing(folder: Path | str, pattern: str) -> tuple[Any, str, list[str]]:
     return fs, path, fs.glob(f"{path}/{pattern}")
 
 
-def read_stats(folder: Path | str) -> dict[int, dict[str, Any]]:
-    """img2dataset's ``*_stats.json`` of ``folder``, by shard number."""
-    stats = {}
+def read_stats(folder: Path | str, known: dict[int, dict[str, Any]] | None = None) -> dict[int, dict[str, Any]]:
+    """img2dataset's ``*_stats.json`` of ``folder``, by shard number. A shard's stats are written once,
+    when it is complete: those in ``known`` (filled in place) are not read again, so watching a
+    download lists the folder but reads each file once (on object storage, one request per shard)."""
+    stats = {} if known is None else known
     fs, _, paths = _listing(folder, "*_stats.json")
     for path in paths:
         with contextlib.suppress(ValueError, OSError):
-            stats[int(path.rsplit("/", 1)[-1].split("_")[0])] = json.loads(fs.cat_file(path))
+            number = int(path.rsplit("/", 1)[-1].split("_")[0])
+            if number not in stats:
+                stats[number] = json.loads(fs.cat_file(path))
     return stats
 
 
