@@ -281,7 +281,6 @@ def _refetch(config: DownloadConfig, workspace: Workspace, split: str) -> None:
     _img2dataset(config, workspace, split, url_file, rows, extra_cols)
 
 
-
 # -- shards that moved ----------------------------------------------------------------------------
 
 
